@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llmrec-trainer",
+    version="0.1.0",
+    description="Distributed trainer for LLM-based sequential recommendation (LLaRA, ReLLa): "
+                "Ray Train x DeepSpeed ZeRO-3 over webdataset shards",
+    packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*"]),
+    package_data={"": ["*.yaml"]},
+    python_requires=">=3.10",
+    # Install torch first (README): a bare `torch` requirement with no torch installed pulls a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",  # pure Python on CPU: its ops are built at run time when first needed
+        "transformers>=4.45",
+        "peft>=0.13",
+        "ray[train,default]>=2.40",  # [default] brings the dashboard that `ray job submit` talks to
+        "webdataset>=0.2.90",
+        "omegaconf>=2.3",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "hypothesis"]},
+)

@@ -1,0 +1,74 @@
+"""LLaRA hybrid prompts: render a sample as text, tokenize it once, locate its placeholders.
+
+Every item is written as its title followed by one placeholder token: `[HistoryEmb]` after history
+items, `[CansEmb]` after candidates. At training time the embedding layer replaces the embedding at
+each placeholder by adapter(SRec vector of that item) (hybrid step) or swaps the placeholder for
+`[PH]` and leaves it as a plain token (text-only step): one tokenization serves both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PH, HISTORY_EMB, CANS_EMB, ITEM_EMB = "[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]"
+PLACEHOLDERS = (PH, HISTORY_EMB, CANS_EMB, ITEM_EMB)
+
+# The three movie templates of LLaRA's public code, in substance. [HistoryHere] and [CansHere]
+# are filled with the rendered item lists.
+LLARA_TEMPLATES = (
+    "This user has watched [HistoryHere] in the previous. Please predict the next movie this user "
+    "will watch. Choose the answer from the following 20 movie titles: [CansHere]. Answer:",
+    "Given the movies this user has watched: [HistoryHere], which one of the following movies will "
+    "the user watch next? [CansHere]. Answer:",
+    "The user watched [HistoryHere]. Recommend the movie the user is most likely to watch next "
+    "from these candidates: [CansHere]. Answer:",
+)
+
+
+def render_items(item_ids, titles, placeholder: str) -> str:
+    return ", ".join(f"{titles[i]} {placeholder}" for i in item_ids)
+
+
+def render_llara(sample: dict, titles, template: str) -> tuple[str, str]:
+    """Return (prompt, answer). The answer is the target title and a newline, as in LLaRA."""
+    prompt = template.replace("[HistoryHere]", render_items(sample["history"], titles, HISTORY_EMB))
+    prompt = prompt.replace("[CansHere]", render_items(sample["candidates"], titles, CANS_EMB))
+    return prompt, " " + titles[sample["target"]] + "\n"
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int) -> dict:
+    """Tokenize prompt and answer once; record each placeholder's position and item id.
+
+    Returns numpy arrays: input_ids (prompt + answer + eos), label_mask (1 on answer tokens and eos),
+    slot_pos and slot_item (placeholder positions in order, with the item each one stands for).
+    """
+    prompt, answer = render_llara(sample, titles, template)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
+    if len(ids) > max_len:
+        raise PromptTooLong(
+            f"user {sample['user']} (target {sample['target']}): prompt + answer is {len(ids)} tokens, "
+            f"the limit (data.max_len) is {max_len}; raise the limit or shorten data.history_len"
+        )
+    label_mask = np.zeros(len(ids), dtype=np.uint8)
+    label_mask[len(ids) - len(answer_ids):] = 1
+
+    hist_id = tokenizer.convert_tokens_to_ids(HISTORY_EMB)
+    cans_id = tokenizer.convert_tokens_to_ids(CANS_EMB)
+    hist_pos = np.flatnonzero(ids == hist_id)
+    cans_pos = np.flatnonzero(ids == cans_id)
+    if len(hist_pos) != len(sample["history"]) or len(cans_pos) != len(sample["candidates"]):
+        raise ValueError(
+            f"user {sample['user']}: found {len(hist_pos)}/{len(cans_pos)} placeholders for "
+            f"{len(sample['history'])} history items and {len(sample['candidates'])} candidates; "
+            "does a title contain a placeholder token?"
+        )
+    slot_pos = np.concatenate([hist_pos, cans_pos]).astype(np.int32)
+    slot_item = np.asarray(list(sample["history"]) + list(sample["candidates"]), dtype=np.int32)
+    return {"input_ids": ids, "label_mask": label_mask, "slot_pos": slot_pos, "slot_item": slot_item,
+            "prompt_len": int(len(ids) - len(answer_ids))}

@@ -1,0 +1,81 @@
+"""Checkpoints that are complete or invisible.
+
+    <output_dir>/checkpoints/step_000100/   DeepSpeed's sharded states (one file set per rank)
+                                            rng_rank{r}.safetensors   each rank's torch RNG state
+                                            trainer_state.json        step, epoch, reader position, ...
+                                            COMPLETE                  written after every rank saved
+    <output_dir>/checkpoints/latest         the newest complete tag, replaced atomically, written last
+
+A checkpoint whose COMPLETE marker is missing (the run died while writing it) is never loaded; the
+newest complete one is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
+    tag = tag_for(step)
+    path = os.path.join(root, tag)
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    save_file({"torch": torch.get_rng_state()}, os.path.join(path, f"rng_rank{rank}.safetensors"))
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(path, STATE), "w") as f:
+            json.dump(state, f, indent=1)
+        open(os.path.join(path, COMPLETE), "w").close()
+        tmp = os.path.join(root, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(root, LATEST))
+        complete = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.exists(os.path.join(root, t, COMPLETE)))
+        for old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return path
+
+
+def find_latest(root: str) -> str | None:
+    """The newest complete checkpoint tag under root, or None."""
+    if not os.path.isdir(root):
+        return None
+    marker = os.path.join(root, LATEST)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            tag = f.read().strip()
+        if os.path.exists(os.path.join(root, tag, COMPLETE)):
+            return tag
+    complete = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.exists(os.path.join(root, t, COMPLETE)))
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
+    path = os.path.join(root, tag)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    rng = os.path.join(path, f"rng_rank{rank}.safetensors")
+    if os.path.exists(rng):
+        torch.set_rng_state(load_file(rng)["torch"])
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)

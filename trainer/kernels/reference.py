@@ -1,0 +1,26 @@
+"""Reference adapter injection: the embedding lookup with behaviour rows written at the slots.
+
+    out[b, t] = behaviour[slot_map[b, t]]   where slot_map[b, t] >= 0
+              = weight[token_ids[b, t]]     elsewhere
+
+Plain torch ops (a lookup, a gather and a `where`), differentiable with respect to `weight` and
+`behaviour`. It is the ground truth the fused kernels are compared with, and it is what the model
+uses until the fused op lands (issue 5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def inject_reference(token_ids: torch.Tensor, weight: torch.Tensor, slot_map: torch.Tensor,
+                     behaviour: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+    if slot_map.shape != token_ids.shape:
+        raise ValueError(f"slot_map {tuple(slot_map.shape)} must have the shape of token_ids {tuple(token_ids.shape)}")
+    if slot_map.numel() and int(slot_map.max()) >= behaviour.shape[0]:
+        raise IndexError(f"slot_map names behaviour row {int(slot_map.max())}, only {behaviour.shape[0]} rows given")
+    emb = F.embedding(token_ids, weight, padding_idx=padding_idx)
+    mask = (slot_map >= 0).unsqueeze(-1)
+    rows = behaviour.to(emb.dtype)[slot_map.clamp(min=0)]
+    return torch.where(mask, rows, emb)

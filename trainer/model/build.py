@@ -1,0 +1,35 @@
+"""Load the LLM and its tokenizer from a Hugging Face folder, put the hybrid embedding in place,
+and wrap it with peft LoRA. The adapter stays trainable next to the LoRA weights."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shards.prompts import PLACEHOLDERS
+from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
+
+
+def load_tokenizer(model_dir: str):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    missing = [t for t in PLACEHOLDERS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        raise ValueError(f"tokenizer in {model_dir} lacks the special tokens {missing}")
+    return tok
+
+
+def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    torch.manual_seed(seed)
+    adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
+    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter))
+    peft_model = get_peft_model(model, LoraConfig(
+        r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
+        target_modules=list(lora_cfg["target_modules"]), task_type="CAUSAL_LM",
+    ))
+    embed = peft_model.get_input_embeddings()
+    assert isinstance(embed, HybridEmbedding)
+    embed.adapter.requires_grad_(True)
+    return peft_model, embed

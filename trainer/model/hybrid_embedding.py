@@ -1,0 +1,64 @@
+"""The LLM's input embedding, replaced by one that writes behaviour tokens into its output.
+
+`HybridEmbedding` holds the LLM's own embedding Parameter (the same tensor, not a copy) and the
+trainable adapter. It is installed with `model.set_input_embeddings(...)`, so
+`get_input_embeddings()` keeps working for transformers and peft.
+
+Per batch, the training step arms it with `inject(slot_map, item_vectors)`: the next forward whose
+input ids have the slot map's shape runs the adapter once over the batch's unique items and writes
+adapter(item_vectors)[slot_map[b, t]] at every position with slot_map >= 0. Any other forward (text-only
+steps, the one-token decode steps of generation) is a plain lookup.
+
+Under DeepSpeed ZeRO-3 the weight is partitioned (shape (0,) outside forward); reading it inside
+this module's forward gives the full tensor because DeepSpeed gathers a module's parameters around
+its forward. No GatheredParameters is used here (it fails inside forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.kernels.reference import inject_reference
+
+
+class Adapter(nn.Module):
+    """LLaRA's projector: Linear(srec_dim -> llm_dim), GELU, Linear(llm_dim -> llm_dim)."""
+
+    def __init__(self, srec_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(srec_dim, llm_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class HybridEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Embedding, adapter: Adapter):
+        super().__init__()
+        self.weight = embedding.weight  # the LLM's own Parameter
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.adapter = adapter
+        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def inject(self, slot_map: torch.Tensor, item_vectors: torch.Tensor):
+        """Within the block, forwards over ids shaped like slot_map get behaviour tokens at its slots."""
+        self._armed = (slot_map, item_vectors)
+        try:
+            yield
+        finally:
+            self._armed = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._armed is None or self._armed[0].shape != input_ids.shape:
+            return F.embedding(input_ids, self.weight, self.padding_idx)
+        slot_map, item_vectors = self._armed
+        behaviour = self.adapter(item_vectors.to(self.adapter.fc1.weight.dtype))  # once per unique item
+        return inject_reference(input_ids, self.weight, slot_map, behaviour, self.padding_idx)

@@ -1,0 +1,96 @@
+"""Everything a run needs on disk before the workers start, built once on the driver:
+
+    <output_dir>/assets/llm/     tokenizer + LLM as a Hugging Face folder (the tiny Llama by default)
+    <output_dir>/data/           webdataset shards + manifest.json + items.json
+    <output_dir>/assets/srec/    the frozen SRec (safetensors + config.json)
+    <output_dir>/assets/prepare.json   the config sections these were built from
+
+A second call with the same config reuses them (that is how a re-run resumes). A different data,
+model or SRec config in the same output folder is refused: it would not match the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from trainer.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+def run_paths(output_dir: str) -> dict:
+    out = os.path.abspath(output_dir)
+    return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "srec": os.path.join(out, "assets", "srec"),
+            "data": os.path.join(out, "data"), "checkpoints": os.path.join(out, "checkpoints"),
+            "logs": os.path.join(out, "logs"), "eval": os.path.join(out, "eval"),
+            "stamp": os.path.join(out, "assets", "prepare.json")}
+
+
+def _raw_data(cfg: DictConfig):
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"data.source={cfg.data.source!r}: only 'synthetic' is available in this version")
+    from shards.synthetic import SyntheticConfig, generate
+
+    return generate(SyntheticConfig(seed=cfg.seed, **to_dict(cfg.data.synthetic)))
+
+
+def prepare(cfg: DictConfig) -> dict:
+    paths = run_paths(cfg.output_dir)
+    stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
+    if os.path.exists(paths["stamp"]):
+        with open(paths["stamp"]) as f:
+            old = json.load(f)
+        if old != stamp:
+            changed = sorted(k for k in stamp if old.get(k) != stamp[k])
+            raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
+                             "use a new output_dir (or the old config) so checkpoints match their data and model")
+        log.info("reusing data and assets in %s", paths["output_dir"])
+        return paths
+
+    from transformers import AutoTokenizer
+
+    from shards.build import build_shards
+    from shards.prompts import LLARA_TEMPLATES
+    from shards.samples import build_vocab, user_sequences
+    from trainer.model.tiny import build_tiny_llama, build_tokenizer
+    from trainer.srec.pretrain import pretrain_sasrec
+    from trainer.srec.sasrec import save_srec
+
+    interactions, items = _raw_data(cfg)
+    if cfg.model.base:
+        tok_dir = cfg.model.base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        paths["llm"] = os.path.abspath(cfg.model.base)
+    else:
+        log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
+        corpus = [t for _, t, _ in items] + list(LLARA_TEMPLATES)
+        tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"])
+        t = cfg.model.tiny
+        build_tiny_llama(tokenizer, paths["llm"], t.hidden_size, t.num_layers, t.num_heads,
+                         t.intermediate_size, t.max_position_embeddings, cfg.seed)
+    log.info("building shards in %s", paths["data"])
+    manifest = build_shards(interactions, items, tokenizer, paths["llm"], paths["data"],
+                            history_len=cfg.data.history_len, num_candidates=cfg.data.num_candidates,
+                            max_len=cfg.data.max_len, samples_per_shard=cfg.data.samples_per_shard, seed=cfg.seed)
+    log.info("data: %s", manifest["stats"])
+    if cfg.srec.path:
+        paths["srec"] = os.path.abspath(cfg.srec.path)
+    else:
+        vocab = build_vocab(interactions, items)
+        sequences = user_sequences(interactions, vocab["dense"])
+        s = cfg.srec
+        log.info("pretraining SASRec (%d epochs at most)", s.epochs)
+        model, report = pretrain_sasrec(sequences, manifest["num_items"], hidden=s.hidden, blocks=s.blocks, heads=s.heads,
+                                        max_len=cfg.data.history_len, dropout=s.dropout, epochs=s.epochs, lr=s.lr,
+                                        batch_size=s.batch_size, seed=cfg.seed)
+        save_srec(model, paths["srec"])
+        with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        log.info("SASRec: best val HR@10 %.4f, test HR@10 %.4f", report["best_val_hr@10"], report["test_hr@10"])
+    with open(paths["stamp"], "w") as f:
+        json.dump(stamp, f, indent=1)
+    return paths

@@ -1,0 +1,237 @@
+"""The training loop: what every Ray Train worker runs.
+
+    train_worker(config)
+      1. join the process group Ray set up; DeepSpeed reuses it
+      2. load the frozen SRec, the LLM + hybrid embedding + LoRA, wrap them in a DeepSpeed ZeRO engine
+      3. resume from the newest complete checkpoint in <output_dir>/checkpoints, if any
+      4. for each optimizer step: the curriculum says hybrid or text-only; stream this rank's
+         micro-batches, SRec vectors of the batch's unique items -> adapter -> injected embeddings,
+         loss on the answer tokens, backward, step
+      5. checkpoint every N steps and at the end; evaluate HR@1 / ValidRatio on the test split
+
+A sample's path: shards/build.py wrote it as token ids + placeholder positions; trainer/data.py
+streams and pads it (slot_map says which unique item fills which position); here the SRec gives
+the items' vectors; trainer/model/hybrid_embedding.py writes adapter(vector) at those positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+log = logging.getLogger("trainer")
+
+
+def _setup_env(cfg) -> None:
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for noisy in ("ray", "ray.train", "deepspeed", "DeepSpeed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def deepspeed_config(cfg) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bool(t.use_gpu)},  # bf16 on GPU, fp32 on CPU
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+def _mean_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
+    """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere)."""
+    ids = batch["input_ids"].to(device)
+    slot_map = batch["slot_map"].to(device)
+    kwargs = dict(attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device))
+    if not hybrid:  # text-only: placeholders become the plain [PH] token, no adapter in the graph
+        return engine(input_ids=torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids), **kwargs).loss
+    with torch.no_grad():
+        vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
+    with embed.inject(slot_map, vectors):
+        return engine(input_ids=ids, **kwargs).loss
+
+
+def train_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = OmegaConf.create(config["cfg"])
+    paths = config["paths"]
+    _setup_env(cfg)
+    import deepspeed
+
+    from shards.build import check_manifest, load_items, load_manifest
+    from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint, tag_for
+    from trainer.curriculum import is_hybrid, warmup_cosine
+    from trainer.data import SplitReader, collate
+    from trainer.model.build import build_llara_model, load_tokenizer
+    from trainer.srec.sasrec import load_srec, srec_hash
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.train.use_gpu else torch.device("cpu")
+    is_main = rank == 0
+
+    # ---- data, SRec, model
+    manifest = load_manifest(paths["data"])
+    check_manifest(paths["data"], manifest, paths["llm"])
+    tokenizer = load_tokenizer(paths["llm"])
+    ph_id = tokenizer.convert_tokens_to_ids("[PH]")
+    srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
+    if srec.num_items != manifest["num_items"]:
+        raise ValueError(f"the SRec knows {srec.num_items} items, the shards' vocabulary has {manifest['num_items']}")
+    model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora), seed=cfg.seed)
+
+    t = cfg.train
+    reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
+                         t.micro_batch, cfg.seed, shuffle=True)
+    steps_per_epoch = reader.batches_per_epoch() // t.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{reader.num_samples} training samples are fewer than one global batch "
+                         f"({world} workers x {t.micro_batch} x {t.grad_accum})")
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    warmup = max(1, int(t.warmup_ratio * total_steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # count before ZeRO-3 partitions them to shape (0,)
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup)),
+    )
+    if is_main:
+        log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
+                 "ZeRO stage %d; %d trainable parameters", t.micro_batch * t.grad_accum * world, t.micro_batch,
+                 t.grad_accum, world, total_steps, steps_per_epoch, t.zero_stage, n_trainable)
+
+    # ---- resume
+    state = {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0}
+    tag = find_latest(paths["checkpoints"])
+    if tag:
+        state = load_checkpoint(engine, paths["checkpoints"], tag, rank)
+        if state["world_size"] != world:
+            raise ValueError(f"checkpoint {tag} was written by {state['world_size']} workers, this run has {world}; "
+                             f"resume with train.num_workers={state['world_size']}")
+        if is_main:
+            log.info("resumed from %s: step %d, epoch %d, position %d", tag, state["global_step"], state["epoch"], state["position"])
+
+    def trainer_state() -> dict:
+        return {**state, "world_size": world, "total_steps": total_steps, "config": OmegaConf.to_container(cfg),
+                "manifest_hash": manifest["config_hash"], "srec_sha256": srec_hash(paths["srec"])}
+
+    # ---- train
+    os.makedirs(paths["logs"], exist_ok=True)
+    metrics_file = os.path.join(paths["logs"], "metrics.jsonl")
+    engine.train()
+    step_losses, t0, samples_since = [], time.time(), 0
+    last_saved = state["global_step"] if tag else -1
+    global_batch = world * t.micro_batch
+    while state["global_step"] < total_steps:
+        limit = steps_per_epoch * t.grad_accum * global_batch  # an epoch ends on an optimizer-step boundary
+        for samples in reader.rank_batches(state["epoch"], state["position"]):
+            if state["position"] >= limit:
+                break
+            hybrid = is_hybrid(t.mode, state["global_step"], total_steps, cfg.seed)
+            loss = step_loss(engine, embed, srec, collate(samples, tokenizer.pad_token_id), hybrid, ph_id, device)
+            engine.backward(loss)
+            engine.step()
+            step_losses.append(loss.item())
+            state["position"] += global_batch
+            samples_since += global_batch
+            if state["position"] % (t.grad_accum * global_batch):
+                continue
+            # ---- an optimizer step has finished
+            state["global_step"] += 1
+            state["hybrid_steps"] += int(hybrid)
+            step = state["global_step"]
+            mean_loss = _mean_over_ranks(sum(step_losses) / len(step_losses))
+            step_losses = []
+            record = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0], "hybrid": hybrid,
+                      "hybrid_share": state["hybrid_steps"] / step, "epoch": state["epoch"]}
+            if is_main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % t.log_every == 0 or step == total_steps:
+                elapsed = time.time() - t0
+                record["samples_per_s"] = samples_since / elapsed
+                t0, samples_since = time.time(), 0
+                if is_main:
+                    log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | hybrid %.0f%%", step, total_steps,
+                             mean_loss, record["lr"], record["samples_per_s"], 100 * record["hybrid_share"])
+                ray.train.report(record)
+            if step % t.checkpoint_every == 0 or step == total_steps:
+                save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, t.keep_last)
+                last_saved = step
+            if step >= total_steps:
+                break
+        if state["global_step"] < total_steps:  # the epoch is used up
+            state["epoch"] += 1
+            state["position"] = 0
+    if last_saved != state["global_step"]:
+        save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, t.keep_last)
+
+    # ---- evaluate
+    result = evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, rank, world, device,
+                                 hybrid=t.mode != "text")
+    if is_main:
+        result.update({"step": state["global_step"], "mode": t.mode, "checkpoint": tag_for(state["global_step"])})
+        os.makedirs(paths["eval"], exist_ok=True)
+        for out in (os.path.join(paths["eval"], f"{cfg.eval.split}_metrics.json"),
+                    os.path.join(paths["checkpoints"], tag_for(state["global_step"]), f"{cfg.eval.split}_metrics.json")):
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+        log.info("%s: HR@1 %.4f (of valid) / %.4f (of all), ValidRatio %.4f on %d samples", cfg.eval.split,
+                 result["hr@1_of_valid"], result["hr@1_of_all"], result["valid_ratio"], result["samples"])
+    ray.train.report({"done": True, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+
+
+def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, rank, world, device, hybrid) -> dict:
+    """Each rank generates for its share of the split (the same number of batches on every rank, since
+    ZeRO-3 gathers parameters collectively); rank 0 gathers the judgements and computes the metrics."""
+    from shards.build import load_items
+    from trainer.data import read_shard
+    from trainer.evaluate import generate, judge, llara_metrics
+
+    titles = load_items(paths["data"])["titles"]
+    samples = []
+    for shard in (s for s in manifest["shards"] if s["split"] == cfg.eval.split):
+        samples.extend(read_shard(os.path.join(paths["data"], shard["name"])))
+    if cfg.eval.max_samples > 0:
+        samples = samples[: cfg.eval.max_samples]
+    mine = samples[rank::world]
+    per_rank = math.ceil(len(samples) / world)
+    bs = cfg.eval.batch_size
+    n_batches = math.ceil(per_rank / bs)
+    engine.eval()
+    judgements = []
+    for b in range(n_batches):
+        chunk = mine[b * bs:(b + 1) * bs]
+        real = len(chunk)
+        chunk = chunk + [samples[0]] * (bs - real) if real < bs else chunk  # keep collectives in step
+        outputs = generate(engine.module, embed, srec, chunk, tokenizer, cfg.eval.max_new_tokens, hybrid,
+                           synced_gpus=world > 1, device=device)
+        for s, out in zip(chunk[:real], outputs[:real]):
+            judgements.append(judge(out, [titles[c] for c in s["meta"]["candidates"]], titles[s["meta"]["target"]]))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, judgements)
+    return llara_metrics([j for part in gathered for j in part]) if rank == 0 else {}
