@@ -101,7 +101,8 @@ def train_worker(config: dict) -> None:
     srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
     if srec.num_items != manifest["num_items"]:
         raise ValueError(f"the SRec knows {srec.num_items} items, the shards' vocabulary has {manifest['num_items']}")
-    model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora), seed=cfg.seed)
+    model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
+                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed)
 
     t = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,

@@ -19,8 +19,14 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
-def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes)."""
+def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
+                      seed: int = 0):
+    """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes).
+
+    Trainable: the LoRA weights, the adapter, and every parameter whose name contains one of the
+    strings in `unfreeze` (e.g. "lm_head"; the embedded default's tiny Llama is untrained, so it
+    trains its embeddings, norms and head too; for a real checkpoint leave it empty, as LLaRA does).
+    """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     torch.manual_seed(seed)
     adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
@@ -32,4 +38,7 @@ def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, dtype: torc
     embed = peft_model.get_input_embeddings()
     assert isinstance(embed, HybridEmbedding)
     embed.adapter.requires_grad_(True)
+    for name, p in peft_model.named_parameters():
+        if any(u in name for u in unfreeze):
+            p.requires_grad_(True)
     return peft_model, embed

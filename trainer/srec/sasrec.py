@@ -47,6 +47,10 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(hidden, heads, dropout) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(hidden, eps=1e-8)
+        nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)  # unit-norm rows: sane initial logits
+        nn.init.normal_(self.pos_emb.weight, std=hidden ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[num_items].zero_()
 
     @property
     def hidden(self) -> int:

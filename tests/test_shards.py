@@ -1,0 +1,113 @@
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from shards.build import build_shards, check_manifest, load_items, load_manifest, sha256_file
+from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
+from shards.synthetic import SyntheticConfig, generate
+from trainer.data import read_shard
+
+
+def _build(tok_dir, out, **kw):
+    inter, items = generate(SyntheticConfig(num_users=40, num_items=60, seed=5))
+    params = dict(history_len=10, num_candidates=20, max_len=400, samples_per_shard=200, seed=5)
+    params.update(kw)
+    return build_shards(inter, items, AutoTokenizer.from_pretrained(tok_dir), tok_dir, str(out), **params)
+
+
+def test_samples_hold_what_llara_needs(small_run):
+    cfg, paths = small_run
+    manifest = load_manifest(paths["data"])
+    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    titles = load_items(paths["data"])["titles"]
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val", "test"}
+    samples = list(read_shard(os.path.join(paths["data"], "test-00000.tar")))
+    test_count = sum(x["count"] for x in manifest["shards"] if x["split"] == "test")
+    assert len(samples) == test_count == manifest["stats"]["test_samples"] > 0
+    for s in samples[:20]:
+        m = s["meta"]
+        assert 1 <= len(m["history"]) <= 10 and len(m["candidates"]) == 20
+        assert m["target"] in m["candidates"]
+        assert not set(m["candidates"]) - {m["target"]} & set(m["history"])  # negatives avoid the history
+        ids = s["input_ids"]
+        # every placeholder sits where the manifest of slots says, and stands for the right item
+        assert list(s["slot_item"]) == m["history"] + m["candidates"]
+        tokens = ids[s["slot_pos"]]
+        hist_id, cans_id = tok.convert_tokens_to_ids(HISTORY_EMB), tok.convert_tokens_to_ids(CANS_EMB)
+        assert list(tokens) == [hist_id] * len(m["history"]) + [cans_id] * 20
+        # the text just before each placeholder is that item's title
+        for pos, item in zip(s["slot_pos"], s["slot_item"]):
+            before = tok.decode(ids[max(0, pos - 8):pos])
+            assert before.rstrip().endswith(titles[item])
+        # loss only on the answer: the target title, a newline and eos
+        answer = tok.decode(ids[s["label_mask"] == 1], skip_special_tokens=True)
+        assert answer == " " + titles[m["target"]] + "\n"
+        assert s["label_mask"][: m["prompt_len"]].sum() == 0 and ids[-1] == tok.eos_token_id
+
+
+def test_build_is_byte_identical(small_run, tmp_path):
+    _, paths = small_run
+    a = _build(paths["llm"], tmp_path / "a")
+    b = _build(paths["llm"], tmp_path / "b")
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert a["config_hash"] == b["config_hash"]
+    c = _build(paths["llm"], tmp_path / "c", seed=6)  # another seed: other candidates
+    assert [s["sha256"] for s in a["shards"]] != [s["sha256"] for s in c["shards"]]
+
+
+def test_validation_candidates_fixed(small_run, tmp_path):
+    _, paths = small_run
+    _build(paths["llm"], tmp_path / "a")
+    _build(paths["llm"], tmp_path / "b", samples_per_shard=7)  # other sharding, same samples
+    va = [s["meta"]["candidates"] for s in read_shard(str(tmp_path / "a" / "val-00000.tar"))]
+    vb = [s["meta"]["candidates"] for n in sorted(os.listdir(tmp_path / "b")) if n.startswith("val-")
+          for s in read_shard(str(tmp_path / "b" / n))]
+    assert va == vb
+
+
+def test_prompt_longer_than_limit_is_refused(small_run, tmp_path):
+    _, paths = small_run
+    with pytest.raises(PromptTooLong, match=r"the limit \(data.max_len\) is 50"):
+        _build(paths["llm"], tmp_path / "x", max_len=50)
+
+
+def test_manifest_must_match_shards_and_tokenizer(small_run, tmp_path):
+    _, paths = small_run
+    out = tmp_path / "m"
+    manifest = _build(paths["llm"], out)
+    check_manifest(str(out), manifest, paths["llm"])  # fine as built
+    other_tok = tmp_path / "tok"
+    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok.add_tokens(["zzzextra"])
+    tok.save_pretrained(other_tok)
+    with pytest.raises(ValueError, match="rebuild the shards"):
+        check_manifest(str(out), manifest, str(other_tok))
+    shard = out / "train-00000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="train-00000.tar does not match its sha256"):
+        check_manifest(str(out), manifest, paths["llm"])
+
+
+def test_truncated_shard_names_itself(small_run, tmp_path):
+    _, paths = small_run
+    out = tmp_path / "t"
+    _build(paths["llm"], out)
+    shard = out / "train-00000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3 + 100])
+    with pytest.raises(RuntimeError, match="train-00000.tar is truncated or corrupt"):
+        list(read_shard(str(shard)))
+
+
+def test_unknown_item_in_interactions_is_named(small_run, tmp_path):
+    _, paths = small_run
+    inter, items = generate(SyntheticConfig(num_users=10, num_items=60, seed=5))
+    inter = inter + [(0, 999, 5, 10**10)]
+    with pytest.raises(ValueError, match=f"record {len(inter)} names item 999"):
+        build_shards(inter, items, AutoTokenizer.from_pretrained(paths["llm"]), paths["llm"], str(tmp_path / "u"),
+                     history_len=10, num_candidates=20, max_len=400, samples_per_shard=100, seed=0)
