@@ -1,0 +1,200 @@
+"""Readers for raw interaction logs. Each returns a `RawData`:
+
+    interactions  list of (user, item, rating, timestamp)   raw ids as in the files
+    items         list of (item, title, genre)              genre may be ""
+    users         {user: {"gender": .., "age": .., "occupation": ..}} where the data has profiles
+
+A malformed record raises `MalformedRecord` naming the file and the line.
+
+Where the data has no timestamps the order used is stated by the reader:
+- Last.fm hetrec2011-2k `user_artists.dat` has (user, artist, listening count) and no time. We keep
+  the file's order within each user (it lists a user's artists by artist id) and use the line
+  number as the timestamp, so "the last item" is the user's last-listed artist. The listening count
+  is kept as the rating. There is no real temporal order: treat next-item results on it as
+  set completion, as LLaRA's processed LastFM does.
+- SASRec-style sequence files are in time order by construction; the line order is the time.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+
+
+class MalformedRecord(ValueError):
+    pass
+
+
+@dataclass
+class RawData:
+    interactions: list[tuple[int, int, float, int]]
+    items: list[tuple[int, str, str]]
+    users: dict[int, dict] = field(default_factory=dict)
+    name: str = ""
+
+
+def _lines(path: str, encoding: str = "utf-8"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, encoding=encoding, newline="") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield n, line
+
+
+def _fields(path, n, line, sep, count, what):
+    parts = line.split(sep)
+    if len(parts) < count:
+        raise MalformedRecord(f"{path}:{n}: expected {what} ({count} fields separated by {sep!r}), got {line[:120]!r}")
+    return parts
+
+
+def _int(path, n, value, what):
+    try:
+        return int(value)
+    except ValueError:
+        raise MalformedRecord(f"{path}:{n}: {what} must be an integer, got {value!r}") from None
+
+
+def _float(path, n, value, what):
+    try:
+        return float(value)
+    except ValueError:
+        raise MalformedRecord(f"{path}:{n}: {what} must be a number, got {value!r}") from None
+
+
+def read_movielens_100k(folder: str) -> RawData:
+    """u.data (user \\t item \\t rating \\t timestamp), u.item (id|title|...|19 genre flags), u.user."""
+    genres_path = os.path.join(folder, "u.genre")
+    genre_names = [line.split("|")[0] for _, line in _lines(genres_path, "iso-8859-1")] if os.path.exists(genres_path) else []
+    path = os.path.join(folder, "u.data")
+    inter = []
+    for n, line in _lines(path):
+        u, i, r, t = _fields(path, n, line, "\t", 4, "user, item, rating, timestamp")[:4]
+        inter.append((_int(path, n, u, "user"), _int(path, n, i, "item"), _float(path, n, r, "rating"), _int(path, n, t, "timestamp")))
+    path = os.path.join(folder, "u.item")
+    items = []
+    for n, line in _lines(path, "iso-8859-1"):
+        parts = _fields(path, n, line, "|", 5, "id|title|release|video release|url|genres")
+        flags = parts[5:]
+        genre = ", ".join(g for g, f in zip(genre_names, flags) if f == "1")
+        items.append((_int(path, n, parts[0], "item id"), parts[1], genre))
+    path = os.path.join(folder, "u.user")
+    users = {}
+    if os.path.exists(path):
+        for n, line in _lines(path, "iso-8859-1"):
+            uid, age, gender, occ, _zip = _fields(path, n, line, "|", 5, "id|age|gender|occupation|zip")[:5]
+            users[_int(path, n, uid, "user id")] = {"age": _int(path, n, age, "age"), "gender": gender, "occupation": occ}
+    return RawData(inter, items, users, "ml-100k")
+
+
+ML1M_AGES = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
+ML1M_JOBS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+             "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
+             "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
+             "tradesman/craftsman", "unemployed", "writer"]
+
+
+def read_movielens_1m(folder: str) -> RawData:
+    """ratings.dat (user::item::rating::ts), movies.dat (id::title::genres), users.dat; ISO-8859-1."""
+    path = os.path.join(folder, "ratings.dat")
+    inter = []
+    for n, line in _lines(path, "iso-8859-1"):
+        u, i, r, t = _fields(path, n, line, "::", 4, "user::item::rating::timestamp")[:4]
+        inter.append((_int(path, n, u, "user"), _int(path, n, i, "item"), _float(path, n, r, "rating"), _int(path, n, t, "timestamp")))
+    return RawData(inter, read_movielens_1m_movies(folder), read_movielens_1m_users(folder), "ml-1m")
+
+
+def read_movielens_1m_movies(folder: str) -> list[tuple[int, str, str]]:
+    path = os.path.join(folder, "movies.dat")
+    items = []
+    for n, line in _lines(path, "iso-8859-1"):
+        i, title, genres = _fields(path, n, line, "::", 3, "id::title::genres")[:3]
+        items.append((_int(path, n, i, "movie id"), title, genres.replace("|", ", ")))
+    return items
+
+
+def read_movielens_1m_users(folder: str) -> dict[int, dict]:
+    path = os.path.join(folder, "users.dat")
+    users = {}
+    for n, line in _lines(path, "iso-8859-1"):
+        uid, gender, age, job, _zip = _fields(path, n, line, "::", 5, "user::gender::age::occupation::zip")[:5]
+        age_i, job_i = _int(path, n, age, "age"), _int(path, n, job, "occupation")
+        if age_i not in ML1M_AGES or not 0 <= job_i < len(ML1M_JOBS):
+            raise MalformedRecord(f"{path}:{n}: age {age_i} or occupation {job_i} is not a MovieLens-1M code")
+        users[_int(path, n, uid, "user id")] = {"gender": "female" if gender == "F" else "male",
+                                                 "age": ML1M_AGES[age_i], "occupation": ML1M_JOBS[job_i]}
+    return users
+
+
+def read_lastfm(folder: str) -> RawData:
+    """hetrec2011-lastfm-2k: user_artists.dat (userID \\t artistID \\t weight, with a header), artists.dat."""
+    path = os.path.join(folder, "user_artists.dat")
+    inter = []
+    for n, line in _lines(path):
+        if n == 1 and line.startswith("userID"):
+            continue
+        u, a, w = _fields(path, n, line, "\t", 3, "userID, artistID, weight")[:3]
+        inter.append((_int(path, n, u, "userID"), _int(path, n, a, "artistID"), _float(path, n, w, "weight"), n))
+    path = os.path.join(folder, "artists.dat")
+    items = []
+    for n, line in _lines(path):
+        if n == 1 and line.startswith("id"):
+            continue
+        parts = _fields(path, n, line, "\t", 2, "id, name, url, pictureURL")
+        items.append((_int(path, n, parts[0], "artist id"), parts[1], ""))
+    return RawData(inter, items, {}, "lastfm")
+
+
+def read_sequences(path: str, titles: dict[int, str] | None = None) -> RawData:
+    """SASRec-style `user item` lines in time order, or one `user item item ...` line per user (ICLRec).
+
+    The files carry no titles: an item is titled "Item <id>" unless `titles` names it.
+    """
+    inter = []
+    t = 0
+    for n, line in _lines(path):
+        parts = line.split()
+        if len(parts) < 2:
+            raise MalformedRecord(f"{path}:{n}: expected `user item [item ...]`, got {line[:120]!r}")
+        user = _int(path, n, parts[0], "user")
+        for v in parts[1:]:
+            inter.append((user, _int(path, n, v, "item"), 1.0, t))
+            t += 1
+    ids = sorted({i for _, i, _, _ in inter})
+    titles = titles or {}
+    items = [(i, titles.get(i, f"Item {i}"), "") for i in ids]
+    return RawData(inter, items, {}, os.path.basename(path))
+
+
+def _table(path: str):
+    """Rows of a CSV (header required) or Parquet file as dicts."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return [(n + 2, row) for n, row in enumerate(pq.read_table(path).to_pylist())]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(n + 2, row) for n, row in enumerate(csv.DictReader(f))]
+
+
+def read_generic(interactions_path: str, items_path: str) -> RawData:
+    """Interactions as CSV/Parquet with columns user, item, timestamp[, rating]; items with item, title[, genre]."""
+    inter = []
+    for n, row in _table(interactions_path):
+        missing = [c for c in ("user", "item", "timestamp") if row.get(c) in (None, "")]
+        if missing:
+            raise MalformedRecord(f"{interactions_path}:{n}: missing {', '.join(missing)}")
+        rating = row.get("rating")
+        inter.append((_int(interactions_path, n, row["user"], "user"), _int(interactions_path, n, row["item"], "item"),
+                      _float(interactions_path, n, rating, "rating") if rating not in (None, "") else 1.0,
+                      _int(interactions_path, n, row["timestamp"], "timestamp")))
+    items = []
+    for n, row in _table(items_path):
+        if row.get("item") in (None, "") or row.get("title") in (None, ""):
+            raise MalformedRecord(f"{items_path}:{n}: an item row needs `item` and `title`")
+        items.append((_int(items_path, n, row["item"], "item"), str(row["title"]), str(row.get("genre") or "")))
+    return RawData(inter, items, {}, os.path.basename(interactions_path))
