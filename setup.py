@@ -20,6 +20,8 @@ setup(
         "safetensors",
         "tokenizers",
         "numpy",
+        "pandas",   # LLaRA's released *.df (read with a restricted unpickler)
+        "pyarrow",  # Parquet interactions
         "tqdm",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},

@@ -1,6 +1,12 @@
 """Raw interactions -> LLaRA samples -> tokenized webdataset tar shards + manifest.json.
 
-    python -m shards.build --synthetic --tokenizer runs/default/assets/tokenizer --out runs/default/data
+    python -m shards.build --tokenizer runs/default/assets/llm --out /data/ml100k-shards \
+        data.source=ml-100k data.path=../shared/data/ml-100k data.split=loo
+
+Sources (data.source): synthetic, ml-100k, ml-1m, lastfm, sequences (SASRec/ICLRec files), llara
+(LLaRA's released *.df, read with a restricted unpickler), generic (CSV/Parquet, data.items_path).
+Splits (data.split): loo (leave-one-out), sliding (LLaRA: users 8:1:1, every window of a training
+user), time (ReLLa: all interactions cut 8:1:1 by time).
 
 Each split is written as `{split}-{index:05d}.tar`. A record holds
     input_ids.npy   int32  [T]   bos + prompt + answer + eos, tokenized once here
@@ -24,7 +30,7 @@ import numpy as np
 import webdataset as wds
 
 from shards.prompts import LLARA_TEMPLATES, tokenize_llara
-from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, leave_one_out, sample_candidates, user_sequences
+from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
@@ -56,54 +62,141 @@ def _write_shard(path: str, records: list[dict]) -> None:
         writer.close()
 
 
-def build_shards(interactions, items, tokenizer, tokenizer_dir: str, out_dir: str, *, history_len: int,
-                 num_candidates: int, max_len: int, samples_per_shard: int, seed: int) -> dict:
-    """Build all splits; return the manifest (also written to out_dir/manifest.json)."""
-    os.makedirs(out_dir, exist_ok=True)
-    vocab = build_vocab(interactions, items)
-    num_items = len(vocab["raw_item_ids"])
-    sequences = user_sequences(interactions, vocab["dense"])
-    splits = leave_one_out(sequences, history_len)
+def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
+    """Read the configured raw data and split it. Returns (items, splits, stats)."""
+    from shards import readers
+    from shards.samples import global_time_split, kcore_filter, leave_one_out, user_split, user_sequences
 
-    params = {"history_len": history_len, "num_candidates": num_candidates, "max_len": max_len,
-              "samples_per_shard": samples_per_shard, "seed": seed, "templates": list(LLARA_TEMPLATES)}
-    data_digest = hashlib.sha256(json.dumps([list(map(int, r[:4])) for r in interactions]).encode()).hexdigest()
+    src, path = data_cfg["source"], data_cfg.get("path")
+    if src == "llara":
+        items, splits = readers.read_llara_processed(path)
+        return items, splits, {"source": src}
+    if src == "synthetic":
+        from shards.synthetic import SyntheticConfig, generate
+
+        interactions, items = generate(SyntheticConfig(seed=seed, **data_cfg["synthetic"]))
+    else:
+        if not path:
+            raise ValueError(f"data.source={src!r} needs data.path")
+        read = {"ml-100k": readers.read_movielens_100k, "ml-1m": readers.read_movielens_1m,
+                "lastfm": readers.read_lastfm, "sequences": readers.read_sequences}
+        if src == "generic":
+            raw = readers.read_generic(path, data_cfg["items_path"])
+        elif src in read:
+            raw = read[src](path)
+        else:
+            raise ValueError(f"data.source={src!r}: expected one of synthetic, ml-100k, ml-1m, lastfm, sequences, "
+                             "llara, generic")
+        interactions, items = raw.interactions, raw.items
+    n_raw = len(interactions)
+    interactions = kcore_filter(interactions, int(data_cfg.get("kcore") or 0))
+    vocab = build_vocab(interactions, items)
+    h = data_cfg["history_len"]
+    split = data_cfg.get("split", "loo")
+    if split == "time":
+        splits = global_time_split(interactions, vocab["dense"], h)
+    else:
+        seqs = user_sequences(interactions, vocab["dense"])
+        splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed) if split == "sliding" else None
+        if splits is None:
+            raise ValueError(f"data.split={split!r}: expected loo, sliding or time")
+    items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
+    stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
+             "users": len({r[0] for r in interactions}), "raw_item_ids": vocab["raw_item_ids"]}
+    return items, splits, stats
+
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_dir):
+    global _TOKENIZER
+    from transformers import AutoTokenizer
+
+    _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _encode_chunk(args):
+    """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
+    chunk, titles, num_items, num_candidates, max_len, seed = args
+    out = []
+    for n, split, sample in chunk:
+        for key in ("history", "candidates"):
+            bad = [i for i in sample.get(key, []) if not 0 <= i < num_items]
+            if bad:
+                raise ValueError(f"{split} sample {n} (user {sample['user']}): item id {bad[0]} is outside the "
+                                 f"vocabulary 0..{num_items - 1}")
+        if not 0 <= sample["target"] < num_items:
+            raise ValueError(f"{split} sample {n} (user {sample['user']}): target {sample['target']} is outside "
+                             f"the vocabulary 0..{num_items - 1}")
+        sample = dict(sample, candidates=sample_candidates(sample, num_items, num_candidates, seed, split))
+        t = int(np.random.default_rng([seed, 7, _SPLIT_CODE[split], sample["user"], sample["position"]])
+                .integers(len(LLARA_TEMPLATES)))
+        tok = tokenize_llara(sample, titles, LLARA_TEMPLATES[t], _TOKENIZER, max_len)
+        meta = {"user": sample["user"], "history": sample["history"], "candidates": sample["candidates"],
+                "target": sample["target"], "prompt_len": tok["prompt_len"], "template": t}
+        out.append({
+            "__key__": f"{split}-{n:08d}",
+            "input_ids.npy": _npy(tok["input_ids"]),
+            "label_mask.npy": _npy(tok["label_mask"]),
+            "slot_pos.npy": _npy(tok["slot_pos"]),
+            "slot_item.npy": _npy(tok["slot_item"]),
+            "meta.json": json.dumps(meta, sort_keys=True).encode(),
+        })
+    return out
+
+
+def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,
+                 samples_per_shard: int, seed: int, workers: int = 0, stats: dict | None = None,
+                 progress: bool = False) -> dict:
+    """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest."""
+    os.makedirs(out_dir, exist_ok=True)
+    titles = [t for _, t, _ in items]
+    num_items = len(items)
+    stats = dict(stats or {})
+    raw_ids = stats.pop("raw_item_ids", list(range(num_items)))
+    params = {"num_candidates": num_candidates, "max_len": max_len, "samples_per_shard": samples_per_shard,
+              "seed": seed, "templates": list(LLARA_TEMPLATES)}
+    digest = hashlib.sha256(json.dumps([titles, {k: v for k, v in splits.items()}], sort_keys=True).encode()).hexdigest()
     manifest = {
-        "format": 1,
-        "num_items": num_items,
-        "pad_item_id": num_items,
+        "format": 1, "num_items": num_items, "pad_item_id": num_items,
         "tokenizer": {"name": os.path.basename(os.path.normpath(tokenizer_dir)), "sha256": tokenizer_hash(tokenizer_dir)},
-        "config_hash": hashlib.sha256(json.dumps({**params, "data": data_digest}, sort_keys=True).encode()).hexdigest(),
-        "params": params,
-        "stats": {"users": len(sequences), "items": num_items, "interactions": len(interactions)},
-        "shards": [],
+        "config_hash": hashlib.sha256(json.dumps({**params, "data": digest}, sort_keys=True).encode()).hexdigest(),
+        "params": params, "stats": {**stats, "items": num_items}, "shards": [],
     }
-    for split in SPLITS:
-        records = []
-        for n, sample in enumerate(splits[split]):
-            sample["candidates"] = sample_candidates(sample, num_items, num_candidates, seed, split)
-            t = int(np.random.default_rng([seed, 7, _SPLIT_CODE[split], sample["user"], sample["position"]])
-                    .integers(len(LLARA_TEMPLATES)))
-            tok = tokenize_llara(sample, vocab["titles"], LLARA_TEMPLATES[t], tokenizer, max_len)
-            meta = {"user": sample["user"], "history": sample["history"], "candidates": sample["candidates"],
-                    "target": sample["target"], "prompt_len": tok["prompt_len"], "template": t}
-            records.append({
-                "__key__": f"{split}-{n:08d}",
-                "input_ids.npy": _npy(tok["input_ids"]),
-                "label_mask.npy": _npy(tok["label_mask"]),
-                "slot_pos.npy": _npy(tok["slot_pos"]),
-                "slot_item.npy": _npy(tok["slot_item"]),
-                "meta.json": json.dumps(meta, sort_keys=True).encode(),
-            })
-        manifest["stats"][f"{split}_samples"] = len(records)
-        for s, start in enumerate(range(0, len(records), samples_per_shard)):
-            name = f"{split}-{s:05d}.tar"
-            chunk = records[start:start + samples_per_shard]
-            _write_shard(os.path.join(out_dir, name), chunk)
-            manifest["shards"].append({"name": name, "split": split, "count": len(chunk),
-                                       "sha256": sha256_file(os.path.join(out_dir, name))})
+    workers = workers or os.cpu_count() or 1
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+    else:
+        _init_worker(tokenizer_dir)
+    try:
+        for split in SPLITS:
+            rows = splits.get(split, [])
+            kept = [(n, split, s) for n, s in enumerate(rows) if s["history"]]
+            manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - len(kept)
+            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed) for i in range(0, len(kept), 256)]
+            results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(chunks), desc=f"tokenizing {split}", unit="chunk")
+            records = [r for chunk in results for r in chunk]
+            manifest["stats"][f"{split}_samples"] = len(records)
+            for s, start in enumerate(range(0, len(records), samples_per_shard)):
+                name = f"{split}-{s:05d}.tar"
+                chunk = records[start:start + samples_per_shard]
+                _write_shard(os.path.join(out_dir, name), chunk)
+                manifest["shards"].append({"name": name, "split": split, "count": len(chunk),
+                                           "sha256": sha256_file(os.path.join(out_dir, name))})
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     with open(os.path.join(out_dir, ITEMS), "w") as f:
-        json.dump({"raw_item_ids": vocab["raw_item_ids"], "titles": vocab["titles"], "genres": vocab["genres"]}, f)
+        json.dump({"raw_item_ids": raw_ids, "titles": titles, "genres": [g for _, _, g in items]}, f)
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     return manifest
@@ -137,27 +230,20 @@ def check_manifest(data_dir: str, manifest: dict, tokenizer_dir: str, verify_sha
 
 
 def main(argv=None) -> None:
-    from transformers import AutoTokenizer
-
-    from shards.synthetic import SyntheticConfig, generate
+    from trainer.config import load_config, to_dict
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--synthetic", action="store_true", help="build the embedded synthetic data set")
-    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--history-len", type=int, default=10)
-    p.add_argument("--num-candidates", type=int, default=20)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="YAML merged over configs/llara_default.yaml (its data: section is used)")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer (or model) folder")
+    p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = every core)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.source=ml-100k data.path=../shared/data/ml-100k")
     a = p.parse_args(argv)
-    if not a.synthetic:
-        p.error("only --synthetic is available in this version (real readers: see issue 3)")
-    interactions, items = generate(SyntheticConfig(seed=a.seed))
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    m = build_shards(interactions, items, tok, a.tokenizer, a.out, history_len=a.history_len,
-                     num_candidates=a.num_candidates, max_len=a.max_len,
-                     samples_per_shard=a.samples_per_shard, seed=a.seed)
+    cfg = load_config(a.config, a.overrides)
+    d = to_dict(cfg.data)
+    items, splits, stats = load_source(d, cfg.seed)
+    m = write_shards(items, splits, a.tokenizer, a.out, num_candidates=d["num_candidates"], max_len=d["max_len"],
+                     samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True)
     print(json.dumps(m["stats"], indent=1))
 
 

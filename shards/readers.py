@@ -198,3 +198,54 @@ def read_generic(interactions_path: str, items_path: str) -> RawData:
             raise MalformedRecord(f"{items_path}:{n}: an item row needs `item` and `title`")
         items.append((_int(items_path, n, row["item"], "item"), str(row["title"]), str(row.get("genre") or "")))
     return RawData(inter, items, {}, os.path.basename(interactions_path))
+
+
+def _llara_id(x):
+    """LLaRA's MovieLens rows hold (item, rating) tuples, LastFM and Steam rows plain ids."""
+    return int(x[0]) if isinstance(x, (tuple, list)) else int(x)
+
+
+def read_llara_processed(folder: str) -> tuple[list[tuple[int, str, str]], dict[str, list[dict]]]:
+    """LLaRA's released sets: {train_data,Val_data,Test_data}.df with id2name.txt (id::name) or u.item.
+
+    The .df files are pandas pickles. They are read with a restricted unpickler that allows only the
+    numpy/pandas data constructors a DataFrame needs and refuses anything else, so no code in the
+    file can run. Returns (items, splits); ids are LLaRA's (0-based, padding = item count); a row
+    with an empty history (LLaRA's first row of each user) is kept out and counted by the caller.
+    """
+    from shards.safe_unpickle import PANDAS_DATAFRAME, restricted_load
+
+    names = os.path.join(folder, "id2name.txt")
+    items = []
+    if os.path.exists(names):
+        for n, line in _lines(names):
+            i, name = _fields(names, n, line, "::", 2, "id::name")[:2]
+            items.append((_int(names, n, i, "id"), name, ""))
+    elif os.path.exists(os.path.join(folder, "u.item")):
+        items = [(i - 1, t, g) for i, t, g in read_movielens_100k_items(os.path.join(folder, "u.item"))]
+    else:
+        raise FileNotFoundError(f"{folder}: neither id2name.txt nor u.item is there")
+    pad = len(items)
+    splits: dict[str, list[dict]] = {}
+    for split, fname in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
+        path = os.path.join(folder, fname)
+        if not os.path.exists(path):
+            continue
+        df = restricted_load(path, PANDAS_DATAFRAME)
+        for col in ("seq", "len_seq", "next"):
+            if col not in df.columns:
+                raise MalformedRecord(f"{path}: column {col!r} is missing (columns: {list(df.columns)})")
+        rows = []
+        for n, (seq, length, nxt) in enumerate(zip(df["seq"], df["len_seq"], df["next"])):
+            history = [h for h in (_llara_id(x) for x in list(seq)[: int(length)]) if h != pad]
+            rows.append({"user": n, "history": history, "target": _llara_id(nxt), "position": n})
+        splits[split] = rows
+    return items, splits
+
+
+def read_movielens_100k_items(path: str) -> list[tuple[int, str, str]]:
+    items = []
+    for n, line in _lines(path, "iso-8859-1"):
+        parts = _fields(path, n, line, "|", 5, "id|title|release|video release|url|genres")
+        items.append((_int(path, n, parts[0], "item id"), parts[1], ""))
+    return items

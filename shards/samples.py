@@ -38,6 +38,22 @@ def user_sequences(interactions, dense: dict[int, int], source: str = "interacti
     return {u: [item for _ts, _o, item in sorted(rows)] for u, rows in sorted(per_user.items())}
 
 
+def kcore_filter(interactions, k: int):
+    """Drop users and items with fewer than k interactions, repeatedly, until none is left."""
+    if k <= 1:
+        return list(interactions)
+    rows = list(interactions)
+    while True:
+        users, items = defaultdict(int), defaultdict(int)
+        for u, i, *_ in rows:
+            users[u] += 1
+            items[i] += 1
+        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
+        if len(kept) == len(rows):
+            return kept
+        rows = kept
+
+
 def leave_one_out(sequences: dict[int, list[int]], history_len: int) -> dict[str, list[dict]]:
     """Last item -> test, second-last -> val, every earlier position with a history -> train."""
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -74,3 +90,43 @@ def sample_candidates(sample: dict, num_items: int, num_candidates: int, seed: i
     candidates = negatives + [sample["target"]]
     rng.shuffle(candidates)
     return [int(c) for c in candidates]
+
+
+def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
+    """LLaRA's sliding windows: users are split 8:1:1 by a seeded permutation; every position of a
+    training user's sequence (with a non-empty history) is a training sample; a validation or test
+    user gives one sample, their last item with the history before it."""
+    users = sorted(sequences)
+    order = np.random.default_rng([seed, 11]).permutation(len(users))
+    n_train = int(round(ratios[0] * len(users)))
+    n_val = int(round(ratios[1] * len(users)))
+    role = {}
+    for rank, idx in enumerate(order):
+        role[users[idx]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for user in users:
+        seq = sequences[user]
+        positions = range(1, len(seq)) if role[user] == "train" else [len(seq) - 1] if len(seq) > 1 else []
+        for t in positions:
+            out[role[user]].append({"user": user, "history": seq[max(0, t - history_len):t], "target": seq[t], "position": t})
+    return out
+
+
+def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
+    """ReLLa's split: all interactions ordered by time and cut 8:1:1; a sample's target is one
+    interaction, its history the user's previous interactions (from any earlier period)."""
+    rows = sorted(((ts, order, user, dense[item], rating) for order, (user, item, rating, ts) in enumerate(interactions)))
+    n = len(rows)
+    cut1, cut2 = int(ratios[0] * n), int((ratios[0] + ratios[1]) * n)
+    seen: dict[int, list[int]] = defaultdict(list)
+    ratings: dict[int, list[float]] = defaultdict(list)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for k, (ts, _order, user, item, rating) in enumerate(rows):
+        split = "train" if k < cut1 else "val" if k < cut2 else "test"
+        hist = seen[user]
+        if hist:
+            out[split].append({"user": user, "history": hist[-history_len:], "target": item, "position": len(hist),
+                               "history_ratings": ratings[user][-history_len:], "rating": rating})
+        hist.append(item)
+        ratings[user].append(rating)
+    return out

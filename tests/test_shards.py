@@ -6,17 +6,21 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from shards.build import build_shards, check_manifest, load_items, load_manifest, sha256_file
+from shards.build import check_manifest, load_items, load_manifest, load_source, write_shards
 from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
 from shards.synthetic import SyntheticConfig, generate
 from trainer.data import read_shard
 
 
-def _build(tok_dir, out, **kw):
-    inter, items = generate(SyntheticConfig(num_users=40, num_items=60, seed=5))
-    params = dict(history_len=10, num_candidates=20, max_len=400, samples_per_shard=200, seed=5)
+SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, "max_seq_len": 30, "p_follow": 0.9}
+
+
+def _build(tok_dir, out, seed=5, workers=1, **kw):
+    data = {"source": "synthetic", "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
+    items, splits, stats = load_source(data, seed)
+    params = dict(num_candidates=20, max_len=400, samples_per_shard=200, seed=seed, workers=workers, stats=stats)
     params.update(kw)
-    return build_shards(inter, items, AutoTokenizer.from_pretrained(tok_dir), tok_dir, str(out), **params)
+    return write_shards(items, splits, tok_dir, str(out), **params)
 
 
 def test_samples_hold_what_llara_needs(small_run):
@@ -55,7 +59,7 @@ def test_build_is_byte_identical(small_run, tmp_path):
     b = _build(paths["llm"], tmp_path / "b")
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["config_hash"] == b["config_hash"]
-    c = _build(paths["llm"], tmp_path / "c", seed=6)  # another seed: other candidates
+    c = _build(paths["llm"], tmp_path / "c", seed=6)  # another seed: other data and candidates
     assert [s["sha256"] for s in a["shards"]] != [s["sha256"] for s in c["shards"]]
 
 
@@ -104,10 +108,60 @@ def test_truncated_shard_names_itself(small_run, tmp_path):
         list(read_shard(str(shard)))
 
 
-def test_unknown_item_in_interactions_is_named(small_run, tmp_path):
-    _, paths = small_run
+def test_unknown_item_in_interactions_is_named():
+    from shards.samples import build_vocab, user_sequences
+
     inter, items = generate(SyntheticConfig(num_users=10, num_items=60, seed=5))
     inter = inter + [(0, 999, 5, 10**10)]
+    vocab = build_vocab(inter, items)
     with pytest.raises(ValueError, match=f"record {len(inter)} names item 999"):
-        build_shards(inter, items, AutoTokenizer.from_pretrained(paths["llm"]), paths["llm"], str(tmp_path / "u"),
-                     history_len=10, num_candidates=20, max_len=400, samples_per_shard=100, seed=0)
+        user_sequences(inter, vocab["dense"])
+
+
+def test_item_id_outside_vocabulary_in_a_sample(small_run, tmp_path):
+    _, paths = small_run
+    items = [(i, f"Title {i}", "") for i in range(30)]
+    splits = {"train": [{"user": 0, "history": [1, 2, 3], "target": 4, "position": 3},
+                        {"user": 1, "history": [5, 31], "target": 6, "position": 2}]}
+    with pytest.raises(ValueError, match=r"train sample 1 \(user 1\): item id 31 is outside the vocabulary 0..29"):
+        write_shards(items, splits, paths["llm"], str(tmp_path / "v"), num_candidates=20, max_len=400,
+                     samples_per_shard=10, seed=0, workers=1)
+
+
+def test_empty_history_is_dropped_and_counted(small_run, tmp_path):
+    _, paths = small_run
+    items = [(i, f"Title {i}", "") for i in range(30)]
+    splits = {"train": [{"user": 0, "history": [], "target": 4, "position": 0},
+                        {"user": 0, "history": [4], "target": 5, "position": 1}]}
+    m = write_shards(items, splits, paths["llm"], str(tmp_path / "e"), num_candidates=20, max_len=400,
+                     samples_per_shard=10, seed=0, workers=1)
+    assert m["stats"]["train_dropped_empty_history"] == 1 and m["stats"]["train_samples"] == 1
+
+
+def test_parallel_build_equals_serial(small_run, tmp_path):
+    _, paths = small_run
+    a = _build(paths["llm"], tmp_path / "a", workers=1)
+    b = _build(paths["llm"], tmp_path / "b", workers=2)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_shard_cut_at_a_record_boundary_is_caught(small_run, tmp_path):
+    _, paths = small_run
+    out = tmp_path / "cut"
+    manifest = _build(paths["llm"], out)
+    shard = out / "train-00000.tar"
+    import tarfile
+
+    with tarfile.open(shard) as t:  # keep the first 10 records (5 members each), drop the rest cleanly
+        members = t.getmembers()[:50]
+        kept = {m.name: t.extractfile(m).read() for m in members}
+    with tarfile.open(shard, "w") as t:
+        import io
+
+        for name, data in kept.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    count = next(s["count"] for s in manifest["shards"] if s["name"] == "train-00000.tar")
+    with pytest.raises(RuntimeError, match=f"train-00000.tar is truncated or corrupt: it holds 10 samples, the manifest says {count}"):
+        list(read_shard(str(shard), count))

@@ -1,16 +1,29 @@
-"""Stream tokenized samples from webdataset shards, split across ranks, and collate them into batches.
+"""Stream tokenized samples from webdataset shards, split across ranks and loader workers, and
+collate them into batches.
 
 Order. For epoch e the shards of a split are visited in an order drawn from (seed, e), and the
 samples inside each shard in an order drawn from (seed, e, shard). That gives one global sequence
-of samples per epoch, the same on every rank and every run. Rank r of W takes the global samples
-r, r + W, r + 2W, ... so ranks are disjoint and together cover the epoch. Each rank takes the same
-number of batches: floor(N / (W * micro_batch)); the remaining < W * micro_batch samples of an
-epoch are not used in that epoch (a different subset each epoch, since the order changes).
+of N samples per epoch, the same on every rank, every run and every world size.
 
-Position. A reader's position is the number of global samples already consumed in the epoch; the
-trainer checkpoints it, and a resumed reader skips exactly those (whole shards by their manifest
-counts, without reading them), so the remaining samples come in the same order as in an
-uninterrupted run.
+Exactly once. The epoch is padded up to a multiple of the global batch (world_size x micro_batch
+x grad_accum) with *filler* samples (a copy of an epoch sample marked `filler`, whose labels are
+all ignored), so every sample is seen exactly once per epoch and every rank takes the same
+number of micro-batches: ceil(N / global batch) x grad_accum. No rank waits in a collective.
+
+Ranks. From a start position p, rank r of W takes the global samples p + r, p + r + W, ... Rank
+r's b-th micro-batch is the samples p + (b x W + r) x micro ... of that stride; together the ranks
+cover every sample from p on, once.
+
+Position. A reader's position is the number of global samples (fillers included) consumed in the
+epoch; the trainer checkpoints it. A resumed reader skips exactly those (whole shards by their
+manifest counts, without reading them), so the rest comes in the same order as in an
+uninterrupted run. Because the global order does not depend on the world size, a resume on a
+different number of ranks re-splits the remainder correctly (the reader supports it; the trainer
+itself refuses a world-size change, see trainer/train_loop.py).
+
+Loader workers. With k DataLoader workers, worker w decodes and collates the micro-batches
+b = w, w + k, ... of its rank; the DataLoader returns them round-robin, i.e. in order.
+Every rank reads every shard's bytes, but decodes only its own samples.
 """
 
 from __future__ import annotations
@@ -29,26 +42,43 @@ def _identity(urls):
     return urls
 
 
-def read_shard(path: str):
-    """Yield decoded samples of one tar shard; a truncated or corrupt shard raises naming it."""
+def _raw_records(path: str):
+    """Yield the undecoded records of one tar shard; a truncated or corrupt shard raises naming it."""
     ds = wds.WebDataset(path, shardshuffle=False, nodesplitter=_identity, workersplitter=_identity, empty_check=False)
     try:
-        for rec in ds:
-            yield {
-                "key": rec["__key__"],
-                "input_ids": np.load(io.BytesIO(rec["input_ids.npy"]), allow_pickle=False),
-                "label_mask": np.load(io.BytesIO(rec["label_mask.npy"]), allow_pickle=False),
-                "slot_pos": np.load(io.BytesIO(rec["slot_pos.npy"]), allow_pickle=False),
-                "slot_item": np.load(io.BytesIO(rec["slot_item.npy"]), allow_pickle=False),
-                "meta": json.loads(rec["meta.json"]),
-            }
+        yield from ds
     except Exception as e:  # webdataset raises tarfile/KeyError/ValueError variants
         raise RuntimeError(f"shard {path} is truncated or corrupt: {type(e).__name__}: {e}") from e
 
 
+def decode(rec: dict, path: str = "") -> dict:
+    try:
+        return {
+            "key": rec["__key__"],
+            "input_ids": np.load(io.BytesIO(rec["input_ids.npy"]), allow_pickle=False),
+            "label_mask": np.load(io.BytesIO(rec["label_mask.npy"]), allow_pickle=False),
+            "slot_pos": np.load(io.BytesIO(rec["slot_pos.npy"]), allow_pickle=False),
+            "slot_item": np.load(io.BytesIO(rec["slot_item.npy"]), allow_pickle=False),
+            "meta": json.loads(rec["meta.json"]),
+        }
+    except (KeyError, ValueError) as e:
+        raise RuntimeError(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} is incomplete "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def read_shard(path: str, expected: int | None = None):
+    """Yield the decoded samples of one shard, in order; with `expected`, a shorter shard raises."""
+    n = 0
+    for rec in _raw_records(path):
+        yield decode(rec, path)
+        n += 1
+    if expected is not None and n != expected:
+        raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {n} samples, the manifest says {expected}")
+
+
 @dataclass
 class SplitReader:
-    """The global sample order of one split, for one epoch, and this rank's part of it."""
+    """The global sample order of one split, for one epoch, and one rank's part of it."""
 
     data_dir: str
     shards: list[dict]  # manifest entries of this split
@@ -57,58 +87,93 @@ class SplitReader:
     micro_batch: int
     seed: int
     shuffle: bool
+    grad_accum: int = 1
 
     @property
     def num_samples(self) -> int:
         return sum(s["count"] for s in self.shards)
 
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch * self.grad_accum
+
+    def padded_length(self) -> int:
+        """Samples per epoch including fillers: N rounded up to a multiple of the global batch."""
+        return -(-self.num_samples // self.global_batch) * self.global_batch
+
     def batches_per_epoch(self) -> int:
-        return self.num_samples // (self.world_size * self.micro_batch)
+        """Micro-batches per rank per epoch (a multiple of grad_accum)."""
+        return self.padded_length() // (self.world_size * self.micro_batch)
 
-    def _order(self, epoch: int):
-        shard_order = list(range(len(self.shards)))
-        if self.shuffle:
-            shard_order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
-        return shard_order
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
 
-    def global_samples(self, epoch: int, start: int = 0):
-        """Yield (global index, sample) of the epoch from global index `start` on."""
+    def global_records(self, epoch: int, start: int = 0):
+        """Yield (global index, raw record, shard path) of the epoch from `start` on, fillers at the end."""
         g = 0
+        first = None
         for s in self._order(epoch):
             count = self.shards[s]["count"]
-            if g + count <= start:  # skip a whole shard without reading it
+            path = os.path.join(self.data_dir, self.shards[s]["name"])
+            if g + count <= start and first is not None:  # skip a whole shard without reading it
                 g += count
                 continue
-            samples = list(read_shard(os.path.join(self.data_dir, self.shards[s]["name"])))
-            if len(samples) != count:
-                raise RuntimeError(f"shard {self.shards[s]['name']} holds {len(samples)} samples, the manifest says {count}")
-            inner = range(count)
-            if self.shuffle:
-                inner = np.random.default_rng([self.seed, epoch, s]).permutation(count).tolist()
+            records = list(_raw_records(path))
+            if len(records) != count:
+                raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {len(records)} samples, "
+                                   f"the manifest says {count}")
+            inner = np.random.default_rng([self.seed, epoch, s]).permutation(count).tolist() if self.shuffle else range(count)
             for i in inner:
+                if first is None:
+                    first = (records[i], path)
                 if g >= start:
-                    yield g, samples[i]
+                    yield g, records[i], path
                 g += 1
+        for g in range(max(g, start), self.padded_length()):
+            yield g, {**first[0], "__filler__": True}, first[1]
 
-    def rank_batches(self, epoch: int, start: int = 0):
-        """Yield this rank's micro-batches (lists of samples) of the epoch, from global position `start`.
+    def rank_batches(self, epoch: int, start: int = 0, worker: int = 0, num_workers: int = 1):
+        """Yield this rank's micro-batches (lists of decoded samples) from global position `start`.
 
-        `start` must be a batch boundary (a multiple of world_size * micro_batch), which is what
-        the trainer checkpoints.
+        With loader workers, worker w yields only the micro-batches b with b % num_workers == w.
         """
-        step = self.world_size * self.micro_batch
-        if start % step:
-            raise ValueError(f"reader position {start} is not a multiple of world_size*micro_batch={step}")
-        end = self.batches_per_epoch() * step
-        batch = []
-        for g, sample in self.global_samples(epoch, start):
-            if g >= end:
-                break
-            if g % self.world_size == self.rank:
+        W, M = self.world_size, self.micro_batch
+        if start % W:
+            raise ValueError(f"reader position {start} is not a multiple of the world size {W}")
+        batch, b = [], 0
+        for g, rec, path in self.global_records(epoch, start):
+            if (g - start) % W != self.rank:
+                continue
+            if b % num_workers == worker:
+                sample = decode(rec, path)
+                sample["filler"] = bool(rec.get("__filler__"))
                 batch.append(sample)
-                if len(batch) == self.micro_batch:
+            if ((g - start) // W + 1) % M == 0:
+                if batch:
                     yield batch
-                    batch = []
+                batch, b = [], b + 1
+        if batch:
+            yield batch
+
+
+class RankStream(torch.utils.data.IterableDataset):
+    """This rank's collated micro-batches of one epoch from a position, for a torch DataLoader."""
+
+    def __init__(self, reader: SplitReader, epoch: int, start: int, pad_token_id: int):
+        self.reader, self.epoch, self.start, self.pad_token_id = reader, epoch, start, pad_token_id
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, k = (info.id, info.num_workers) if info else (0, 1)
+        for samples in self.reader.rank_batches(self.epoch, self.start, w, k):
+            yield collate(samples, self.pad_token_id)
+
+
+def rank_loader(reader: SplitReader, epoch: int, start: int, pad_token_id: int, num_workers: int = 0):
+    return torch.utils.data.DataLoader(RankStream(reader, epoch, start, pad_token_id), batch_size=None,
+                                       num_workers=num_workers, persistent_workers=False)
 
 
 def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prompt_only: bool = False) -> dict:
@@ -136,11 +201,13 @@ def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prom
         n = len(ids)
         input_ids[b, off:off + n] = torch.from_numpy(ids.astype(np.int64))
         attention[b, off:off + n] = 1
-        lab = torch.from_numpy(ids.astype(np.int64))
-        lab[torch.from_numpy(mask[:n] == 0)] = -100
-        labels[b, off:off + n] = lab
+        if not s.get("filler"):  # a filler pads the epoch: it is seen but never learned from
+            lab = torch.from_numpy(ids.astype(np.int64))
+            lab[torch.from_numpy(mask[:n] == 0)] = -100
+            labels[b, off:off + n] = lab
         nslots = len(s["slot_item"])
         slot_map[b, torch.from_numpy(s["slot_pos"].astype(np.int64)) + off] = torch.from_numpy(inverse[k:k + nslots].astype(np.int64))
         k += nslots
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "slot_map": slot_map, "unique_items": torch.from_numpy(unique_items.astype(np.int64))}
+            "slot_map": slot_map, "unique_items": torch.from_numpy(unique_items.astype(np.int64)),
+            "keys": [s["key"] for s in samples if not s.get("filler")]}

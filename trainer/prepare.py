@@ -30,14 +30,6 @@ def run_paths(output_dir: str) -> dict:
             "stamp": os.path.join(out, "assets", "prepare.json")}
 
 
-def _raw_data(cfg: DictConfig):
-    if cfg.data.source != "synthetic":
-        raise ValueError(f"data.source={cfg.data.source!r}: only 'synthetic' is available in this version")
-    from shards.synthetic import SyntheticConfig, generate
-
-    return generate(SyntheticConfig(seed=cfg.seed, **to_dict(cfg.data.synthetic)))
-
-
 def prepare(cfg: DictConfig) -> dict:
     paths = run_paths(cfg.output_dir)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
@@ -53,18 +45,17 @@ def prepare(cfg: DictConfig) -> dict:
 
     from transformers import AutoTokenizer
 
-    from shards.build import build_shards
+    from shards.build import load_source, write_shards
     from shards.prompts import LLARA_TEMPLATES
-    from shards.samples import build_vocab, user_sequences
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
     from trainer.srec.pretrain import pretrain_sasrec
     from trainer.srec.sasrec import save_srec
 
-    interactions, items = _raw_data(cfg)
+    d = to_dict(cfg.data)
+    items, splits, stats = load_source(d, cfg.seed)
     if cfg.model.base:
-        tok_dir = cfg.model.base
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         paths["llm"] = os.path.abspath(cfg.model.base)
+        AutoTokenizer.from_pretrained(paths["llm"])  # fail early if it is not a tokenizer folder
     else:
         log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
         corpus = [t for _, t, _ in items] + list(LLARA_TEMPLATES)
@@ -73,18 +64,16 @@ def prepare(cfg: DictConfig) -> dict:
         build_tiny_llama(tokenizer, paths["llm"], t.hidden_size, t.num_layers, t.num_heads,
                          t.intermediate_size, t.max_position_embeddings, cfg.seed)
     log.info("building shards in %s", paths["data"])
-    manifest = build_shards(interactions, items, tokenizer, paths["llm"], paths["data"],
-                            history_len=cfg.data.history_len, num_candidates=cfg.data.num_candidates,
-                            max_len=cfg.data.max_len, samples_per_shard=cfg.data.samples_per_shard, seed=cfg.seed)
-    log.info("data: %s", manifest["stats"])
+    manifest = write_shards(items, splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
+                            max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
+                            workers=d["build_workers"], stats=stats)
+    log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     if cfg.srec.path:
         paths["srec"] = os.path.abspath(cfg.srec.path)
     else:
-        vocab = build_vocab(interactions, items)
-        sequences = user_sequences(interactions, vocab["dense"])
         s = cfg.srec
         log.info("pretraining SASRec (%d epochs at most)", s.epochs)
-        model, report = pretrain_sasrec(sequences, manifest["num_items"], hidden=s.hidden, blocks=s.blocks, heads=s.heads,
+        model, report = pretrain_sasrec(splits, manifest["num_items"], hidden=s.hidden, blocks=s.blocks, heads=s.heads,
                                         max_len=cfg.data.history_len, dropout=s.dropout, epochs=s.epochs, lr=s.lr,
                                         batch_size=s.batch_size, seed=cfg.seed)
         save_srec(model, paths["srec"])

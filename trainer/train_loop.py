@@ -25,6 +25,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 log = logging.getLogger("trainer")
@@ -59,17 +60,27 @@ def _mean_over_ranks(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (labels != -100). A micro-batch of only
+    fillers has no answer token: its loss is 0 and still carries a graph, so every rank runs backward."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
+
+
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
     """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere)."""
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
-    kwargs = dict(attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device))
+    attention = batch["attention_mask"].to(device)
     if not hybrid:  # text-only: placeholders become the plain [PH] token, no adapter in the graph
-        return engine(input_ids=torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids), **kwargs).loss
-    with torch.no_grad():
-        vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
-    with embed.inject(slot_map, vectors):
-        return engine(input_ids=ids, **kwargs).loss
+        logits = engine(input_ids=torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids), attention_mask=attention).logits
+    else:
+        with torch.no_grad():
+            vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
+        with embed.inject(slot_map, vectors):
+            logits = engine(input_ids=ids, attention_mask=attention).logits
+    return answer_loss(logits, batch["labels"].to(device))
 
 
 def train_worker(config: dict) -> None:
@@ -83,7 +94,7 @@ def train_worker(config: dict) -> None:
     from shards.build import check_manifest, load_items, load_manifest
     from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint, tag_for
     from trainer.curriculum import is_hybrid, warmup_cosine
-    from trainer.data import SplitReader, collate
+    from trainer.data import SplitReader, rank_loader
     from trainer.model.build import build_llara_model, load_tokenizer
     from trainer.srec.sasrec import load_srec, srec_hash
 
@@ -95,7 +106,7 @@ def train_worker(config: dict) -> None:
 
     # ---- data, SRec, model
     manifest = load_manifest(paths["data"])
-    check_manifest(paths["data"], manifest, paths["llm"])
+    check_manifest(paths["data"], manifest, paths["llm"], verify_sha=cfg.data.verify_shards)
     tokenizer = load_tokenizer(paths["llm"])
     ph_id = tokenizer.convert_tokens_to_ids("[PH]")
     srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
@@ -106,11 +117,10 @@ def train_worker(config: dict) -> None:
 
     t = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
-                         t.micro_batch, cfg.seed, shuffle=True)
+                         t.micro_batch, cfg.seed, shuffle=True, grad_accum=t.grad_accum)
+    if reader.num_samples == 0:
+        raise ValueError(f"no training samples in {paths['data']}")
     steps_per_epoch = reader.batches_per_epoch() // t.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{reader.num_samples} training samples are fewer than one global batch "
-                         f"({world} workers x {t.micro_batch} x {t.grad_accum})")
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     warmup = max(1, int(t.warmup_ratio * total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -146,14 +156,11 @@ def train_worker(config: dict) -> None:
     engine.train()
     step_losses, t0, samples_since = [], time.time(), 0
     last_saved = state["global_step"] if tag else -1
-    global_batch = world * t.micro_batch
+    global_batch = world * t.micro_batch  # samples (fillers included) consumed per micro-step
     while state["global_step"] < total_steps:
-        limit = steps_per_epoch * t.grad_accum * global_batch  # an epoch ends on an optimizer-step boundary
-        for samples in reader.rank_batches(state["epoch"], state["position"]):
-            if state["position"] >= limit:
-                break
+        for batch in rank_loader(reader, state["epoch"], state["position"], tokenizer.pad_token_id, cfg.data.loader_workers):
             hybrid = is_hybrid(t.mode, state["global_step"], total_steps, cfg.seed)
-            loss = step_loss(engine, embed, srec, collate(samples, tokenizer.pad_token_id), hybrid, ph_id, device)
+            loss = step_loss(engine, embed, srec, batch, hybrid, ph_id, device)
             engine.backward(loss)
             engine.step()
             step_losses.append(loss.item())
@@ -185,7 +192,7 @@ def train_worker(config: dict) -> None:
                 last_saved = step
             if step >= total_steps:
                 break
-        if state["global_step"] < total_steps:  # the epoch is used up
+        if state["global_step"] < total_steps:  # the epoch is used up (fillers included)
             state["epoch"] += 1
             state["position"] = 0
     if last_saved != state["global_step"]:
@@ -216,7 +223,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     titles = load_items(paths["data"])["titles"]
     samples = []
     for shard in (s for s in manifest["shards"] if s["split"] == cfg.eval.split):
-        samples.extend(read_shard(os.path.join(paths["data"], shard["name"])))
+        samples.extend(read_shard(os.path.join(paths["data"], shard["name"]), shard["count"]))
     if cfg.eval.max_samples > 0:
         samples = samples[: cfg.eval.max_samples]
     mine = samples[rank::world]
