@@ -8,12 +8,14 @@ Sources (data.source): synthetic, ml-100k, ml-1m, lastfm, sequences (SASRec/ICLR
 Splits (data.split): loo (leave-one-out), sliding (LLaRA: users 8:1:1, every window of a training
 user), time (ReLLa: all interactions cut 8:1:1 by time).
 
-Each split is written as `{split}-{index:05d}.tar`. A record holds
-    input_ids.npy   int32  [T]   bos + prompt + answer + eos, tokenized once here
-    label_mask.npy  uint8  [T]   1 on the answer tokens (loss is computed on these only)
-    slot_pos.npy    int32  [S]   position of every placeholder token, history first then candidates
-    slot_item.npy   int32  [S]   the dense item id each placeholder stands for
-    meta.json              user, history, candidates, target, prompt_len, template
+Each split is written as `{split}-{index:05d}.tar`. A record holds two members:
+    <key>.llara.bin   little-endian int32: T, S, prompt_len, then
+                        input_ids[T]   bos + prompt + answer + eos, tokenized once here
+                        label_mask[T]  1 on the answer tokens (loss is computed on these only)
+                        slot_pos[S]    position of every placeholder token, history first then candidates
+                        slot_item[S]   the dense item id each placeholder stands for
+    <key>.meta.json   user, history, candidates, target, prompt_len, template
+One binary member per sample keeps reading cheap (bench/bench_data.py).
 The build is deterministic: tar headers carry mtime 0 and fixed owners, so the same inputs give
 byte-identical shards. The manifest lists every shard with its sample count and sha256.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 
@@ -48,10 +49,11 @@ def tokenizer_hash(tokenizer_dir: str) -> str:
     return sha256_file(os.path.join(tokenizer_dir, "tokenizer.json"))
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+def pack_sample(tok: dict) -> bytes:
+    """One little-endian int32 array: T, S, prompt_len, input_ids[T], label_mask[T], slot_pos[S], slot_item[S]."""
+    T, S = len(tok["input_ids"]), len(tok["slot_pos"])
+    parts = [np.asarray([T, S, tok["prompt_len"]]), tok["input_ids"], tok["label_mask"], tok["slot_pos"], tok["slot_item"]]
+    return np.concatenate([np.asarray(p, dtype="<i4") for p in parts]).tobytes()
 
 
 def _write_shard(path: str, records: list[dict]) -> None:
@@ -135,14 +137,8 @@ def _encode_chunk(args):
         tok = tokenize_llara(sample, titles, LLARA_TEMPLATES[t], _TOKENIZER, max_len)
         meta = {"user": sample["user"], "history": sample["history"], "candidates": sample["candidates"],
                 "target": sample["target"], "prompt_len": tok["prompt_len"], "template": t}
-        out.append({
-            "__key__": f"{split}-{n:08d}",
-            "input_ids.npy": _npy(tok["input_ids"]),
-            "label_mask.npy": _npy(tok["label_mask"]),
-            "slot_pos.npy": _npy(tok["slot_pos"]),
-            "slot_item.npy": _npy(tok["slot_item"]),
-            "meta.json": json.dumps(meta, sort_keys=True).encode(),
-        })
+        out.append({"__key__": f"{split}-{n:08d}", "llara.bin": pack_sample(tok),
+                    "meta.json": json.dumps(meta, sort_keys=True).encode()})
     return out
 
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from shards.build import check_manifest, load_items, load_manifest, load_source, write_shards
 from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
 from shards.synthetic import SyntheticConfig, generate
-from trainer.data import read_shard
+from trainer.data import meta, read_shard
 
 
 SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, "max_seq_len": 30, "p_follow": 0.9}
@@ -33,7 +33,7 @@ def test_samples_hold_what_llara_needs(small_run):
     test_count = sum(x["count"] for x in manifest["shards"] if x["split"] == "test")
     assert len(samples) == test_count == manifest["stats"]["test_samples"] > 0
     for s in samples[:20]:
-        m = s["meta"]
+        m = meta(s)
         assert 1 <= len(m["history"]) <= 10 and len(m["candidates"]) == 20
         assert m["target"] in m["candidates"]
         assert not set(m["candidates"]) - {m["target"]} & set(m["history"])  # negatives avoid the history
@@ -67,8 +67,8 @@ def test_validation_candidates_fixed(small_run, tmp_path):
     _, paths = small_run
     _build(paths["llm"], tmp_path / "a")
     _build(paths["llm"], tmp_path / "b", samples_per_shard=7)  # other sharding, same samples
-    va = [s["meta"]["candidates"] for s in read_shard(str(tmp_path / "a" / "val-00000.tar"))]
-    vb = [s["meta"]["candidates"] for n in sorted(os.listdir(tmp_path / "b")) if n.startswith("val-")
+    va = [meta(s)["candidates"] for s in read_shard(str(tmp_path / "a" / "val-00000.tar"))]
+    vb = [meta(s)["candidates"] for n in sorted(os.listdir(tmp_path / "b")) if n.startswith("val-")
           for s in read_shard(str(tmp_path / "b" / n))]
     assert va == vb
 
@@ -152,8 +152,8 @@ def test_shard_cut_at_a_record_boundary_is_caught(small_run, tmp_path):
     shard = out / "train-00000.tar"
     import tarfile
 
-    with tarfile.open(shard) as t:  # keep the first 10 records (5 members each), drop the rest cleanly
-        members = t.getmembers()[:50]
+    with tarfile.open(shard) as t:  # keep the first 10 records (2 members each), drop the rest cleanly
+        members = t.getmembers()[:20]
         kept = {m.name: t.extractfile(m).read() for m in members}
     with tarfile.open(shard, "w") as t:
         import io
@@ -165,3 +165,28 @@ def test_shard_cut_at_a_record_boundary_is_caught(small_run, tmp_path):
     count = next(s["count"] for s in manifest["shards"] if s["name"] == "train-00000.tar")
     with pytest.raises(RuntimeError, match=f"train-00000.tar is truncated or corrupt: it holds 10 samples, the manifest says {count}"):
         list(read_shard(str(shard), count))
+
+
+def test_webdataset_reads_our_shards_the_same(small_run):
+    import webdataset as wds
+
+    _, paths = small_run
+    path = os.path.join(paths["data"], "test-00000.tar")
+    ours = list(read_shard(path))
+    theirs = list(wds.WebDataset(path, shardshuffle=False, nodesplitter=lambda u: u, empty_check=False))
+    assert [s["key"] for s in ours] == [r["__key__"] for r in theirs]
+    assert all(json.loads(r["meta.json"]) == meta(s) for s, r in zip(ours, theirs))
+    assert all(np.array_equal(np.frombuffer(r["llara.bin"], "<i4")[3:3 + len(s["input_ids"])], s["input_ids"])
+               for s, r in zip(ours, theirs))
+
+
+def test_corrupt_tar_header_is_named(small_run, tmp_path):
+    _, paths = small_run
+    out = tmp_path / "hdr"
+    _build(paths["llm"], out)
+    shard = out / "val-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # a byte inside the first member's header: its checksum no longer matches
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="val-00000.tar is truncated or corrupt"):
+        list(read_shard(str(shard)))

@@ -217,7 +217,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     """Each rank generates for its share of the split (the same number of batches on every rank, since
     ZeRO-3 gathers parameters collectively); rank 0 gathers the judgements and computes the metrics."""
     from shards.build import load_items
-    from trainer.data import read_shard
+    from trainer.data import meta, read_shard
     from trainer.evaluate import generate, judge, llara_metrics
 
     titles = load_items(paths["data"])["titles"]
@@ -239,7 +239,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
         outputs = generate(engine.module, embed, srec, chunk, tokenizer, cfg.eval.max_new_tokens, hybrid,
                            synced_gpus=world > 1, device=device)
         for s, out in zip(chunk[:real], outputs[:real]):
-            judgements.append(judge(out, [titles[c] for c in s["meta"]["candidates"]], titles[s["meta"]["target"]]))
+            judgements.append(judge(out, [titles[c] for c in meta(s)["candidates"]], titles[meta(s)["target"]]))
     gathered = [None] * world
     dist.all_gather_object(gathered, judgements)
     return llara_metrics([j for part in gathered for j in part]) if rank == 0 else {}

@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+import json
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from shards.samples import global_time_split, kcore_filter, leave_one_out, sample_candidates, user_split, user_sequences
+
+
+def test_kcore_is_iterated():
+    # user 3 has 1 interaction; dropping it leaves item 30 with 1, which must go too
+    rows = [(1, 10, 5, 1), (1, 20, 5, 2), (2, 10, 5, 1), (2, 20, 5, 2), (3, 30, 5, 1), (1, 30, 5, 3)]
+    kept = kcore_filter(rows, 2)
+    assert {(u, i) for u, i, *_ in kept} == {(1, 10), (1, 20), (2, 10), (2, 20)}
+
+
+def test_leave_one_out():
+    out = leave_one_out({7: [1, 2, 3, 4, 5]}, history_len=2)
+    assert [(s["history"], s["target"]) for s in out["test"]] == [([3, 4], 5)]
+    assert [(s["history"], s["target"]) for s in out["val"]] == [([2, 3], 4)]
+    assert [(s["history"], s["target"]) for s in out["train"]] == [([1], 2), ([1, 2], 3)]
+
+
+def test_user_split_sliding_windows():
+    seqs = {u: list(range(u * 10, u * 10 + 5)) for u in range(20)}
+    out = user_split(seqs, history_len=3, seed=0)
+    users = {k: {s["user"] for s in v} for k, v in out.items()}
+    assert len(users["train"]) == 16 and len(users["val"]) == 2 and len(users["test"]) == 2
+    assert not users["train"] & users["test"] and not users["val"] & users["test"]
+    assert len(out["train"]) == 16 * 4  # every window of a training user
+    t = out["test"][0]
+    assert t["target"] == seqs[t["user"]][-1] and t["history"] == seqs[t["user"]][-4:-1]
+
+
+def test_global_time_split():
+    rows = [(u, 100 + k, 4 if k % 2 else 2, u * 1000 + k) for u in range(1, 3) for k in range(10)]
+    dense = {100 + k: k for k in range(10)}
+    out = global_time_split(rows, dense, history_len=3)
+    # 20 interactions cut 16/2/2 by time; user 2's are all later than user 1's
+    assert {s["user"] for s in out["test"]} == {2} and all(s["target"] in (8, 9) for s in out["test"])
+    s = out["test"][-1]
+    assert s["history"] == [6, 7, 8] and s["history_ratings"] == [2, 4, 2] and s["rating"] == 4
+    assert len(out["train"]) + len(out["val"]) + len(out["test"]) == 18  # each user's first has no history
+
+
+def test_candidates_are_seeded_per_sample():
+    s = {"user": 4, "history": [1, 2, 3], "target": 9, "position": 3}
+    a = sample_candidates(s, 100, 20, seed=0, split="test")
+    assert a == sample_candidates(dict(s), 100, 20, seed=0, split="test")
+    assert a != sample_candidates(s, 100, 20, seed=1, split="test")
+    assert len(set(a)) == 20 and 9 in a and not {1, 2, 3} & set(a)
+    with pytest.raises(ValueError, match="only 5 items are outside the history"):
+        sample_candidates({"user": 1, "history": list(range(9)), "target": 9, "position": 9}, 15, 20, 0, "test")
+
+
+def test_build_cli_on_movielens_100k(small_run, tmp_path):
+    folder = os.path.join(SHARED_DATA, "ml-100k")
+    if not os.path.exists(folder):
+        pytest.skip(f"{folder} is absent (real data sets live in ../shared/data)")
+    _, paths = small_run
+    out = tmp_path / "ml"
+    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2",
+           "data.source=ml-100k", f"data.path={folder}", "data.max_len=4096", "data.samples_per_shard=20000"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    st = m["stats"]
+    assert st["users"] == 943 and st["items"] == 1682 and st["interactions"] == 100_000
+    assert st["test_samples"] == st["val_samples"] == 943
+    assert st["train_samples"] == 100_000 - 3 * 943  # every user's first item has no history
+    assert "tokenizing train" in r.stderr  # progress is shown
+    assert sum(s["count"] for s in m["shards"]) == st["train_samples"] + 2 * 943
