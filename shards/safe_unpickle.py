@@ -36,6 +36,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.allowed, self.source, self.remap = allowed, source, remap or {}
 
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # Python 2 name, used by protocol-2 pickles such as torch's
+            module = "builtins"
         if (module, name) in self.remap:
             return self.remap[(module, name)]
         if (module, name) not in self.allowed:

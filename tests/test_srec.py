@@ -1,34 +1,135 @@
-import random
+import os
+import pickle
+import zipfile
 
 import pytest
 import torch
 
+from conftest import SHARED_DATA
+from shards.safe_unpickle import UnsafePickle
 from shards.samples import build_vocab, leave_one_out, user_sequences
 from shards.synthetic import SyntheticConfig, generate
-from trainer.srec.pretrain import hit_rate, pretrain_sasrec
-from trainer.srec.sasrec import SASRec, load_srec, save_srec
+from trainer.srec import ARCHS, build_srec, load_srec, save_srec
+from trainer.srec.common import left_pad
+from trainer.srec.metrics import Popularity, Random, evaluate
+from trainer.srec.pretrain import pretrain
+
+TRAINABLE = ["sasrec", "gru4rec", "caser"]
 
 
-def test_save_load_roundtrip(tmp_path):
-    m = SASRec(30, hidden=16, max_len=5).eval()
-    save_srec(m, str(tmp_path))
-    m2 = load_srec(str(tmp_path)).eval()
-    h = torch.tensor([[30, 30, 1, 2, 3]])
-    assert torch.equal(m.user_state(h), m2.user_state(h))
-    assert torch.equal(m.item_vectors(torch.tensor([0, 29])), m2.item_vectors(torch.tensor([0, 29])))
-
-
-def test_item_id_out_of_range():
-    m = SASRec(30, hidden=16, max_len=5)
-    with pytest.raises(IndexError, match="items 0..29"):
-        m.item_vectors(torch.tensor([3, 30]))
-
-
-def test_pretrained_sasrec_beats_random():
+@pytest.fixture(scope="module")
+def synthetic_splits():
     inter, items = generate(SyntheticConfig(num_users=300, num_items=100, seed=2))
     vocab = build_vocab(inter, items)
-    splits = leave_one_out(user_sequences(inter, vocab["dense"]), 10)
-    model, report = pretrain_sasrec(splits, 100, hidden=32, blocks=1, heads=1, max_len=10, dropout=0.1,
-                                    epochs=6, lr=0.005, batch_size=128, seed=0)
+    return leave_one_out(user_sequences(inter, vocab["dense"]), 10)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_interface_and_roundtrip(arch, tmp_path):
+    m = build_srec(arch, 30, hidden=16, max_len=5).eval()
+    x, lengths = m.pad([[1, 2, 3], [4], list(range(9))])
+    assert x.shape == (3, 5) and lengths.tolist() == [3, 1, 5] and x[1, :4].eq(30).all()
+    assert m.user_state(x, lengths).shape == (3, 16)
+    assert m.scores(x, lengths).shape == (3, 30)
+    assert m.item_vectors(torch.tensor([0, 29])).shape == (2, 16)
+    with pytest.raises(IndexError, match="items 0..29"):
+        m.item_vectors(torch.tensor([3, 30]))
+    save_srec(m, str(tmp_path))
+    m2 = load_srec(str(tmp_path))
+    assert torch.equal(m.scores(x, lengths), m2.scores(x, lengths))
+
+
+@pytest.mark.parametrize("arch", ["gru4rec", "llara_sasrec"])
+def test_padding_does_not_change_the_state(arch):
+    """Models that read a sequence by its length give the same state however much padding precedes it."""
+    m = build_srec(arch, 30, hidden=16, max_len=8).eval()
+    x, lengths = m.pad([[5, 6, 7]])
+    y = torch.full((1, 8), 30)
+    y[0, -3:] = torch.tensor([5, 6, 7])
+    assert torch.allclose(m.user_state(x, lengths), m.user_state(y, torch.tensor([3])))
+    assert not torch.allclose(m.user_state(x, lengths), m.user_state(*m.pad([[5, 6, 8]])))
+
+
+@pytest.mark.parametrize("arch", TRAINABLE)
+def test_pretrained_models_beat_popularity_and_random(arch, synthetic_splits):
+    model, report = pretrain(synthetic_splits, 100, arch=arch, hidden=32, max_len=10, epochs=5, lr=0.005, seed=0)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
-    assert report["test_hr@10"] > 3 * 10 / 100  # random full ranking: HR@10 = 0.10
+    test = synthetic_splits["test"]
+    ours = evaluate(model, test, 100)
+    pop = evaluate(Popularity(synthetic_splits["train"], 100), test, 100)
+    rnd = evaluate(Random(100), test, 100)
+    assert ours["hr@10"] > pop["hr@10"] > rnd["hr@10"] * 0.8
+    assert ours["ndcg@10"] > 2 * rnd["ndcg@10"]
+    assert report["best_val_ndcg@10"] > 0
+
+
+def test_bce_with_sampled_negatives_learns(synthetic_splits):
+    model, _ = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=4, lr=0.005, loss="bce",
+                        negatives=4, seed=0)
+    assert evaluate(model, synthetic_splits["test"], 100)["hr@10"] > 0.3
+
+
+def test_metrics_on_a_known_case():
+    class Fixed:
+        num_items, max_len = 5, 3
+
+        def pad(self, h):
+            return left_pad(h, 3, 5)
+
+        def scores(self, x, lengths):
+            return torch.tensor([[0.9, 0.5, 0.1, 0.3, 0.2]] * len(x))
+
+    samples = [{"history": [4], "target": 0}, {"history": [4], "target": 1}, {"history": [4], "target": 2}]
+    m = evaluate(Fixed(), samples, 5, candidates=[[0, 1, 2], [1, 2, 3], [2, 3, 4]], n_sampled=2)
+    assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@5"] == 1.0
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / torch.log2(torch.tensor(3.0)).item() + 1 / torch.log2(torch.tensor(6.0)).item()) / 3)
+    assert m["cand20_hr@1"] == pytest.approx(2 / 3)  # 0 wins, 1 wins, 3 beats 2
+
+
+# ---- LLaRA's released checkpoints
+
+
+def _need(*parts):
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent (LLaRA's weights and data live in ../shared/data)")
+    return path
+
+
+@pytest.mark.parametrize("name,items,hr10", [("movielens", 1682, 0.126), ("steam", 3581, 0.073), ("lastfm", 4606, 0.098)])
+def test_llara_weights_reproduce_their_forward(name, items, hr10):
+    """The restricted import of the original pickle equals the plain state_dict, and our
+    re-implementation of LLaRA's SASRec gives the full-ranking HR@10 that their architecture gives
+    on their test sets (rows with at least 3 history items; numbers from llara-srec/PROVENANCE.md)."""
+    from shards.readers import read_llara_processed
+    from trainer.srec.llara_import import load_llara_sasrec, read_llara_checkpoint
+
+    pt = _need("llara-srec", f"{name}.pt")
+    state, hparams = read_llara_checkpoint(pt)
+    plain = torch.load(_need("llara-srec", f"{name}.state_dict.pt"), map_location="cpu", weights_only=True)
+    assert list(state) == list(plain) and all(torch.equal(state[k], plain[k]) for k in plain)
+    assert hparams == {"num_items": items, "hidden": 64, "max_len": 10, "heads": 1, "dropout": 0.1}
+    model = load_llara_sasrec(pt)
+    _, splits = read_llara_processed(_need("llara-data", name))
+    rows = [s for s in splits["test"] if len(s["history"]) >= 3]
+    got = evaluate(model, rows, items)["hr@10"]
+    assert round(got, 3) == hr10
+    assert torch.equal(model.item_vectors(torch.tensor([0, 5])), plain["item_embeddings.weight"][[0, 5]])
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    from trainer.srec.llara_import import read_llara_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(UnsafePickle, match=r"names posix.system|names os.system|not on the allow-list"):
+        read_llara_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UnsafePickle, match="not a torch zip checkpoint"):
+        read_llara_checkpoint(str(tmp_path / "legacy.pt"))

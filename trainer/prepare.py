@@ -48,8 +48,8 @@ def prepare(cfg: DictConfig) -> dict:
     from shards.build import load_source, write_shards
     from shards.prompts import LLARA_TEMPLATES
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
-    from trainer.srec.pretrain import pretrain_sasrec
-    from trainer.srec.sasrec import save_srec
+    from trainer.srec import save_srec
+    from trainer.srec.pretrain import pretrain
 
     d = to_dict(cfg.data)
     items, splits, stats = load_source(d, cfg.seed)
@@ -68,18 +68,28 @@ def prepare(cfg: DictConfig) -> dict:
                             max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
                             workers=d["build_workers"], stats=stats)
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
-    if cfg.srec.path:
+    if cfg.srec.path and not str(cfg.srec.path).endswith(".pt"):
         paths["srec"] = os.path.abspath(cfg.srec.path)
+    elif cfg.srec.path:
+        from trainer.srec.llara_import import load_llara_sasrec
+
+        log.info("importing LLaRA's SASRec from %s", cfg.srec.path)
+        save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])
     else:
-        s = cfg.srec
-        log.info("pretraining SASRec (%d epochs at most)", s.epochs)
-        model, report = pretrain_sasrec(splits, manifest["num_items"], hidden=s.hidden, blocks=s.blocks, heads=s.heads,
-                                        max_len=cfg.data.history_len, dropout=s.dropout, epochs=s.epochs, lr=s.lr,
-                                        batch_size=s.batch_size, seed=cfg.seed)
+        s = to_dict(cfg.srec)
+        s.pop("path")
+        log.info("pretraining %s (%d epochs at most)", s["arch"], s["epochs"])
+        model, report = pretrain(splits, manifest["num_items"], max_len=cfg.data.history_len, seed=cfg.seed, **s)
         save_srec(model, paths["srec"])
         with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        log.info("SASRec: best val HR@10 %.4f, test HR@10 %.4f", report["best_val_hr@10"], report["test_hr@10"])
+        log.info("%s: best validation NDCG@10 %.4f", s["arch"], report["best_val_ndcg@10"])
+    from trainer.srec import load_srec
+
+    n = load_srec(paths["srec"]).num_items
+    if n != manifest["num_items"]:
+        raise ValueError(f"the SRec at {paths['srec']} knows {n} items, the shards' vocabulary has "
+                         f"{manifest['num_items']}; use an SRec trained on this data set")
     with open(paths["stamp"], "w") as f:
         json.dump(stamp, f, indent=1)
     return paths

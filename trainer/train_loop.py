@@ -96,7 +96,7 @@ def train_worker(config: dict) -> None:
     from trainer.curriculum import is_hybrid, warmup_cosine
     from trainer.data import SplitReader, rank_loader
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.srec.sasrec import load_srec, srec_hash
+    from trainer.srec import load_srec, srec_hash
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -111,7 +111,8 @@ def train_worker(config: dict) -> None:
     ph_id = tokenizer.convert_tokens_to_ids("[PH]")
     srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
     if srec.num_items != manifest["num_items"]:
-        raise ValueError(f"the SRec knows {srec.num_items} items, the shards' vocabulary has {manifest['num_items']}")
+        raise ValueError(f"the SRec at {paths['srec']} knows {srec.num_items} items, the shards' vocabulary has "
+                         f"{manifest['num_items']}: refusing to start")
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
                                       unfreeze=list(cfg.model.unfreeze), seed=cfg.seed)
 

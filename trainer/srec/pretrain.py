@@ -1,6 +1,10 @@
-"""Pretrain a SASRec on the same training samples as the LLM (history -> next item, softmax
-cross-entropy over all items), keep the epoch with the best validation HR@10, then freeze it.
-The SRec never sees a validation or test target."""
+"""Pretrain a sequential recommender on the same training samples as the LLM (history -> next
+item), keep the epoch with the best validation NDCG@10, then freeze it.
+
+Loss: softmax cross-entropy over all items (default), or binary cross-entropy of the target
+against `negatives` items drawn uniformly per sample (`loss="bce"`, as in the SASRec paper).
+The SRec never sees a validation or test target.
+"""
 
 from __future__ import annotations
 
@@ -9,61 +13,58 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from trainer.srec.sasrec import SASRec, left_pad
+from trainer.srec import SRec, build_srec
+from trainer.srec.metrics import evaluate
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def hit_rate(model: SASRec, samples: list[dict], k: int = 10) -> float:
-    """Full-ranking HR@k: the share of samples whose target is among the k highest-scored items."""
-    model.eval()
-    hits = 0
-    for i in range(0, len(samples), 512):
-        chunk = samples[i:i + 512]
-        x = left_pad([s["history"] for s in chunk], model.config["max_len"], model.num_items)
-        topk = model.scores(x).topk(k, dim=-1).indices
-        hits += (topk == torch.as_tensor([s["target"] for s in chunk])[:, None]).any(-1).sum().item()
-    return hits / max(1, len(samples))
-
-
-def pretrain_sasrec(splits: dict[str, list[dict]], num_items: int, *, hidden: int, blocks: int, heads: int,
-                    max_len: int, dropout: float, epochs: int, lr: float, batch_size: int, seed: int,
-                    patience: int = 3) -> tuple[SASRec, dict]:
-    """Train on the training samples (history -> target, softmax over all items), keep the epoch with
-    the best validation HR@10, return the frozen model and a report."""
+def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
+             batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
+             weight_decay: float = 0.0, progress: bool = False, max_val: int = 5000, **model_kwargs) -> tuple[SRec, dict]:
     torch.manual_seed(seed)
-    model = SASRec(num_items, hidden=hidden, blocks=blocks, heads=heads, max_len=max_len, dropout=dropout)
+    model = build_srec(arch, num_items, **model_kwargs)
     train = [s for s in splits["train"] if s["history"]]
-    val = [s for s in splits.get("val", []) if s["history"]]
-    x = left_pad([s["history"] for s in train], max_len, num_items)
+    val = [s for s in splits.get("val", []) if s["history"]][:max_val]
+    x, lengths = model.pad([s["history"] for s in train])
     y = torch.as_tensor([s["target"] for s in train])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, bad = -1.0, None, 0
-    history = []
-    for epoch in range(epochs):
+    best, best_state, bad, history = -1.0, None, 0, []
+    bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
+    for epoch in bar:
         model.train()
         perm = torch.randperm(len(x), generator=gen)
         total = 0.0
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model.scores(x[idx]), y[idx])
+            if loss == "ce":
+                batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
+            elif loss == "bce":
+                state_scores = model.scores(x[idx], lengths[idx])
+                neg = torch.randint(0, num_items, (len(idx), negatives), generator=gen)
+                pos_s = state_scores.gather(1, y[idx, None])
+                neg_s = state_scores.gather(1, neg)
+                batch_loss = F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
+                    F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
+            else:
+                raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
             opt.zero_grad()
-            loss.backward()
+            batch_loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        hr = hit_rate(model, val, 10)
-        history.append({"epoch": epoch, "loss": total / len(x), "val_hr@10": hr})
-        log.info("srec epoch %d  loss %.4f  val HR@10 %.4f", epoch, total / len(x), hr)
-        if hr > best:
-            best, best_state, bad = hr, copy.deepcopy(model.state_dict()), 0
+            total += batch_loss.item() * len(idx)
+        m = evaluate(model, val, num_items, seed=seed) if val else {"ndcg@10": 0.0, "hr@10": 0.0}
+        history.append({"epoch": epoch, "loss": total / len(x), "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"]})
+        bar.set_postfix(loss=f"{total / len(x):.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
+        log.info("%s epoch %d  loss %.4f  val HR@10 %.4f  NDCG@10 %.4f", arch, epoch, total / len(x), m["hr@10"], m["ndcg@10"])
+        if m["ndcg@10"] > best:
+            best, best_state, bad = m["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:
             bad += 1
             if bad >= patience:
                 break
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
-    test = [s for s in splits.get("test", []) if s["history"]]
-    return model, {"best_val_hr@10": best, "test_hr@10": hit_rate(model, test, 10), "epochs": history}
+    return model, {"arch": arch, "best_val_ndcg@10": best, "epochs": history}

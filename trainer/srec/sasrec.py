@@ -1,21 +1,12 @@
-"""SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence.
-
-Item ids are dense 0..num_items-1; `num_items` itself is the padding id (LLaRA's convention), so the
-embedding table has num_items + 1 rows and the padding row is zero.
-
-The trainer uses two methods, shared by every SRec:
-    item_vectors(item_ids)        -> [N, hidden]  the behaviour vector of each item (its embedding row)
-    user_state(history, lengths)  -> [B, hidden]  the sequence-level state after the last item
-"""
+"""SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence; next-item scores
+are the dot product of the last position's state with the item embeddings."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+
+from trainer.srec.common import SRec
 
 
 class SASRecBlock(nn.Module):
@@ -35,9 +26,9 @@ class SASRecBlock(nn.Module):
         return x * keep
 
 
-class SASRec(nn.Module):
-    def __init__(self, num_items: int, hidden: int = 64, blocks: int = 1, heads: int = 1,
-                 max_len: int = 10, dropout: float = 0.1):
+class SASRec(SRec):
+    def __init__(self, num_items: int, hidden: int = 64, blocks: int = 1, heads: int = 1, max_len: int = 10,
+                 dropout: float = 0.1):
         super().__init__()
         self.config = {"arch": "sasrec", "num_items": num_items, "hidden": hidden, "blocks": blocks,
                        "heads": heads, "max_len": max_len, "dropout": dropout}
@@ -52,21 +43,11 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[num_items].zero_()
 
-    @property
-    def hidden(self) -> int:
-        return self.item_emb.embedding_dim
-
-    def item_vectors(self, item_ids: torch.Tensor) -> torch.Tensor:
-        if item_ids.numel() and (int(item_ids.min()) < 0 or int(item_ids.max()) >= self.num_items):
-            raise IndexError(f"item id out of range: got [{int(item_ids.min())}, {int(item_ids.max())}], "
-                             f"the SRec knows items 0..{self.num_items - 1}")
-        return self.item_emb(item_ids)
-
     def sequence_output(self, history: torch.Tensor) -> torch.Tensor:
         """history: [B, L] left-padded with num_items. Returns [B, L, hidden]."""
         L = history.shape[1]
         x = self.item_emb(history) * self.hidden ** 0.5
-        x = x + self.pos_emb(torch.arange(L, device=history.device))[None]
+        x = x + self.pos_emb(torch.arange(self.max_len - L, self.max_len, device=history.device))[None]
         keep = (history != self.num_items).unsqueeze(-1).to(x.dtype)
         x = self.dropout(x) * keep
         causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=history.device), diagonal=1)
@@ -75,45 +56,5 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
     def user_state(self, history: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """State after the last item. With left padding the last position is always the last item."""
+        """With left padding the last position holds the last item."""
         return self.sequence_output(history)[:, -1]
-
-    def scores(self, history: torch.Tensor) -> torch.Tensor:
-        """Next-item logits over all items: [B, num_items]."""
-        return self.user_state(history) @ self.item_emb.weight[: self.num_items].T
-
-
-def left_pad(histories: list[list[int]], max_len: int, pad_id: int) -> torch.Tensor:
-    out = torch.full((len(histories), max_len), pad_id, dtype=torch.long)
-    for b, h in enumerate(histories):
-        h = h[-max_len:]
-        if h:
-            out[b, max_len - len(h):] = torch.as_tensor(h, dtype=torch.long)
-    return out
-
-
-def save_srec(model: SASRec, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config, f, indent=1)
-
-
-def load_srec(path: str) -> SASRec:
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.pop("arch") != "sasrec":
-        raise ValueError(f"{path}: unknown SRec architecture")
-    model = SASRec(**cfg)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return model
-
-
-def srec_hash(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(os.path.join(path, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
