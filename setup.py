@@ -24,5 +24,5 @@ setup(
         "pyarrow",  # Parquet interactions
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "triton"]},  # triton: CUDA kernels, tested on CPU by its interpreter
 )

@@ -114,7 +114,8 @@ def train_worker(config: dict) -> None:
         raise ValueError(f"the SRec at {paths['srec']} knows {srec.num_items} items, the shards' vocabulary has "
                          f"{manifest['num_items']}: refusing to start")
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
-                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed)
+                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
+                                      injection=cfg.model.injection)
 
     t = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,

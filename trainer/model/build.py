@@ -20,7 +20,7 @@ def load_tokenizer(model_dir: str):
 
 
 def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
-                      seed: int = 0):
+                      seed: int = 0, injection: str = "fused"):
     """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes).
 
     Trainable: the LoRA weights, the adapter, and every parameter whose name contains one of the
@@ -30,7 +30,7 @@ def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     torch.manual_seed(seed)
     adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
-    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter))
+    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection))
     peft_model = get_peft_model(model, LoraConfig(
         r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
         target_modules=list(lora_cfg["target_modules"]), task_type="CAUSAL_LM",

@@ -6,8 +6,10 @@ trainable adapter. It is installed with `model.set_input_embeddings(...)`, so
 
 Per batch, the training step arms it with `inject(slot_map, item_vectors)`: the next forward whose
 input ids have the slot map's shape runs the adapter once over the batch's unique items and writes
-adapter(item_vectors)[slot_map[b, t]] at every position with slot_map >= 0. Any other forward (text-only
-steps, the one-token decode steps of generation) is a plain lookup.
+adapter(item_vectors)[slot_map[b, t]] at every position with slot_map >= 0, in one fused op
+(trainer/kernels/inject.py; `injection="reference"` uses the plain-torch reference). Any other
+forward (text-only steps, the one-token decode steps of generation) is a plain lookup, so text-only
+steps cost what a plain embedding costs.
 
 Under DeepSpeed ZeRO-3 the weight is partitioned (shape (0,) outside forward); reading it inside
 this module's forward gives the full tensor because DeepSpeed gathers a module's parameters around
@@ -22,7 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.kernels.inject import inject_fused
 from trainer.kernels.reference import inject_reference
+
+INJECTIONS = {"fused": inject_fused, "reference": inject_reference}
 
 
 class Adapter(nn.Module):
@@ -39,8 +44,11 @@ class Adapter(nn.Module):
 
 
 class HybridEmbedding(nn.Module):
-    def __init__(self, embedding: nn.Embedding, adapter: Adapter):
+    def __init__(self, embedding: nn.Embedding, adapter: Adapter, injection: str = "fused"):
         super().__init__()
+        if injection not in INJECTIONS:
+            raise ValueError(f"model.injection={injection!r}: expected fused or reference")
+        self.injection = injection
         self.weight = embedding.weight  # the LLM's own Parameter
         self.padding_idx = embedding.padding_idx
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
@@ -61,4 +69,4 @@ class HybridEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight, self.padding_idx)
         slot_map, item_vectors = self._armed
         behaviour = self.adapter(item_vectors.to(self.adapter.fc1.weight.dtype))  # once per unique item
-        return inject_reference(input_ids, self.weight, slot_map, behaviour, self.padding_idx)
+        return INJECTIONS[self.injection](input_ids, self.weight, slot_map, behaviour, self.padding_idx)

@@ -42,11 +42,11 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
             idx = perm[i:i + batch_size]
             if loss == "ce":
                 batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
-            elif loss == "bce":
-                state_scores = model.scores(x[idx], lengths[idx])
+            elif loss == "bce":  # only the target's and the negatives' scores are computed
+                state = model.user_state(x[idx], lengths[idx])
                 neg = torch.randint(0, num_items, (len(idx), negatives), generator=gen)
-                pos_s = state_scores.gather(1, y[idx, None])
-                neg_s = state_scores.gather(1, neg)
+                pos_s = (state * model.item_vectors(y[idx])).sum(-1, keepdim=True)
+                neg_s = (state[:, None] * model.item_vectors(neg)).sum(-1)
                 batch_loss = F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
                     F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
             else:

@@ -1,0 +1,84 @@
+"""First optimizer steps of the LLaRA model with the fused injection, either under DeepSpeed ZeRO-3
+on 2 gloo ranks (run with torch.distributed.run) or in one plain process; writes the losses as JSON.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/scripts/zero3_steps.py LLM_DIR OUT.json
+    python tests/scripts/zero3_steps.py LLM_DIR OUT.json --single
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+torch.set_num_threads(1)
+
+
+def batch(vocab, B=4, T=16, slots=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (B, T), generator=g)
+    slot = torch.full((B, T), -1)
+    for b in range(B):
+        slot[b, torch.randperm(T - 4, generator=g)[:slots]] = torch.randint(0, 5, (slots,), generator=g)
+    labels = torch.full((B, T), -100)
+    labels[:, -4:] = ids[:, -4:]  # the same number of answer tokens in every sample
+    vectors = torch.randn(5, 64, generator=g)
+    return ids, slot, labels, vectors
+
+
+def main():
+    llm, out, single = sys.argv[1], sys.argv[2], "--single" in sys.argv
+    from trainer.model.build import build_llara_model
+    from trainer.train_loop import answer_loss
+
+    lora = {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    model, embed = build_llara_model(llm, 64, lora, unfreeze=os.environ.get("UNFREEZE", "lm_head").split(","), seed=0,
+                                     injection=os.environ.get("INJECTION", "fused"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)  # SGD: rounding differences stay small (Adam amplifies them on step 1)
+    vocab = model.get_input_embeddings().num_embeddings
+    losses = []
+    if single:
+        for step in range(3):
+            ids, slot, labels, vec = batch(vocab, seed=step)
+            if os.environ.get("TEXT_ONLY"):
+                slot = torch.full_like(slot, -1)
+            with embed.inject(slot, vec):
+                loss = answer_loss(model(input_ids=ids).logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+    else:
+        import deepspeed
+        import torch.distributed as dist
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        cfg = {"train_micro_batch_size_per_gpu": 4 // world, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+               "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", 3))}, "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        for step in range(3):
+            ids, slot, labels, vec = batch(vocab, seed=step)
+            part = slice(rank * 4 // world, (rank + 1) * 4 // world)
+            if os.environ.get("TEXT_ONLY"):
+                slot = torch.full_like(slot, -1)
+            with embed.inject(slot[part], vec):
+                loss = answer_loss(engine(input_ids=ids[part]).logits, labels[part])
+            engine.backward(loss)
+            engine.step()
+            t = torch.tensor([loss.item()], dtype=torch.float64)
+            dist.all_reduce(t)
+            losses.append(t.item() / world)
+        if rank != 0:
+            return
+    with open(out, "w") as f:
+        json.dump(losses, f)
+
+
+if __name__ == "__main__":
+    main()
