@@ -6,6 +6,8 @@
 
 Joins the Ray cluster named by ray.address or RAY_ADDRESS (as `ray job submit` sets it), or starts
 a local one. Re-running with the same output_dir resumes from its newest complete checkpoint.
+SIGTERM or SIGUSR1 (to this process; SIGUSR1 also to a worker) finishes the current optimizer step,
+writes a checkpoint and exits with code 75. Exit codes: 0 done, 2 bad config, 75 stopped on request.
 """
 
 from __future__ import annotations
@@ -30,14 +32,39 @@ def connect_ray(cfg) -> None:
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else {}
+    # each worker process installs its SIGUSR1 handler at start (trainer/signals.py)
+    env = {"worker_process_setup_hook": "trainer.signals.install_worker_handlers"}
+    if not cfg.train.use_gpu:
+        env["env_vars"] = {"DS_ACCELERATOR": "cpu"}
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=env or None)
+        ray.init(address=address, runtime_env=env)
     else:
         cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
         log.info("starting a local Ray cluster with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, runtime_env=env or None)
+        ray.init(num_cpus=cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, runtime_env=env)
+
+
+def lock_output_dir(output_dir: str):
+    """Hold an exclusive lock on <output_dir>/.lock for the life of this process, or refuse to start."""
+    import fcntl
+
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        f = open(os.path.join(output_dir, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: output_dir {output_dir} is not writable: {e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise SystemExit(f"error: another run is writing to {output_dir} (it holds {output_dir}/.lock: {f.read().strip()}); "
+                         "wait for it or use another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def main(argv=None) -> int:
@@ -51,11 +78,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from trainer.prepare import prepare
+    from trainer import signals
+    from trainer.prepare import prepare, run_paths
 
+    out = run_paths(cfg.output_dir)["output_dir"]
+    _lock = lock_output_dir(out)  # noqa: F841  (held until exit)
+    signals.clear(out)
+    signals.install_driver_handlers(out)
     paths = prepare(cfg)
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.train_loop import train_worker
@@ -67,9 +99,15 @@ def main(argv=None) -> int:
         train_loop_config={"cfg": to_dict(cfg), "paths": paths},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(storage_path=os.path.join(paths["output_dir"], "ray"), name="train"),
+        run_config=RunConfig(storage_path=os.path.join(paths["output_dir"], "ray"), name="train",
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()
+    if os.path.exists(os.path.join(out, signals.PREEMPTED_FILE)):
+        with open(os.path.join(out, signals.PREEMPTED_FILE)) as f:
+            print(f"\nstopped on request after checkpoint {f.read().strip()}; run the same command to resume "
+                  f"(exit code {signals.EXIT_PREEMPTED})")
+        return signals.EXIT_PREEMPTED
 
     metrics_path = os.path.join(paths["eval"], f"{cfg.eval.split}_metrics.json")
     with open(metrics_path) as f:

@@ -47,7 +47,11 @@ def deepspeed_config(cfg) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            **({"offload_optimizer": {"device": "cpu"}} if t.offload_optimizer else {}),
+            **({"offload_param": {"device": "cpu"}} if t.offload_params and t.zero_stage == 3 else {}),
+        },
         "bf16": {"enabled": bool(t.use_gpu)},  # bf16 on GPU, fp32 on CPU
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -83,6 +87,46 @@ def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device
     return answer_loss(logits, batch["labels"].to(device))
 
 
+def _truncate_metrics(path: str, step: int) -> None:
+    """After a resume from `step`, drop the log lines of steps the interrupted run did after it."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _tensorboard(log_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (metrics.jsonl is still written)")
+        return None
+    return SummaryWriter(os.path.join(log_dir, "tensorboard"))
+
+
+def _plot_losses(metrics_file: str, out_png: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss curve PNG")
+        return
+    with open(metrics_file) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def train_worker(config: dict) -> None:
     import ray.train
 
@@ -92,7 +136,9 @@ def train_worker(config: dict) -> None:
     import deepspeed
 
     from shards.build import check_manifest, load_items, load_manifest
+    from trainer import signals
     from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint, tag_for
+    from trainer.export import export_model
     from trainer.curriculum import is_hybrid, warmup_cosine
     from trainer.data import SplitReader, rank_loader
     from trainer.model.build import build_llara_model, load_tokenizer
@@ -147,6 +193,7 @@ def train_worker(config: dict) -> None:
                              f"resume with train.num_workers={state['world_size']}")
         if is_main:
             log.info("resumed from %s: step %d, epoch %d, position %d", tag, state["global_step"], state["epoch"], state["position"])
+            _truncate_metrics(os.path.join(paths["logs"], "metrics.jsonl"), state["global_step"])
 
     def trainer_state() -> dict:
         return {**state, "world_size": world, "total_steps": total_steps, "config": OmegaConf.to_container(cfg),
@@ -154,7 +201,12 @@ def train_worker(config: dict) -> None:
 
     # ---- train
     os.makedirs(paths["logs"], exist_ok=True)
+    with open(os.path.join(paths["logs"], f"worker_{rank}.pid"), "w") as f:  # for operators (and tests) to signal
+        f.write(str(os.getpid()))
     metrics_file = os.path.join(paths["logs"], "metrics.jsonl")
+    tb = _tensorboard(paths["logs"]) if is_main else None
+    stop = torch.zeros(1)
+    tokens_since = 0
     engine.train()
     step_losses, t0, samples_since = [], time.time(), 0
     last_saved = state["global_step"] if tag else -1
@@ -168,6 +220,7 @@ def train_worker(config: dict) -> None:
             step_losses.append(loss.item())
             state["position"] += global_batch
             samples_since += global_batch
+            tokens_since += int(batch["attention_mask"].sum()) * world
             if state["position"] % (t.grad_accum * global_batch):
                 continue
             # ---- an optimizer step has finished
@@ -184,14 +237,28 @@ def train_worker(config: dict) -> None:
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.time() - t0
                 record["samples_per_s"] = samples_since / elapsed
-                t0, samples_since = time.time(), 0
+                record["tokens_per_s"] = tokens_since / elapsed
+                t0, samples_since, tokens_since = time.time(), 0, 0
                 if is_main:
-                    log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | hybrid %.0f%%", step, total_steps,
-                             mean_loss, record["lr"], record["samples_per_s"], 100 * record["hybrid_share"])
+                    log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | hybrid %.0f%%", step,
+                             total_steps, mean_loss, record["lr"], record["samples_per_s"], record["tokens_per_s"],
+                             100 * record["hybrid_share"])
+                    if tb:
+                        for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s"):
+                            tb.add_scalar(f"train/{k}", record[k], step)
                 ray.train.report(record)
-            if step % t.checkpoint_every == 0 or step == total_steps:
+            # a stop request (signal or STOP file) seen by any rank stops every rank after this step
+            stop[0] = float(signals.requested(paths["output_dir"]))
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if step % t.checkpoint_every == 0 or step == total_steps or stop.item():
                 save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, t.keep_last)
                 last_saved = step
+            if stop.item():
+                if is_main:
+                    log.info("stop requested: checkpoint %s written at step %d; run again to resume", tag_for(step), step)
+                    with open(os.path.join(paths["output_dir"], signals.PREEMPTED_FILE), "w") as f:
+                        f.write(tag_for(step))
+                return
             if step >= total_steps:
                 break
         if state["global_step"] < total_steps:  # the epoch is used up (fillers included)
@@ -199,6 +266,13 @@ def train_worker(config: dict) -> None:
             state["position"] = 0
     if last_saved != state["global_step"]:
         save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, t.keep_last)
+    if is_main:
+        if tb:
+            tb.close()
+        _plot_losses(metrics_file, os.path.join(paths["logs"], "loss.png"))
+    export_model(engine.module, tokenizer, os.path.join(paths["output_dir"], "export"), rank,
+                 {"step": state["global_step"], "srec_sha256": srec_hash(paths["srec"]), "base": paths["llm"],
+                  "srec": paths["srec"], "injection": cfg.model.injection})
 
     # ---- evaluate
     result = evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, rank, world, device,
@@ -223,6 +297,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     from trainer.evaluate import generate, judge, llara_metrics
 
     titles = load_items(paths["data"])["titles"]
+    os.makedirs(paths["eval"], exist_ok=True)
     samples = []
     for shard in (s for s in manifest["shards"] if s["split"] == cfg.eval.split):
         samples.extend(read_shard(os.path.join(paths["data"], shard["name"]), shard["count"]))
@@ -241,7 +316,13 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
         outputs = generate(engine.module, embed, srec, chunk, tokenizer, cfg.eval.max_new_tokens, hybrid,
                            synced_gpus=world > 1, device=device)
         for s, out in zip(chunk[:real], outputs[:real]):
-            judgements.append(judge(out, [titles[c] for c in meta(s)["candidates"]], titles[meta(s)["target"]]))
+            judgements.append((s["key"], out, *judge(out, [titles[c] for c in meta(s)["candidates"]], titles[meta(s)["target"]])))
     gathered = [None] * world
     dist.all_gather_object(gathered, judgements)
-    return llara_metrics([j for part in gathered for j in part]) if rank == 0 else {}
+    if rank != 0:
+        return {}
+    rows = sorted(j for part in gathered for j in part)
+    with open(os.path.join(paths["eval"], f"{cfg.eval.split}_predictions.jsonl"), "w") as f:
+        for key, out, valid, correct in rows:
+            f.write(json.dumps({"key": key, "output": out, "valid": valid, "correct": correct}) + "\n")
+    return llara_metrics([(v, c) for _, _, v, c in rows])
