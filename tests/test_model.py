@@ -67,3 +67,26 @@ def test_adapter_gradient_only_in_hybrid_steps(small_run):
     with embed.inject(slot, torch.randn(1, 64)):
         model(input_ids=ids, labels=labels).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embed.adapter.parameters())
+
+
+def test_text_only_training_step_gives_the_adapter_an_exact_zero_gradient(small_run):
+    """The training step (not just the model): hybrid steps give the adapter a gradient; text-only
+    steps give it an exact zero (a fresh one: DeepSpeed would re-apply a stale one otherwise)."""
+    from trainer.srec import build_srec
+    from trainer.train_loop import step_loss
+
+    cfg, paths = small_run
+    model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora))
+    srec = build_srec("sasrec", 50, hidden=64).eval()
+    ids = torch.randint(10, 100, (2, 12))
+    slot = torch.full((2, 12), -1)
+    slot[:, 2], slot[1, 5] = 0, 1
+    labels = ids.clone()
+    batch = {"input_ids": ids, "slot_map": slot, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "unique_items": torch.tensor([3, 7])}
+    step_loss(model, embed, srec, batch, True, 5, "cpu").backward()
+    assert all(p.grad.abs().sum() > 0 for p in embed.adapter.parameters())
+    model.zero_grad(set_to_none=True)
+    step_loss(model, embed, srec, batch, False, 5, "cpu").backward()
+    assert all(p.grad is not None and not p.grad.any() for p in embed.adapter.parameters())
+    assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if "lora_B" in n)

@@ -37,8 +37,10 @@ def _barrier():
 def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
     tag = tag_for(step)
     path = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    save_file({"torch": torch.get_rng_state()}, os.path.join(path, f"rng_rank{rank}.safetensors"))
+    rng = torch.get_rng_state()  # saving must not move the RNG stream: a run that saved here and one
+    engine.save_checkpoint(root, tag=tag, save_latest=False)  # that did not must draw the same numbers next
+    torch.set_rng_state(rng)
+    save_file({"torch": rng}, os.path.join(path, f"rng_rank{rank}.safetensors"))
     _barrier()
     if rank == 0:
         with open(os.path.join(path, STATE), "w") as f:

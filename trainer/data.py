@@ -215,8 +215,11 @@ class RankStream(torch.utils.data.IterableDataset):
 
 
 def rank_loader(reader: SplitReader, epoch: int, start: int, pad_token_id: int, num_workers: int = 0):
+    # its own generator: creating an iterator must not draw from the global RNG, which the
+    # checkpoint restores and the model's dropout uses (a resumed run must draw what the original drew)
     return torch.utils.data.DataLoader(RankStream(reader, epoch, start, pad_token_id), batch_size=None,
-                                       num_workers=num_workers, persistent_workers=False)
+                                       num_workers=num_workers, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(reader.seed))
 
 
 def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prompt_only: bool = False) -> dict:

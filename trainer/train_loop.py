@@ -77,8 +77,15 @@ def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
     attention = batch["attention_mask"].to(device)
-    if not hybrid:  # text-only: placeholders become the plain [PH] token, no adapter in the graph
-        logits = engine(input_ids=torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids), attention_mask=attention).logits
+    if not hybrid:
+        # Text-only: placeholders become the plain [PH] token and no behaviour row is written. The
+        # adapter still runs on one zero row that no position uses, so its gradient is an exact
+        # zero: DeepSpeed would otherwise keep the previous step's gradient for parameters that took
+        # no part in a step and apply it again (seen here as a resume that drifted from the
+        # uninterrupted run after text-only steps).
+        text_ids = torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids)
+        with embed.inject(torch.full_like(ids, -1), torch.zeros(1, srec.hidden, device=device)):
+            logits = engine(input_ids=text_ids, attention_mask=attention).logits
     else:
         with torch.no_grad():
             vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
