@@ -194,10 +194,12 @@ def train_worker(config: dict) -> None:
     state = {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0}
     tag = find_latest(paths["checkpoints"])
     if tag:
+        with open(os.path.join(paths["checkpoints"], tag, "trainer_state.json")) as f:
+            saved_world = json.load(f)["world_size"]
+        if saved_world != world:  # checked before DeepSpeed reads partitions made for another world size
+            raise ValueError(f"checkpoint {tag} was written by {saved_world} workers, this run has {world}; "
+                             f"resume with train.num_workers={saved_world}")
         state = load_checkpoint(engine, paths["checkpoints"], tag, rank)
-        if state["world_size"] != world:
-            raise ValueError(f"checkpoint {tag} was written by {state['world_size']} workers, this run has {world}; "
-                             f"resume with train.num_workers={state['world_size']}")
         if is_main:
             log.info("resumed from %s: step %d, epoch %d, position %d", tag, state["global_step"], state["epoch"], state["position"])
             _truncate_metrics(os.path.join(paths["logs"], "metrics.jsonl"), state["global_step"])
