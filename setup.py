@@ -23,6 +23,8 @@ setup(
         "pandas",   # LLaRA's released *.df (read with a restricted unpickler)
         "pyarrow",  # Parquet interactions
         "tqdm",
+        "tensorboard",  # training logs
+        "matplotlib",   # the loss curve PNG
     ],
     extras_require={"test": ["pytest", "hypothesis", "triton"]},  # triton: CUDA kernels, tested on CPU by its interpreter
 )

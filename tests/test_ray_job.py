@@ -20,19 +20,23 @@ def _free_port():
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def ray_cluster():
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"]
+             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"]
     r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     try:
         yield ray, env, f"http://127.0.0.1:{dash}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_trains(ray_cluster, tmp_path):
