@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     from trainer.train_loop import train_worker
 
     connect_ray(cfg)
+    signals.install_driver_handlers(out)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker=train_worker,
