@@ -2,7 +2,7 @@
 ZeRO-3, streaming reader, curriculum, logging) against a bare loop of the same model's forward,
 backward and AdamW step in one process on the same batches, same run. 1 thread each, hybrid steps.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_trainer_overhead.py [--out /tmp/bench_overhead] [--steps 60]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_trainer_overhead.py [--out /tmp/bench_overhead] [--steps 60] [--zero-stage 3]
 
 The trainer's time per step comes from its own log (samples/s over the logged intervals after the
 first, which holds the start-up); the bare loop skips its first 10 steps. The last line prints the ratio.
@@ -25,10 +25,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/bench_overhead")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--zero-stage", type=int, default=3)
     a = p.parse_args()
     common = ["train.mode=hybrid", "train.micro_batch=8", "train.grad_accum=1", "train.cpus_per_worker=1"]
     cmd = [sys.executable, "launch/train.py", f"output_dir={a.out}", "train.num_workers=1", f"train.max_steps={a.steps}",
-           "train.log_every=10", f"train.checkpoint_every={10 * a.steps}", "eval.max_samples=8", *common]
+           "train.log_every=10", f"train.checkpoint_every={10 * a.steps}", "eval.max_samples=8", f"train.zero_stage={a.zero_stage}", *common]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
@@ -65,7 +66,7 @@ def main():
         opt.step()
         times.append(time.perf_counter() - t0)
     bare = sum(times[10:]) / len(times[10:])
-    print(f"trainer (Ray Train, 1 worker, ZeRO-3): {trainer_s_per_step * 1e3:.1f} ms/step")
+    print(f"trainer (Ray Train, 1 worker, ZeRO stage {a.zero_stage}): {trainer_s_per_step * 1e3:.1f} ms/step")
     print(f"bare loop, same model and batches:     {bare * 1e3:.1f} ms/step")
     print(f"ratio: the trainer takes {trainer_s_per_step / bare:.2f}x the bare loop per step "
           f"({100 * (trainer_s_per_step / bare - 1):+.0f}% overhead)")
