@@ -10,7 +10,6 @@ first, which holds the start-up); the bare loop skips its first 10 steps. The la
 
 import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from shards.samples import global_time_split, kcore_filter, leave_one_out, sample_candidates, user_split, user_sequences
+from shards.samples import global_time_split, kcore_filter, leave_one_out, sample_candidates, user_split
 
 
 def test_kcore_is_iterated():

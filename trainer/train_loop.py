@@ -142,7 +142,7 @@ def train_worker(config: dict) -> None:
     _setup_env(cfg)
     import deepspeed
 
-    from shards.build import check_manifest, load_items, load_manifest
+    from shards.build import check_manifest, load_manifest
     from trainer import signals
     from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint, tag_for
     from trainer.export import export_model

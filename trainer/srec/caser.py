@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.srec.common import SRec
+from trainer.srec.common import SRec, init_item_table
 
 
 class Caser(SRec):
@@ -19,9 +19,7 @@ class Caser(SRec):
                        "n_h": n_h, "n_v": n_v, "dropout": dropout}
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
-        nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[num_items].zero_()
+        init_item_table(self.item_emb, num_items)
         self.vertical = nn.Conv2d(1, n_v, (max_len, 1))
         self.horizontal = nn.ModuleList(nn.Conv2d(1, n_h, (h, hidden)) for h in range(1, max_len + 1))
         self.dropout = nn.Dropout(dropout)

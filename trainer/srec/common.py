@@ -33,6 +33,13 @@ def right_align(history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return history.gather(1, idx)
 
 
+def init_item_table(table: nn.Embedding, num_items: int) -> None:
+    """Rows of unit norm in expectation (sane initial dot-product logits), the padding row zero."""
+    nn.init.normal_(table.weight, std=table.embedding_dim ** -0.5)
+    with torch.no_grad():
+        table.weight[num_items].zero_()
+
+
 class SRec(nn.Module):
     """Base: the item table is `item_emb` (num_items + 1 rows, the last one padding)."""
 

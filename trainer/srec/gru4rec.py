@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.srec.common import SRec, right_align
+from trainer.srec.common import SRec, init_item_table, right_align
 
 
 class GRU4Rec(SRec):
@@ -16,9 +16,7 @@ class GRU4Rec(SRec):
                        "max_len": max_len, "dropout": dropout}
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
-        nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[num_items].zero_()
+        init_item_table(self.item_emb, num_items)
         self.dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
         self.out = nn.Linear(hidden, hidden)

@@ -20,10 +20,8 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import zipfile
 
-import numpy as np
 import torch
 
 from shards.safe_unpickle import RestrictedUnpickler, UnsafePickle

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.srec.common import SRec
+from trainer.srec.common import SRec, init_item_table
 
 
 class SASRecBlock(nn.Module):
@@ -38,10 +38,8 @@ class SASRec(SRec):
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(hidden, heads, dropout) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(hidden, eps=1e-8)
-        nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)  # unit-norm rows: sane initial logits
+        init_item_table(self.item_emb, num_items)
         nn.init.normal_(self.pos_emb.weight, std=hidden ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[num_items].zero_()
 
     def sequence_output(self, history: torch.Tensor) -> torch.Tensor:
         """history: [B, L] left-padded with num_items. Returns [B, L, hidden]."""
