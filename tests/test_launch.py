@@ -1,0 +1,40 @@
+"""launch/train.py before Ray starts: bad config keys, a locked or unwritable output folder."""
+
+import os
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+TRAIN = os.path.join(REPO, "launch", "train.py")
+
+
+def test_unknown_key_exits_2_naming_it(tmp_path):
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", "train.lrr=1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "unknown config key 'train.lrr'" in r.stderr
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import importlib.util, sys, time\n"
+                               f"spec = importlib.util.spec_from_file_location('t', {TRAIN!r})\n"
+                               "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+                               f"f = m.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        assert f"another run is writing to {tmp_path}" in r.stderr and f"pid {holder.pid}" in r.stderr
+    finally:
+        holder.kill()
+    time.sleep(0.5)
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={blocker / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "is not writable" in r.stderr
