@@ -40,11 +40,14 @@ def index_put_injection(ids, weight, slot_map, behaviour):
 
 
 def timed(fn, reps):
+    """Median seconds per call (robust to another process stealing the core now and then)."""
     fn()  # warm-up
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / reps
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def main():
