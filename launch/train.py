@@ -86,6 +86,10 @@ def main(argv=None) -> int:
     signals.clear(out)
     signals.install_driver_handlers(out)
     paths = prepare(cfg)
+    from shards.build import check_manifest, load_manifest
+
+    # refuse shards that do not match their manifest before any worker starts (once, not per rank)
+    check_manifest(paths["data"], load_manifest(paths["data"]), paths["llm"], verify_sha=cfg.data.verify_shards)
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -38,3 +38,21 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("")
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={blocker / 'run'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "is not writable" in r.stderr
+
+
+def test_a_corrupt_shard_is_refused_before_any_worker_starts(small_run, tmp_path):
+    import shutil
+
+    from conftest import SMALL
+
+    _, paths = small_run
+    out = tmp_path / "run"
+    shutil.copytree(paths["output_dir"], out, ignore=shutil.ignore_patterns(".lock", "ray", "checkpoints", "logs"))
+    shard = out / "data" / "train-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={out}", *SMALL], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "train-00000.tar does not match its sha256" in r.stderr
+    assert "starting a local Ray cluster" not in r.stderr + r.stdout

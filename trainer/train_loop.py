@@ -159,7 +159,7 @@ def train_worker(config: dict) -> None:
 
     # ---- data, SRec, model
     manifest = load_manifest(paths["data"])
-    check_manifest(paths["data"], manifest, paths["llm"], verify_sha=cfg.data.verify_shards)
+    check_manifest(paths["data"], manifest, paths["llm"], verify_sha=False)  # sha256s: once, by the driver
     tokenizer = load_tokenizer(paths["llm"])
     ph_id = tokenizer.convert_tokens_to_ids("[PH]")
     srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
