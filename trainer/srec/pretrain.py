@@ -3,6 +3,12 @@ item), keep the epoch with the best validation NDCG@10, then freeze it.
 
 Loss: softmax cross-entropy over all items (default), or binary cross-entropy of the target
 against `negatives` items drawn uniformly per sample (`loss="bce"`, as in the SASRec paper).
+
+Targets: `positions="last"` trains on every training sample (history -> its next item, one target
+per forward row); `positions="all"` is the SASRec paper's objective: one row per user, the user's
+training sequence (its last max_len + 1 items), and every position predicts the item after it
+(BCE against one sampled negative per position that the user never interacted with). Models with a
+per-position output (`sequence_output`: SASRec) support it.
 The SRec never sees a validation or test target.
 """
 
@@ -21,15 +27,54 @@ from trainer.srec.metrics import evaluate
 log = logging.getLogger(__name__)
 
 
+def user_sequences(train: list[dict], max_len: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Per user, the training sequence's last max_len + 1 items as (inputs, next items)."""
+    last: dict = {}
+    for s in train:
+        if s["user"] not in last or s["position"] > last[s["user"]]["position"]:
+            last[s["user"]] = s
+    seqs = [(list(s["history"]) + [s["target"]])[-(max_len + 1):] for _, s in sorted(last.items())]
+    return [q[:-1] for q in seqs], [q[1:] for q in seqs]
+
+
+def all_positions_loss(model: SRec, x: torch.Tensor, y: torch.Tensor, num_items: int, gen: torch.Generator) -> torch.Tensor:
+    """BCE at every non-padding position: the next item against one negative outside the user's row."""
+    out = model.sequence_output(x)  # [B, L, H]
+    valid = y != num_items
+    neg = torch.randint(0, num_items, y.shape, generator=gen)
+    seen = torch.cat([x, y[:, -1:]], 1)
+    for _ in range(10):  # redraw the negatives that hit an item of the user's row
+        hit = (neg[:, :, None] == seen[:, None, :]).any(-1)
+        if not hit.any():
+            break
+        neg = torch.where(hit, torch.randint(0, num_items, y.shape, generator=gen), neg)
+    pos_s = (out * model.item_emb(y)).sum(-1)[valid]
+    neg_s = (out * model.item_emb(neg)).sum(-1)[valid]
+    return F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
+        F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
+
+
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
-             weight_decay: float = 0.0, progress: bool = False, max_val: int = 5000, **model_kwargs) -> tuple[SRec, dict]:
+             positions: str = "last", weight_decay: float = 0.0, progress: bool = False, max_val: int = 5000,
+             **model_kwargs) -> tuple[SRec, dict]:
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
+    if positions not in ("last", "all"):
+        raise ValueError(f"srec.positions={positions!r}: expected last or all")
+    if positions == "all" and not hasattr(model, "sequence_output"):
+        raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
+    if positions == "all" and loss != "bce":
+        raise ValueError("srec.positions=all trains with the SASRec paper's BCE (one negative per position): set srec.loss=bce")
     train = [s for s in splits["train"] if s["history"]]
     val = [s for s in splits.get("val", []) if s["history"]][:max_val]
-    x, lengths = model.pad([s["history"] for s in train])
-    y = torch.as_tensor([s["target"] for s in train])
+    if positions == "all":
+        inputs, nexts = user_sequences(train, model.max_len)
+        x, lengths = model.pad(inputs)
+        y, _ = model.pad(nexts)
+    else:
+        x, lengths = model.pad([s["history"] for s in train])
+        y = torch.as_tensor([s["target"] for s in train])
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, bad, history = -1.0, None, 0, []
@@ -40,7 +85,9 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         total = 0.0
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
-            if loss == "ce":
+            if positions == "all":
+                batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen)
+            elif loss == "ce":
                 batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
             elif loss == "bce":  # only the target's and the negatives' scores are computed
                 state = model.user_state(x[idx], lengths[idx])
