@@ -91,14 +91,25 @@ class Slurm:
             time.sleep(0.5)
         raise RuntimeError(f"SLURM did not come up: {r.stdout} {r.stderr}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM each daemon by the pid in its pid file, then wait until they are gone (their ports free)."""
+        pids = []
         for name in os.listdir(self.base):
             if name.endswith(".pid"):
                 try:
                     pid = int(open(os.path.join(self.base, name)).read().strip())
                     os.kill(pid, 15)
+                    pids.append(pid)
                 except (ValueError, ProcessLookupError, FileNotFoundError):
                     pass
+        deadline = time.time() + timeout
+        for pid in pids:
+            while time.time() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
 
     def run(self, *args, **kw):
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, **kw)

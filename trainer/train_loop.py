@@ -156,6 +156,9 @@ def train_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.train.use_gpu else torch.device("cpu")
     is_main = rank == 0
+    import ray
+
+    log.info("rank %d of %d on Ray node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), os.uname().nodename)
 
     # ---- data, SRec, model
     manifest = load_manifest(paths["data"])
