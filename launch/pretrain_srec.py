@@ -22,6 +22,7 @@ import sys
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("trainer.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True)

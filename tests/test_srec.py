@@ -150,3 +150,20 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(UnsafePickle, match="not a torch zip checkpoint"):
         read_llara_checkpoint(str(tmp_path / "legacy.pt"))
+
+
+def test_ctrl_c_keeps_the_best_epoch_so_far(synthetic_splits, monkeypatch):
+    import trainer.srec.pretrain as pt
+
+    real, calls = pt.train_one_epoch, []
+
+    def interrupted_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "train_one_epoch", interrupted_on_third)
+    model, report = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=10, lr=0.005, seed=0)
+    assert report["stopped"] == "interrupted" and len(report["epochs"]) == 2
+    assert not model.training and report["best_val_ndcg@10"] == max(e["val_ndcg@10"] for e in report["epochs"])

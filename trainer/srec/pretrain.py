@@ -77,41 +77,53 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         y = torch.as_tensor([s["target"] for s in train])
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, bad, history = -1.0, None, 0, []
+    best, best_state, bad, history, stopped = -1.0, None, 0, [], "epochs"
     bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            if positions == "all":
-                batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen)
-            elif loss == "ce":
-                batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
-            elif loss == "bce":  # only the target's and the negatives' scores are computed
-                state = model.user_state(x[idx], lengths[idx])
-                neg = torch.randint(0, num_items, (len(idx), negatives), generator=gen)
-                pos_s = (state * model.item_vectors(y[idx])).sum(-1, keepdim=True)
-                neg_s = (state[:, None] * model.item_vectors(neg)).sum(-1)
-                batch_loss = F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
-                    F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
+    try:
+        for epoch in bar:
+            mean_loss = train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions)
+            m = evaluate(model, val, num_items, seed=seed) if val else {"ndcg@10": 0.0, "hr@10": 0.0}
+            history.append({"epoch": epoch, "loss": mean_loss, "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"]})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
+            log.info("%s epoch %d  loss %.4f  val HR@10 %.4f  NDCG@10 %.4f", arch, epoch, mean_loss, m["hr@10"], m["ndcg@10"])
+            if m["ndcg@10"] > best:
+                best, best_state, bad = m["ndcg@10"], copy.deepcopy(model.state_dict()), 0
             else:
-                raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
-            opt.zero_grad()
-            batch_loss.backward()
-            opt.step()
-            total += batch_loss.item() * len(idx)
-        m = evaluate(model, val, num_items, seed=seed) if val else {"ndcg@10": 0.0, "hr@10": 0.0}
-        history.append({"epoch": epoch, "loss": total / len(x), "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"]})
-        bar.set_postfix(loss=f"{total / len(x):.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
-        log.info("%s epoch %d  loss %.4f  val HR@10 %.4f  NDCG@10 %.4f", arch, epoch, total / len(x), m["hr@10"], m["ndcg@10"])
-        if m["ndcg@10"] > best:
-            best, best_state, bad = m["ndcg@10"], copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
+                bad += 1
+                if bad >= patience:
+                    stopped = "early stopping"
+                    break
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): keep the best epoch so far instead of losing the run
+        if best_state is None:
+            raise
+        stopped = "interrupted"
+        log.warning("interrupted after %d epochs: keeping the best one (validation NDCG@10 %.4f)", len(history), best)
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
-    return model, {"arch": arch, "best_val_ndcg@10": best, "epochs": history}
+    return model, {"arch": arch, "best_val_ndcg@10": best, "stopped": stopped, "epochs": history}
+
+
+def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions) -> float:
+    model.train()
+    perm = torch.randperm(len(x), generator=gen)
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        idx = perm[i:i + batch_size]
+        if positions == "all":
+            batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen)
+        elif loss == "ce":
+            batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
+        elif loss == "bce":  # only the target's and the negatives' scores are computed
+            state = model.user_state(x[idx], lengths[idx])
+            neg = torch.randint(0, num_items, (len(idx), negatives), generator=gen)
+            pos_s = (state * model.item_vectors(y[idx])).sum(-1, keepdim=True)
+            neg_s = (state[:, None] * model.item_vectors(neg)).sum(-1)
+            batch_loss = F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
+                F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
+        else:
+            raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
+        opt.zero_grad()
+        batch_loss.backward()
+        opt.step()
+        total += batch_loss.item() * len(idx)
+    return total / len(x)
