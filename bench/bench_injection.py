@@ -4,12 +4,13 @@ Compares in one run:
   loop          LLaRA's way: per sample, per placeholder, one row written (with its host syncs)
   index_put     emb[mask] = behaviour[slot[mask]] (index_put / masked_scatter style)
   reference     trainer/kernels/reference.py: one lookup + one gather + one where
-  fused         trainer/kernels/inject.py: the llmrec::inject custom op (C++ kernel on CPU)
+  fused         trainer/kernels/inject.py: the llmrec::inject op (C++ kernel and C++ autograd on CPU)
   lookup        a plain embedding lookup with no injection (the floor)
 and the forward's bandwidth against a memory copy of the same bytes (torch.Tensor.copy_).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_injection.py [--hidden 1024] [--threads 2]
 
+Each variant's time is the median over --reps calls, the variants called in turn (round robin).
 The last line prints the ratios.
 """
 
@@ -39,15 +40,18 @@ def index_put_injection(ids, weight, slot_map, behaviour):
     return emb
 
 
-def timed(fn, reps):
-    """Median seconds per call (robust to another process stealing the core now and then)."""
-    fn()  # warm-up
-    times = []
+def timed(fns, reps):
+    """Median seconds per call of each function, called in turn (round robin), so that a load from
+    another process falls on every variant alike and their ratios stay fair on a shared machine."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def main():
@@ -83,17 +87,20 @@ def main():
                 out.backward(upstream)
         return step
 
-    t_loop = timed(run(lambda: loop_injection(ids, weight, slot_map, behaviour)), max(1, a.reps // 5))
-    t_put = timed(run(lambda: index_put_injection(ids, weight, slot_map, behaviour)), a.reps)
-    t_ref = timed(run(lambda: inject_reference(ids, weight, slot_map, behaviour)), a.reps)
-    t_fused = timed(run(lambda: inject_fused(ids, weight, slot_map, behaviour)), a.reps)
-    t_lookup = timed(run(lambda: F.embedding(ids, weight)), a.reps)
+    # the loop is slow (its backward copies the whole [B,T,H] gradient once per placeholder): fewer calls
+    t_loop = timed({"loop": run(lambda: loop_injection(ids, weight, slot_map, behaviour))}, max(1, a.reps // 5))["loop"]
+    t = timed({"put": run(lambda: index_put_injection(ids, weight, slot_map, behaviour)),
+               "ref": run(lambda: inject_reference(ids, weight, slot_map, behaviour)),
+               "fused": run(lambda: inject_fused(ids, weight, slot_map, behaviour)),
+               "lookup": run(lambda: F.embedding(ids, weight))}, a.reps)
+    t_put, t_ref, t_fused, t_lookup = t["put"], t["ref"], t["fused"], t["lookup"]
     # forward only, against a copy of the same bytes
     with torch.no_grad():
         out_bytes = a.batch * a.seq * a.hidden * 4
         src = torch.randn(a.batch * a.seq, a.hidden)
-        t_copy = timed(lambda: src.clone(), a.reps * 5)  # allocates its output, as the op does
-        t_fwd = timed(lambda: inject_fused(ids, weight, slot_map, behaviour), a.reps * 5)
+        t = timed({"copy": lambda: src.clone(),  # allocates its output, as the op does
+                   "fwd": lambda: inject_fused(ids, weight, slot_map, behaviour)}, a.reps * 5)
+        t_copy, t_fwd = t["copy"], t["fwd"]
     print(f"shape B={a.batch} T={a.seq} H={a.hidden} V={a.vocab} slots/sample={a.slots} threads={a.threads} "
           f"embedding {'trainable' if a.trainable_embedding else 'frozen (LoRA, as LLaRA)'}")
     for name, t in (("loop (LLaRA)", t_loop), ("index_put", t_put), ("reference", t_ref), ("fused", t_fused),

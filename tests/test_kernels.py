@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from trainer.kernels.inject import inject, inject_fused
+from trainer.kernels.inject import inject_fused, load
 from trainer.kernels.reference import inject_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -76,6 +76,7 @@ def test_gradcheck_float64_and_frozen_weight():
     slot[0, 1], slot[1, 4], slot[1, 0], slot[0, 4] = 2, 0, 2, 2
     assert torch.autograd.gradcheck(lambda w, b: inject_fused(ids, w, slot, b), (w, b))
     frozen = w.detach()
+    assert inject_fused(ids, frozen, slot, b.detach()).grad_fn is None  # nothing to differentiate: no node
     inject_fused(ids, frozen, slot, b).sum().backward()  # LoRA: the embedding is frozen
     assert frozen.grad is None and torch.equal(b.grad[2], torch.full((6,), 3.0, dtype=torch.float64))
 
@@ -87,7 +88,11 @@ def test_opcheck_and_torch_compile():
     b = torch.randn(3, 6, generator=g, requires_grad=True)
     slot = torch.full((2, 5), -1)
     slot[0, 1], slot[1, 4] = 2, 0
-    torch.library.opcheck(inject, (ids, w, slot, b, -1))
+    load()
+    torch.library.opcheck(torch.ops.llmrec.inject.default, (ids, w, slot, b, -1))
+    grad = torch.randn(2, 5, 6, generator=g)
+    for weight_grad in (True, False):
+        torch.library.opcheck(torch.ops.llmrec.inject_backward.default, (grad, ids, slot, 3, 20, 0, weight_grad))
     compiled = torch.compile(lambda i, w, s, b: inject_fused(i, w, s, b) * 2, fullgraph=True)
     assert torch.equal(compiled(ids, w, slot, b), inject_fused(ids, w, slot, b) * 2)
 
@@ -105,7 +110,7 @@ def test_bad_slots_and_ids_are_refused():
 
 TRITON_SCRIPT = r"""
 import torch
-from trainer.kernels.inject import inject_backward
+from trainer.kernels.inject import inject_backward_reference as inject_backward
 from trainer.kernels.reference import inject_reference
 from trainer.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
 g = torch.Generator().manual_seed(0)

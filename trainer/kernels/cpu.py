@@ -1,5 +1,10 @@
-"""The CPU kernel of the fused injection: C++ (at::parallel_for), built with torch's extension
-tooling on first use (~40 s with g++, then cached in TORCH_EXTENSIONS_DIR)."""
+"""The C++ half of the fused injection: the `llmrec::inject` / `llmrec::inject_backward` op
+definitions (TORCH_LIBRARY), their CPU kernels (at::parallel_for) and their autograd (a C++
+torch::autograd::Function registered under the Autograd key, for every device), so that neither the
+forward nor the backward of a training step goes through Python. Built with torch's extension
+tooling on first use (~40 s with g++, then cached in TORCH_EXTENSIONS_DIR) and loaded into the
+process as a plain shared library (no Python module). trainer/kernels/inject.py adds the fake
+(meta) kernels, the CUDA (Triton) kernels and a default for other devices."""
 
 from __future__ import annotations
 
@@ -7,30 +12,36 @@ import functools
 import shutil
 
 SOURCE = r"""
-#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/autograd.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <cstring>
+
+using at::Tensor;
 
 // out[r, :] = slot[r] >= 0 ? behaviour[slot[r], :] : weight[ids[r], :]   for every row r of B*T
 // (one at::embedding over all rows, then the slot rows overwritten: 31 of 512 per sample in LLaRA)
-torch::Tensor inject_forward(torch::Tensor ids, torch::Tensor weight, torch::Tensor slot, torch::Tensor behaviour) {
-  TORCH_CHECK(ids.is_contiguous() && weight.is_contiguous() && slot.is_contiguous() && behaviour.is_contiguous(),
-              "inject: inputs must be contiguous");
-  TORCH_CHECK(weight.scalar_type() == behaviour.scalar_type(), "inject: weight and behaviour dtypes differ");
+Tensor inject_cpu(const Tensor& ids_, const Tensor& weight_, const Tensor& slot_, const Tensor& behaviour_,
+                  int64_t /* padding_idx: used by the backward only */) {
+  TORCH_CHECK(weight_.scalar_type() == behaviour_.scalar_type(), "inject: weight and behaviour dtypes differ");
+  auto ids = ids_.contiguous(), weight = weight_.contiguous(), slot = slot_.contiguous(), behaviour = behaviour_.contiguous();
   const int64_t rows = ids.numel(), H = weight.size(1), V = weight.size(0), S = behaviour.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* sl = slot.data_ptr<int64_t>();
+  auto lookup_ids = at::empty_like(ids);  // slot rows look up row 0, then get overwritten
+  int64_t* li = lookup_ids.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {  // validate before writing anything
     TORCH_CHECK(sl[r] < S, "inject: slot_map names behaviour row ", sl[r], ", only ", S, " rows given");
     TORCH_CHECK(sl[r] >= 0 || (id[r] >= 0 && id[r] < V), "inject: token id ", id[r], " out of range [0, ", V, ")");
+    li[r] = sl[r] >= 0 ? 0 : id[r];
   }
-  // one vectorised lookup for every row (slot rows look up a valid id, then get overwritten)
-  auto safe_ids = ids.masked_fill(slot.ge(0), 0);
-  auto out = at::embedding(weight, safe_ids);
+  auto out = at::embedding(weight, lookup_ids);  // one vectorised lookup for every row
   const char* b = static_cast<const char*>(behaviour.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   const int64_t row_bytes = H * weight.element_size();
-  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {  // then the slot rows overwritten
     for (int64_t r = begin; r < end; ++r)
       if (sl[r] >= 0) std::memcpy(o + r * row_bytes, b + sl[r] * row_bytes, row_bytes);
   });
@@ -38,23 +49,27 @@ torch::Tensor inject_forward(torch::Tensor ids, torch::Tensor weight, torch::Ten
 }
 
 // grad_behaviour[s] = sum of grad rows r with slot[r] == s; grad_weight[t] = sum of grad rows r with
-// slot[r] < 0 and ids[r] == t != padding_idx (only when weight_grad). Accumulated in float32; each
-// thread owns a range of columns, so there are no races and no atomics. Rows are visited once.
-std::vector<torch::Tensor> inject_backward(torch::Tensor grad, torch::Tensor ids, torch::Tensor slot, int64_t num_rows,
-                                           int64_t vocab, int64_t padding_idx, bool weight_grad) {
+// slot[r] < 0 and ids[r] == t != padding_idx (only when weight_grad, else a [0, H] tensor).
+// Accumulated in float32; each thread owns a range of columns, so there are no races and no atomics.
+std::tuple<Tensor, Tensor> inject_backward_cpu(const Tensor& grad, const Tensor& ids_, const Tensor& slot_,
+                                               int64_t num_rows, int64_t vocab, int64_t padding_idx, bool weight_grad) {
   const int64_t H = grad.size(-1);
   auto g = grad.reshape({-1, H}).contiguous();
+  auto ids = ids_.contiguous(), slot = slot_.contiguous();
   const int64_t rows = g.size(0);
-  auto f32 = g.options().dtype(torch::kFloat32);
-  auto gb = torch::zeros({num_rows, H}, f32);
-  auto gw = torch::zeros({weight_grad ? vocab : 0, H}, f32);
+  auto f32 = g.options().dtype(at::kFloat);
+  auto gb = at::zeros({num_rows, H}, f32);
+  auto gw = at::zeros({weight_grad ? vocab : 0, H}, f32);
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* sl = slot.data_ptr<int64_t>();
   float* b = gb.data_ptr<float>();
   float* w = weight_grad ? gw.data_ptr<float>() : nullptr;
+  int64_t adds = 0;  // rows to add: with a frozen weight only the slot rows (31 of 512 in LLaRA)
+  for (int64_t r = 0; r < rows; ++r) adds += sl[r] >= 0 || (w != nullptr && id[r] != padding_idx);
+  const int64_t grain = adds * H < (1 << 18) ? H : 256;  // little work: one thread, waking others costs more
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "inject_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
       for (int64_t r = 0; r < rows; ++r) {
         float* dst = nullptr;
         if (sl[r] >= 0) dst = b + sl[r] * H;
@@ -68,9 +83,72 @@ std::vector<torch::Tensor> inject_backward(torch::Tensor grad, torch::Tensor ids
   return {gw.to(grad.scalar_type()), gb.to(grad.scalar_type())};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("inject_forward", &inject_forward);
-  m.def("inject_backward", &inject_backward);
+// The ops called through the dispatcher (so the autograd below reaches the CUDA/Triton, fake and
+// default kernels registered from Python as well as the CPU ones above).
+static Tensor call_inject(const Tensor& ids, const Tensor& weight, const Tensor& slot, const Tensor& behaviour,
+                          int64_t padding_idx) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("llmrec::inject", "")
+      .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+  return op.call(ids, weight, slot, behaviour, padding_idx);
+}
+
+static std::tuple<Tensor, Tensor> call_inject_backward(const Tensor& grad, const Tensor& ids, const Tensor& slot,
+                                                       c10::SymInt num_rows, c10::SymInt vocab, int64_t padding_idx,
+                                                       bool weight_grad) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("llmrec::inject_backward", "")
+      .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, c10::SymInt,
+                                        int64_t, bool)>();
+  return op.call(grad, ids, slot, std::move(num_rows), std::move(vocab), padding_idx, weight_grad);
+}
+
+// Autograd: saves ids and slot_map (not the output, not the weight); the behaviour rows get the sum of
+// their slots' gradients, the weight (only when it requires grad) what nn.Embedding would give it at
+// the non-slot positions (nothing at padding_idx).
+struct InjectFunction : public torch::autograd::Function<InjectFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& ids, const Tensor& weight,
+                        const Tensor& slot, const Tensor& behaviour, int64_t padding_idx) {
+    ctx->save_for_backward({ids, slot});
+    ctx->saved_data["rows"] = behaviour.sym_size(0);
+    ctx->saved_data["vocab"] = weight.sym_size(0);
+    ctx->saved_data["padding_idx"] = padding_idx;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_inject(ids, weight, slot, behaviour, padding_idx);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const bool weight_grad = ctx->needs_input_grad(1), behaviour_grad = ctx->needs_input_grad(3);
+    auto [gw, gb] = call_inject_backward(grads[0], saved[0], saved[1], ctx->saved_data["rows"].toSymInt(),
+                                         ctx->saved_data["vocab"].toSymInt(), ctx->saved_data["padding_idx"].toInt(),
+                                         weight_grad);
+    return {Tensor(), weight_grad ? gw : Tensor(), Tensor(), behaviour_grad ? gb : Tensor(), Tensor()};
+  }
+};
+
+Tensor inject_autograd(const Tensor& ids, const Tensor& weight, const Tensor& slot, const Tensor& behaviour,
+                       int64_t padding_idx) {
+  if (!(at::GradMode::is_enabled() && (weight.requires_grad() || behaviour.requires_grad()))) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // nothing to differentiate: no autograd node at all
+    return call_inject(ids, weight, slot, behaviour, padding_idx);
+  }
+  return InjectFunction::apply(ids, weight, slot, behaviour, padding_idx);
+}
+
+TORCH_LIBRARY(llmrec, m) {
+  m.set_python_module("trainer.kernels.inject");  // where the fake (meta) kernels live
+  m.def("inject(Tensor token_ids, Tensor weight, Tensor slot_map, Tensor behaviour, int padding_idx) -> Tensor");
+  m.def("inject_backward(Tensor grad, Tensor token_ids, Tensor slot_map, SymInt num_rows, SymInt vocab, "
+        "int padding_idx, bool weight_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(llmrec, CPU, m) {
+  m.impl("inject", &inject_cpu);
+  m.impl("inject_backward", &inject_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(llmrec, Autograd, m) {
+  m.impl("inject", &inject_autograd);
 }
 """
 
@@ -80,11 +158,12 @@ class NoCompiler(RuntimeError):
 
 
 @functools.cache
-def extension():
-    """Build (or load the cached build of) the C++ kernel."""
+def load_library() -> str:
+    """Build (or load the cached build of) the C++ library; it defines the ops when loaded."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         raise NoCompiler("the fused injection's CPU kernel needs a C++ compiler (g++), none was found on PATH; "
                          "install one (apt-get install g++) or set model.injection=reference")
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="llmrec_inject_cpu", cpp_sources=[SOURCE], extra_cflags=["-O3"], verbose=False)
+    return load_inline(name="llmrec_inject", cpp_sources=[SOURCE], extra_cflags=["-O3"], is_python_module=False,
+                       verbose=False)

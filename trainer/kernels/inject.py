@@ -1,19 +1,23 @@
-"""The fused adapter-injection op: one `torch.library` custom op for the embedding lookup with the
-behaviour rows written at the slots, and one for its backward.
+"""The fused adapter-injection op: the embedding lookup with the behaviour rows written at the slots,
+and its backward, as two dispatcher ops defined in C++ (trainer/kernels/cpu.py):
 
     llmrec::inject(token_ids [B,T] int64, weight [V,H], slot_map [B,T] int64 (-1 or a row of behaviour),
                    behaviour [S,H], padding_idx int (-1 = none)) -> [B,T,H]
+    llmrec::inject_backward(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad)
+                   -> (grad_weight [V,H] or [0,H] when not needed, grad_behaviour [S,H])
 
-Each output row is written once, from the weight or from the behaviour rows. Kernels:
-- CPU: C++ with at::parallel_for (trainer/kernels/cpu.py), built on first use;
-- CUDA: Triton (trainer/kernels/triton_kernels.py) - verified only under TRITON_INTERPRET=1 on CPU;
-- any other device: the reference implementation.
-A fake (meta) implementation lets torch.compile trace it; autograd is registered: the behaviour rows
-get the sum of the gradients of their slots, and the weight (only when it requires grad) gets what
-nn.Embedding would give it at the non-slot positions, nothing at padding_idx. Nothing is built per
-slot: the backward is one C++ pass over the rows, accumulating in float32 with each thread owning a
-range of columns (CPU), or one atomic-add kernel (CUDA); the default implementation (other
-devices) is two branch-free index_add passes.
+Each output row is written once, from the weight or from the behaviour rows. Autograd is a C++
+torch::autograd::Function (Autograd key, every device), so a forward + backward has no Python in
+it; when nothing requires grad no autograd node is made. The behaviour rows get the sum of the
+gradients of their slots; the weight (only when it requires grad) gets what nn.Embedding would give
+it at the non-slot positions, nothing at padding_idx. Kernels:
+- CPU: C++ (at::parallel_for), in the same library;
+- CUDA: Triton (trainer/kernels/triton_kernels.py), registered here - verified only under
+  TRITON_INTERPRET=1 on CPU;
+- fake (meta), for torch.compile: registered here;
+- any other device: the reference forward and a branch-free index_add backward, registered here.
+The library is built (g++, ~40 s, cached) and the ops registered by `load()`, which the first
+eager `inject_fused` call makes; call it yourself before torch.compile-ing a model that uses it.
 """
 
 from __future__ import annotations
@@ -23,36 +27,13 @@ from torch import Tensor
 
 from trainer.kernels.reference import inject_reference
 
-
-@torch.library.custom_op("llmrec::inject", mutates_args=())
-def inject(token_ids: Tensor, weight: Tensor, slot_map: Tensor, behaviour: Tensor, padding_idx: int) -> Tensor:
-    return inject_reference(token_ids, weight, slot_map, behaviour)
+_loaded = False
+_LIB = None  # the Python-side registrations (kept alive for the process)
 
 
-@inject.register_kernel("cpu")
-def _inject_cpu(token_ids, weight, slot_map, behaviour, padding_idx):
-    from trainer.kernels.cpu import extension
-
-    return extension().inject_forward(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(),
-                                      behaviour.contiguous())
-
-
-@inject.register_kernel("cuda")
-def _inject_cuda(token_ids, weight, slot_map, behaviour, padding_idx):
-    from trainer.kernels.triton_kernels import inject_forward_triton
-
-    return inject_forward_triton(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(), behaviour.contiguous())
-
-
-@inject.register_fake
-def _inject_fake(token_ids, weight, slot_map, behaviour, padding_idx):
-    return weight.new_empty((*token_ids.shape, weight.shape[1]))
-
-
-@torch.library.custom_op("llmrec::inject_backward", mutates_args=())
-def inject_backward(grad: Tensor, token_ids: Tensor, slot_map: Tensor, num_rows: int, vocab: int, padding_idx: int,
-                    weight_grad: bool) -> tuple[Tensor, Tensor]:
-    """(grad_weight [V,H] or [0,H] when not needed, grad_behaviour [S,H]), branch-free index_add passes."""
+def inject_backward_reference(grad: Tensor, token_ids: Tensor, slot_map: Tensor, num_rows: int, vocab: int,
+                              padding_idx: int, weight_grad: bool) -> tuple[Tensor, Tensor]:
+    """llmrec::inject_backward in plain torch: two branch-free index_add passes."""
     H = grad.shape[-1]
     g = grad.reshape(-1, H)
     ids, slot = token_ids.reshape(-1), slot_map.reshape(-1)
@@ -68,48 +49,58 @@ def inject_backward(grad: Tensor, token_ids: Tensor, slot_map: Tensor, num_rows:
     return gw, gb
 
 
-@inject_backward.register_kernel("cpu")
-def _inject_backward_cpu(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
-    from trainer.kernels.cpu import extension
+def _inject_cuda(token_ids, weight, slot_map, behaviour, padding_idx):
+    from trainer.kernels.triton_kernels import inject_forward_triton
 
-    gw, gb = extension().inject_backward(grad, token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
-                                         padding_idx, weight_grad)
-    return gw, gb
+    return inject_forward_triton(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(), behaviour.contiguous())
 
 
-@inject_backward.register_kernel("cuda")
 def _inject_backward_cuda(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
     from trainer.kernels.triton_kernels import inject_backward_triton
 
-    return inject_backward_triton(grad, token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
+    return inject_backward_triton(grad.contiguous(), token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
                                   padding_idx, weight_grad)
 
 
-@inject_backward.register_fake
+def _inject_fake(token_ids, weight, slot_map, behaviour, padding_idx):
+    return weight.new_empty((*token_ids.shape, weight.shape[1]))
+
+
 def _inject_backward_fake(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
     H = grad.shape[-1]
     return grad.new_empty((vocab if weight_grad else 0, H)), grad.new_empty((num_rows, H))
 
 
-def _setup_context(ctx, inputs, output):
-    token_ids, weight, slot_map, behaviour, padding_idx = inputs
-    ctx.save_for_backward(token_ids, slot_map)
-    ctx.num_rows, ctx.vocab, ctx.padding_idx = behaviour.shape[0], weight.shape[0], padding_idx
+def _inject_default(token_ids, weight, slot_map, behaviour, padding_idx):
+    return inject_reference(token_ids, weight, slot_map, behaviour)
 
 
-def _backward(ctx, grad):
-    token_ids, slot_map = ctx.saved_tensors
-    weight_grad = bool(ctx.needs_input_grad[1])
-    gw, gb = inject_backward(grad.contiguous(), token_ids, slot_map, ctx.num_rows, ctx.vocab, ctx.padding_idx, weight_grad)
-    return None, gw if weight_grad else None, None, gb if ctx.needs_input_grad[3] else None, None
+def load() -> None:
+    """Build/load the C++ library (defines the ops, CPU kernels, autograd) and register the rest."""
+    global _loaded, _LIB
+    if _loaded:
+        return
+    from trainer.kernels.cpu import load_library
 
-
-inject.register_autograd(_backward, setup_context=_setup_context)
+    load_library()
+    _LIB = torch.library.Library("llmrec", "IMPL")
+    for name, cuda, fake, default in (("inject", _inject_cuda, _inject_fake, _inject_default),
+                                      ("inject_backward", _inject_backward_cuda, _inject_backward_fake,
+                                       inject_backward_reference)):
+        _LIB.impl(name, cuda, "CUDA")
+        _LIB.impl(name, default, "CompositeExplicitAutograd")  # devices with no kernel of their own
+        torch.library.register_fake(f"llmrec::{name}", fake, lib=_LIB)
+    _loaded = True
 
 
 def inject_fused(token_ids: Tensor, weight: Tensor, slot_map: Tensor, behaviour: Tensor,
                  padding_idx: int | None = None) -> Tensor:
     """The fused op with the reference's signature; behaviour is cast to the weight's dtype."""
+    if not _loaded:
+        if torch.compiler.is_compiling():  # building a C++ library cannot be traced
+            raise RuntimeError("call trainer.kernels.inject.load() before compiling a model that uses inject_fused")
+        load()
     if slot_map.shape != token_ids.shape:
         raise ValueError(f"slot_map {tuple(slot_map.shape)} must have the shape of token_ids {tuple(token_ids.shape)}")
-    return inject(token_ids, weight, slot_map, behaviour.to(weight.dtype), -1 if padding_idx is None else padding_idx)
+    return torch.ops.llmrec.inject(token_ids, weight, slot_map, behaviour.to(weight.dtype),
+                                   -1 if padding_idx is None else padding_idx)
