@@ -14,6 +14,9 @@ Each split is written as `{split}-{index:05d}.tar`. A record holds two members:
                         label_mask[T]  1 on the answer tokens (loss is computed on these only)
                         slot_pos[S]    position of every placeholder token, history first then candidates
                         slot_item[S]   the dense item id each placeholder stands for
+                        user_pos, H    only with data.user_token: the [UserEmb] position and the
+                                       history length (the history is slot_item[:H]); absent when
+                                       off, so default records are byte-identical to LLaRA-only ones
     <key>.meta.json   user, history, candidates, target, prompt_len, template
 One binary member per sample keeps reading cheap (bench/bench_data.py).
 The build is deterministic: tar headers carry mtime 0 and fixed owners, so the same inputs give
@@ -30,7 +33,7 @@ import os
 import numpy as np
 import webdataset as wds
 
-from shards.prompts import LLARA_TEMPLATES, tokenize_llara
+from shards.prompts import LLARA_TEMPLATES, templates, tokenize_llara
 from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
 MANIFEST = "manifest.json"
@@ -50,9 +53,12 @@ def tokenizer_hash(tokenizer_dir: str) -> str:
 
 
 def pack_sample(tok: dict) -> bytes:
-    """One little-endian int32 array: T, S, prompt_len, input_ids[T], label_mask[T], slot_pos[S], slot_item[S]."""
+    """One little-endian int32 array: T, S, prompt_len, input_ids[T], label_mask[T], slot_pos[S], slot_item[S]
+    [, user_pos, history_len] (the trailer only for a sample tokenized with the user token)."""
     T, S = len(tok["input_ids"]), len(tok["slot_pos"])
     parts = [np.asarray([T, S, tok["prompt_len"]]), tok["input_ids"], tok["label_mask"], tok["slot_pos"], tok["slot_item"]]
+    if "user_pos" in tok:
+        parts.append(np.asarray([tok["user_pos"], tok["history_len"]]))
     return np.concatenate([np.asarray(p, dtype="<i4") for p in parts]).tobytes()
 
 
@@ -120,7 +126,7 @@ def _init_worker(tokenizer_dir):
 
 def _encode_chunk(args):
     """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
-    chunk, titles, num_items, num_candidates, max_len, seed = args
+    chunk, titles, num_items, num_candidates, max_len, seed, user_token = args
     out = []
     for n, split, sample in chunk:
         for key in ("history", "candidates"):
@@ -134,7 +140,7 @@ def _encode_chunk(args):
         sample = dict(sample, candidates=sample_candidates(sample, num_items, num_candidates, seed, split))
         t = int(np.random.default_rng([seed, 7, _SPLIT_CODE[split], sample["user"], sample["position"]])
                 .integers(len(LLARA_TEMPLATES)))
-        tok = tokenize_llara(sample, titles, LLARA_TEMPLATES[t], _TOKENIZER, max_len)
+        tok = tokenize_llara(sample, titles, templates(user_token)[t], _TOKENIZER, max_len, user_token)
         meta = {"user": sample["user"], "history": sample["history"], "candidates": sample["candidates"],
                 "target": sample["target"], "prompt_len": tok["prompt_len"], "template": t}
         out.append({"__key__": f"{split}-{n:08d}", "llara.bin": pack_sample(tok),
@@ -144,15 +150,18 @@ def _encode_chunk(args):
 
 def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,
                  samples_per_shard: int, seed: int, workers: int = 0, stats: dict | None = None,
-                 progress: bool = False) -> dict:
-    """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest."""
+                 progress: bool = False, user_token: bool = False) -> dict:
+    """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest.
+    With user_token the prompts name the user's state ([UserEmb], see shards/prompts.py)."""
     os.makedirs(out_dir, exist_ok=True)
     titles = [t for _, t, _ in items]
     num_items = len(items)
     stats = dict(stats or {})
     raw_ids = stats.pop("raw_item_ids", list(range(num_items)))
     params = {"num_candidates": num_candidates, "max_len": max_len, "samples_per_shard": samples_per_shard,
-              "seed": seed, "templates": list(LLARA_TEMPLATES)}
+              "seed": seed, "templates": list(templates(user_token))}
+    if user_token:  # only when on: the default manifest (and its config_hash) stays as it was
+        params["user_token"] = True
     digest = hashlib.sha256(json.dumps([titles, {k: v for k, v in splits.items()}], sort_keys=True).encode()).hexdigest()
     manifest = {
         "format": 1, "num_items": num_items, "pad_item_id": num_items,
@@ -173,7 +182,8 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
             rows = splits.get(split, [])
             kept = [(n, split, s) for n, s in enumerate(rows) if s["history"]]
             manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - len(kept)
-            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed) for i in range(0, len(kept), 256)]
+            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed, user_token)
+                      for i in range(0, len(kept), 256)]
             results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
             if progress:
                 from tqdm import tqdm
@@ -239,7 +249,8 @@ def main(argv=None) -> None:
     d = to_dict(cfg.data)
     items, splits, stats = load_source(d, cfg.seed)
     m = write_shards(items, splits, a.tokenizer, a.out, num_candidates=d["num_candidates"], max_len=d["max_len"],
-                     samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True)
+                     samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True,
+                     user_token=bool(d["user_token"]))
     print(json.dumps(m["stats"], indent=1))
 
 

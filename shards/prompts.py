@@ -4,6 +4,10 @@ Every item is written as its title followed by one placeholder token: `[HistoryE
 items, `[CansEmb]` after candidates. At training time the embedding layer replaces the embedding at
 each placeholder by adapter(SRec vector of that item) (hybrid step) or swaps the placeholder for
 `[PH]` and leaves it as a plain token (text-only step): one tokenization serves both.
+
+Optional (`data.user_token`, off by default; beyond LLaRA): the prompt also names the user's state,
+"This user ([UserEmb]) has watched ...", one `[UserEmb]` per sample, whose embedding becomes
+user_adapter(SRec user_state(history)). Off, prompts and shards are byte-identical to LLaRA's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 
 PH, HISTORY_EMB, CANS_EMB, ITEM_EMB = "[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]"
 PLACEHOLDERS = (PH, HISTORY_EMB, CANS_EMB, ITEM_EMB)
+USER_EMB = "[UserEmb]"  # a special token only in tokenizers built for data.user_token=true
 
 # The three movie templates of LLaRA's public code, in substance. [HistoryHere] and [CansHere]
 # are filled with the rendered item lists.
@@ -23,6 +28,15 @@ LLARA_TEMPLATES = (
     "The user watched [HistoryHere]. Recommend the movie the user is most likely to watch next "
     "from these candidates: [CansHere]. Answer:",
 )
+
+# The same templates with the user's state named after the first "user": "This user ([UserEmb]) has
+# watched ...", "... this user ([UserEmb]) has watched: ...", "The user ([UserEmb]) watched ...".
+USER_TEMPLATES = tuple(t.replace("user", f"user ({USER_EMB})", 1) for t in LLARA_TEMPLATES)
+assert all(t.count(USER_EMB) == 1 for t in USER_TEMPLATES)
+
+
+def templates(user_token: bool = False) -> tuple[str, ...]:
+    return USER_TEMPLATES if user_token else LLARA_TEMPLATES
 
 
 def render_items(item_ids, titles, placeholder: str) -> str:
@@ -40,11 +54,13 @@ class PromptTooLong(ValueError):
     pass
 
 
-def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int) -> dict:
+def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int, user_token: bool = False) -> dict:
     """Tokenize prompt and answer once; record each placeholder's position and item id.
 
     Returns numpy arrays: input_ids (prompt + answer + eos), label_mask (1 on answer tokens and eos),
     slot_pos and slot_item (placeholder positions in order, with the item each one stands for).
+    With user_token (the template must then hold one [UserEmb]) also user_pos, the position of the
+    [UserEmb] token; the user's history is slot_item[:len(history)].
     """
     prompt, answer = render_llara(sample, titles, template)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -70,5 +86,17 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int)
         )
     slot_pos = np.concatenate([hist_pos, cans_pos]).astype(np.int32)
     slot_item = np.asarray(list(sample["history"]) + list(sample["candidates"]), dtype=np.int32)
-    return {"input_ids": ids, "label_mask": label_mask, "slot_pos": slot_pos, "slot_item": slot_item,
-            "prompt_len": int(len(ids) - len(answer_ids))}
+    out = {"input_ids": ids, "label_mask": label_mask, "slot_pos": slot_pos, "slot_item": slot_item,
+           "prompt_len": int(len(ids) - len(answer_ids))}
+    if user_token:
+        user_id = tokenizer.convert_tokens_to_ids(USER_EMB)
+        if user_id in (None, tokenizer.unk_token_id):
+            raise ValueError(f"data.user_token=true but the tokenizer has no {USER_EMB} special token")
+        user_pos = np.flatnonzero(ids == user_id)
+        if len(user_pos) != 1:
+            raise ValueError(f"user {sample['user']}: found {len(user_pos)} {USER_EMB} tokens, expected one; "
+                             "does a title contain the placeholder?")
+        out["user_pos"] = int(user_pos[0])
+        out["history_len"] = len(sample["history"])
+    return out
+

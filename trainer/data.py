@@ -88,15 +88,24 @@ def _raw_records(path: str):
 
 def decode(rec: dict, path: str = "") -> dict:
     """A record's `llara.bin` (int32: T, S, prompt_len, input_ids[T], label_mask[T], slot_pos[S],
-    slot_item[S]) as arrays; `meta.json` is kept as bytes and parsed on first use (see `meta`)."""
+    slot_item[S] [, user_pos, history_len]) as arrays; `meta.json` is kept as bytes and parsed on
+    first use (see `meta`). With the user-token trailer the sample also has `user_pos` and `history`
+    (its history items: the first history_len slot items)."""
     try:
         a = np.frombuffer(rec["llara.bin"], dtype="<i4")
         T, S, prompt_len = int(a[0]), int(a[1]), int(a[2])
-        if len(a) != 3 + 2 * T + 2 * S:
-            raise ValueError(f"{len(a)} int32 values, the header says {3 + 2 * T + 2 * S}")
-        return {"key": rec["__key__"], "input_ids": a[3:3 + T], "label_mask": a[3 + T:3 + 2 * T],
-                "slot_pos": a[3 + 2 * T:3 + 2 * T + S], "slot_item": a[3 + 2 * T + S:], "prompt_len": prompt_len,
-                "meta_json": rec["meta.json"]}
+        n = 3 + 2 * T + 2 * S
+        if len(a) not in (n, n + 2):
+            raise ValueError(f"{len(a)} int32 values, the header says {n} (or {n + 2} with the user token)")
+        sample = {"key": rec["__key__"], "input_ids": a[3:3 + T], "label_mask": a[3 + T:3 + 2 * T],
+                  "slot_pos": a[3 + 2 * T:3 + 2 * T + S], "slot_item": a[3 + 2 * T + S:n], "prompt_len": prompt_len,
+                  "meta_json": rec["meta.json"]}
+        if len(a) == n + 2:
+            user_pos, hist_len = int(a[n]), int(a[n + 1])
+            if not (0 <= user_pos < prompt_len and 0 < hist_len <= S):
+                raise ValueError(f"user slot at {user_pos} with {hist_len} history items is out of range")
+            sample["user_pos"], sample["history"] = user_pos, sample["slot_item"][:hist_len]
+        return sample
     except (KeyError, ValueError) as e:
         raise RuntimeError(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} is incomplete "
                            f"({type(e).__name__}: {e})") from e
@@ -229,6 +238,10 @@ def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prom
     (-1, or the row of `unique_items` whose behaviour vector fills that position), unique_items [U]
     and the keys of the real (non-filler) samples. With prompt_only the answer is cut off (for
     generation); left_pad puts the padding on the left.
+
+    Samples with a user slot (data.user_token) also give `histories` (B lists of item ids); the
+    behaviour rows are then [U unique items; B user states] and sample b's [UserEmb] position maps
+    to row U + b. A batch mixes both kinds only by mistake: that raises.
     """
     lengths = [s["prompt_len"] if prompt_only else len(s["input_ids"]) for s in samples]
     B, T = len(samples), max(lengths)
@@ -238,6 +251,11 @@ def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prom
     slot_map = np.full((B, T), -1, dtype=np.int64)
     all_items = np.concatenate([s["slot_item"] for s in samples])
     unique_items, inverse = np.unique(all_items, return_inverse=True)
+    with_user = sum("user_pos" in s for s in samples)
+    if with_user not in (0, B):
+        raise ValueError(f"{with_user} of {B} samples have a user slot: shards built with and without "
+                         "data.user_token are mixed")
+    U = len(unique_items)
     k = 0
     for b, (s, n) in enumerate(zip(samples, lengths)):
         off = T - n if left_pad else 0
@@ -249,7 +267,22 @@ def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prom
         nslots = len(s["slot_item"])
         slot_map[b, s["slot_pos"] + off] = inverse[k:k + nslots]
         k += nslots
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-            "labels": torch.from_numpy(labels), "slot_map": torch.from_numpy(slot_map),
-            "unique_items": torch.from_numpy(unique_items.astype(np.int64)),
-            "keys": [s["key"] for s in samples if not s.get("filler")]}
+        if with_user:
+            slot_map[b, s["user_pos"] + off] = U + b
+    out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+           "labels": torch.from_numpy(labels), "slot_map": torch.from_numpy(slot_map),
+           "unique_items": torch.from_numpy(unique_items.astype(np.int64)),
+           "keys": [s["key"] for s in samples if not s.get("filler")]}
+    if with_user:
+        out["histories"] = [s["history"].tolist() for s in samples]
+    return out
+
+
+def user_states(srec, batch: dict, device) -> torch.Tensor:
+    """One srec.user_state call over a user-token batch's histories (left-padded by srec.pad):
+    [B, hidden], the behaviour rows U.. that the batch's [UserEmb] slots point at."""
+    if "histories" not in batch:
+        raise ValueError("the model has a user adapter (data.user_token=true) but the batch has no user slots: "
+                         "were the shards built without data.user_token?")
+    history, lengths = srec.pad(batch["histories"])
+    return srec.user_state(history.to(device), lengths.to(device))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data import collate
+from trainer.data import collate, user_states
 
 
 def first_line(text: str) -> str:
@@ -45,9 +45,10 @@ def generate(model, embed, srec, samples: list[dict], tokenizer, max_new_tokens:
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
     if hybrid:
         vectors = srec.item_vectors(batch["unique_items"].to(device))
-        with embed.inject(slot_map, vectors):
+        users = user_states(srec, batch, device) if embed.user_adapter is not None else None  # data.user_token
+        with embed.inject(slot_map, vectors, users):
             out = model.generate(**kwargs)
-    else:
+    else:  # every placeholder, [UserEmb] included, becomes [PH]
         ph = tokenizer.convert_tokens_to_ids("[PH]")
         kwargs["input_ids"] = torch.where(slot_map >= 0, torch.full_like(ids, ph), ids)
         out = model.generate(**kwargs)

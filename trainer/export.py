@@ -2,6 +2,7 @@
 
     <output_dir>/export/lora/                  peft save_pretrained (adapter_config.json + adapter_model.safetensors)
     <output_dir>/export/projector.safetensors  the adapter (LLaRA's projector) mapping SRec vectors into the LLM
+    <output_dir>/export/user_projector.safetensors  the user-state adapter, only with data.user_token
     <output_dir>/export/trained_base.safetensors  base weights trained in full (model.unfreeze), if any
     <output_dir>/export/tokenizer/             the tokenizer with its special tokens
     <output_dir>/export/export.json            what the export was made from
@@ -39,17 +40,26 @@ def export_model(peft_model, tokenizer, out_dir: str, rank: int, meta: dict) -> 
     os.makedirs(out_dir, exist_ok=True)
     lora = {n: t for n, t in state.items() if "lora_" in n}
     projector = {n.split("embed_tokens.adapter.", 1)[1]: t for n, t in state.items() if "embed_tokens.adapter." in n}
-    base = {n: t for n, t in state.items() if n not in lora and "embed_tokens.adapter." not in n}
+    user = {n.split("embed_tokens.user_adapter.", 1)[1]: t for n, t in state.items() if "embed_tokens.user_adapter." in n}
+    base = {n: t for n, t in state.items()
+            if n not in lora and "embed_tokens.adapter." not in n and "embed_tokens.user_adapter." not in n}
     peft_model.save_pretrained(os.path.join(out_dir, "lora"), state_dict=lora, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in projector.items()}, os.path.join(out_dir, "projector.safetensors"))
+    user_file = os.path.join(out_dir, "user_projector.safetensors")
+    if user:
+        save_file({k: v.contiguous() for k, v in user.items()}, user_file)
+    elif os.path.exists(user_file):  # a stale one from an earlier export into this folder
+        os.remove(user_file)
     save_file({k: v.contiguous() for k, v in base.items()}, os.path.join(out_dir, "trained_base.safetensors"))
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
     with open(os.path.join(out_dir, "export.json"), "w") as f:
-        json.dump({**meta, "lora": sorted(lora), "projector": sorted(projector), "trained_base": sorted(base)}, f, indent=1)
+        json.dump({**meta, "lora": sorted(lora), "projector": sorted(projector), "trained_base": sorted(base),
+                   **({"user_projector": sorted(user)} if user else {})}, f, indent=1)
 
 
 def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = "fused"):
-    """(peft model, hybrid embedding, tokenizer) from an export, in a process with no DeepSpeed."""
+    """(peft model, hybrid embedding, tokenizer) from an export, in a process with no DeepSpeed.
+    The user-state adapter is rebuilt when the export has one (user_projector.safetensors)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +68,11 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapter = Adapter(srec_dim, model.config.hidden_size)
     adapter.load_state_dict(load_file(os.path.join(export_dir, "projector.safetensors")))
-    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection))
+    user_adapter = None
+    if os.path.exists(os.path.join(export_dir, "user_projector.safetensors")):
+        user_adapter = Adapter(srec_dim, model.config.hidden_size)
+        user_adapter.load_state_dict(load_file(os.path.join(export_dir, "user_projector.safetensors")))
+    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection, user_adapter))
     peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"))
     base = load_file(os.path.join(export_dir, "trained_base.safetensors"))
     params = dict(peft_model.named_parameters())

@@ -21,6 +21,10 @@ from trainer.config import to_dict
 
 log = logging.getLogger(__name__)
 
+# Config keys added after runs were prepared, with the value that reproduces what those runs built:
+# an old stamp without the key is read as having the default (it was built that way).
+_ADDED_KEYS = {("data", "user_token"): False}
+
 
 def run_paths(output_dir: str) -> dict:
     out = os.path.abspath(output_dir)
@@ -36,6 +40,9 @@ def prepare(cfg: DictConfig) -> dict:
     if os.path.exists(paths["stamp"]):
         with open(paths["stamp"]) as f:
             old = json.load(f)
+        for (section, key), value in _ADDED_KEYS.items():
+            if isinstance(old.get(section), dict):
+                old[section].setdefault(key, value)
         if old != stamp:
             changed = sorted(k for k in stamp if old.get(k) != stamp[k])
             raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
@@ -46,27 +53,31 @@ def prepare(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     from shards.build import load_source, write_shards
-    from shards.prompts import LLARA_TEMPLATES
+    from shards.prompts import templates
+    from trainer.model.build import load_tokenizer
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
     from trainer.srec import save_srec
     from trainer.srec.pretrain import pretrain
 
     d = to_dict(cfg.data)
+    user_token = bool(d["user_token"])
     items, splits, stats = load_source(d, cfg.seed)
     if cfg.model.base:
         paths["llm"] = os.path.abspath(cfg.model.base)
         AutoTokenizer.from_pretrained(paths["llm"])  # fail early if it is not a tokenizer folder
+        if user_token:
+            load_tokenizer(paths["llm"], user_token=True)  # it must know [UserEmb]: an error names it
     else:
         log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
-        corpus = [t for _, t, _ in items] + list(LLARA_TEMPLATES)
-        tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"])
+        corpus = [t for _, t, _ in items] + list(templates(user_token))
+        tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
         t = cfg.model.tiny
         build_tiny_llama(tokenizer, paths["llm"], t.hidden_size, t.num_layers, t.num_heads,
                          t.intermediate_size, t.max_position_embeddings, cfg.seed)
     log.info("building shards in %s", paths["data"])
     manifest = write_shards(items, splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
                             max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
-                            workers=d["build_workers"], stats=stats)
+                            workers=d["build_workers"], stats=stats, user_token=user_token)
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     if cfg.srec.path and not str(cfg.srec.path).endswith(".pt"):
         paths["srec"] = os.path.abspath(cfg.srec.path)

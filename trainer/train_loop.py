@@ -74,6 +74,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
     """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere)."""
+    from trainer.data import user_states
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
     attention = batch["attention_mask"].to(device)
@@ -83,13 +84,17 @@ def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device
         # zero: DeepSpeed would otherwise keep the previous step's gradient for parameters that took
         # no part in a step and apply it again (seen here as a resume that drifted from the
         # uninterrupted run after text-only steps).
+        # The same holds for the user adapter (data.user_token), which also runs on a zero row; the
+        # [UserEmb] position is in the slot map, so it becomes [PH] like the item placeholders.
         text_ids = torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids)
-        with embed.inject(torch.full_like(ids, -1), torch.zeros(1, srec.hidden, device=device)):
+        zero = torch.zeros(1, srec.hidden, device=device)
+        with embed.inject(torch.full_like(ids, -1), zero, zero if embed.user_adapter is not None else None):
             logits = engine(input_ids=text_ids, attention_mask=attention).logits
     else:
         with torch.no_grad():
             vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
-        with embed.inject(slot_map, vectors):
+            users = user_states(srec, batch, device) if embed.user_adapter is not None else None  # one call per batch
+        with embed.inject(slot_map, vectors, users):
             logits = engine(input_ids=ids, attention_mask=attention).logits
     return answer_loss(logits, batch["labels"].to(device))
 
@@ -163,7 +168,11 @@ def train_worker(config: dict) -> None:
     # ---- data, SRec, model
     manifest = load_manifest(paths["data"])
     check_manifest(paths["data"], manifest, paths["llm"], verify_sha=False)  # sha256s: once, by the driver
-    tokenizer = load_tokenizer(paths["llm"])
+    user_token = bool(cfg.data.user_token)
+    if bool(manifest["params"].get("user_token", False)) != user_token:
+        raise ValueError(f"data.user_token={user_token} but the shards in {paths['data']} were built with "
+                         f"user_token={manifest['params'].get('user_token', False)}: rebuild them")
+    tokenizer = load_tokenizer(paths["llm"], user_token)
     ph_id = tokenizer.convert_tokens_to_ids("[PH]")
     srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
     if srec.num_items != manifest["num_items"]:
@@ -171,7 +180,7 @@ def train_worker(config: dict) -> None:
                          f"{manifest['num_items']}: refusing to start")
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
                                       unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
-                                      injection=cfg.model.injection)
+                                      injection=cfg.model.injection, user_token=user_token)
 
     t = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,

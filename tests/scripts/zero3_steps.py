@@ -3,6 +3,10 @@ on 2 gloo ranks (run with torch.distributed.run) or in one plain process; writes
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/zero3_steps.py LLM_DIR OUT.json
     python tests/scripts/zero3_steps.py LLM_DIR OUT.json --single
+
+USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] slot (behaviour rows
+[5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
+TEXT_ONLY=1: every step text-only (no slots); TEXT_STEPS=1,2: those steps only.
 """
 
 import json
@@ -17,16 +21,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
 
+USER = bool(os.environ.get("USER_TOKEN"))
+
+
 def batch(vocab, B=4, T=16, slots=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, vocab, (B, T), generator=g)
     slot = torch.full((B, T), -1)
     for b in range(B):
-        slot[b, torch.randperm(T - 4, generator=g)[:slots]] = torch.randint(0, 5, (slots,), generator=g)
+        pos = torch.randperm(T - 4, generator=g)[:slots + USER]
+        slot[b, pos[:slots]] = torch.randint(0, 5, (slots,), generator=g)
+        if USER:
+            slot[b, pos[slots]] = 5 + b  # the user-state row of sample b
     labels = torch.full((B, T), -100)
     labels[:, -4:] = ids[:, -4:]  # the same number of answer tokens in every sample
     vectors = torch.randn(5, 64, generator=g)
-    return ids, slot, labels, vectors
+    users = torch.randn(B, 64, generator=g) if USER else None
+    return ids, slot, labels, vectors, users
 
 
 def main():
@@ -36,17 +47,17 @@ def main():
 
     lora = {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     model, embed = build_llara_model(llm, 64, lora, unfreeze=os.environ.get("UNFREEZE", "lm_head").split(","), seed=0,
-                                     injection=os.environ.get("INJECTION", "fused"))
+                                     injection=os.environ.get("INJECTION", "fused"), user_token=USER)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)  # SGD: rounding differences stay small (Adam amplifies them on step 1)
     vocab = model.get_input_embeddings().num_embeddings
     losses = []
     if single:
         for step in range(3):
-            ids, slot, labels, vec = batch(vocab, seed=step)
-            if os.environ.get("TEXT_ONLY"):
+            ids, slot, labels, vec, users = batch(vocab, seed=step)
+            if os.environ.get("TEXT_ONLY") or str(step) in os.environ.get("TEXT_STEPS", "").split(","):
                 slot = torch.full_like(slot, -1)
-            with embed.inject(slot, vec):
+            with embed.inject(slot, vec, users):
                 loss = answer_loss(model(input_ids=ids).logits, labels)
             opt.zero_grad()
             loss.backward()
@@ -63,11 +74,11 @@ def main():
                "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", 3))}, "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         for step in range(3):
-            ids, slot, labels, vec = batch(vocab, seed=step)
+            ids, slot, labels, vec, users = batch(vocab, seed=step)
             part = slice(rank * 4 // world, (rank + 1) * 4 // world)
-            if os.environ.get("TEXT_ONLY"):
+            if os.environ.get("TEXT_ONLY") or str(step) in os.environ.get("TEXT_STEPS", "").split(","):
                 slot = torch.full_like(slot, -1)
-            with embed.inject(slot[part], vec):
+            with embed.inject(slot[part], vec, users):
                 loss = answer_loss(engine(input_ids=ids[part]).logits, labels[part])
             engine.backward(loss)
             engine.step()

@@ -13,17 +13,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from shards.prompts import PLACEHOLDERS
+from shards.prompts import PLACEHOLDERS, USER_EMB
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `corpus` and save it with LLaRA's special tokens to `out_dir`."""
+def build_tokenizer(corpus: list[str], vocab_size: int, out_dir: str, user_token: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `corpus` and save it with LLaRA's special tokens to `out_dir`.
+
+    With user_token, [UserEmb] is one more special token (after LLaRA's). Without it the tokenizer is
+    exactly LLaRA-only: adding the token always would shift the BPE vocabulary of the default run."""
+    placeholders = [*PLACEHOLDERS, USER_EMB] if user_token else list(PLACEHOLDERS)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = [PAD, BOS, EOS, *PLACEHOLDERS]
+    special = [PAD, BOS, EOS, *placeholders]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -33,7 +37,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int, out_dir: str) -> PreTrai
     tok.train_from_iterator(corpus, trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=list(PLACEHOLDERS),
+        additional_special_tokens=placeholders,
     )
     hf.save_pretrained(out_dir)
     return hf
