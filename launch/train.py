@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         train_loop_config={"cfg": to_dict(cfg), "paths": paths},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(storage_path=os.path.join(paths["output_dir"], "ray"), name="train",
+        # checkpoints are written by the workers into <output_dir>/checkpoints and reported to Ray in place
+        run_config=RunConfig(storage_path=os.path.abspath(paths["output_dir"]), name="checkpoints",
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()

@@ -100,3 +100,6 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int,
         out["history_len"] = len(sample["history"])
     return out
 
+
+# ReLLa's CTR answers (P(yes) compares the logits of their first differing tokens: trainer/scoring.py)
+CTR_ANSWERS = (" Yes.", " No.")

@@ -20,3 +20,25 @@ def test_find_latest_skips_torn_checkpoints(tmp_path):
     assert find_latest(str(tmp_path)) == "step_000020"
     (tmp_path / LATEST).write_text("step_000030")  # even a marker pointing at a torn one is not trusted
     assert find_latest(str(tmp_path)) == "step_000020"
+
+
+def test_resume_tag_prefers_the_checkpoint_reported_to_ray_when_complete(tmp_path):
+    from ray.train import Checkpoint
+
+    from trainer.checkpoint import COMPLETE
+    from trainer.train_loop import resume_tag
+
+    root = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        if complete:
+            (root / f"step_{step:06d}" / COMPLETE).touch()
+    assert resume_tag(None, str(root)) == ("step_000008", "the newest complete checkpoint in the output folder")
+    reported = Checkpoint.from_directory(str(root / "step_000004"))
+    assert resume_tag(reported, str(root)) == ("step_000004", "the checkpoint reported to Ray")
+    torn = Checkpoint.from_directory(str(root / "step_000012"))  # reported, then torn: not used
+    assert resume_tag(torn, str(root))[0] == "step_000008"
+    elsewhere = tmp_path / "other" / "step_000004"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / COMPLETE).touch()
+    assert resume_tag(Checkpoint.from_directory(str(elsewhere)), str(root))[0] == "step_000008"

@@ -74,7 +74,8 @@ def test_sigkill_of_a_worker_resumes_exactly(reference, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log[-4000:]
-    assert "resumed from step_" in log, f"killed at step {kill_at} but no resume seen"
+    # Ray's FailureConfig restart hands the workers the last checkpoint they reported (ray.train.report)
+    assert "resumed from step_" in log and "(the checkpoint reported to Ray)" in log, f"killed at step {kill_at}: {log[-3000:]}"
     assert _losses(out) == _losses(reference)  # every step, the same loss, bit for bit
     assert _export_bytes(out) == _export_bytes(reference)
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Config keys added after runs were prepared, with the value that reproduces what those runs built:
 # an old stamp without the key is read as having the default (it was built that way).
-_ADDED_KEYS = {("data", "user_token"): False}
+_ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last"}
 
 
 def run_paths(output_dir: str) -> dict:

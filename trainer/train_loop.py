@@ -139,6 +139,33 @@ def _plot_losses(metrics_file: str, out_png: str) -> None:
     plt.close(fig)
 
 
+def resume_tag(reported, root: str) -> tuple[str | None, str]:
+    """The checkpoint to resume from: the one last reported to Ray (what a FailureConfig restart is
+    handed), if it is complete; else the newest complete one in the output folder (a new run of the
+    same command, or a report that never reached Ray)."""
+    from trainer.checkpoint import COMPLETE, find_latest
+
+    if reported is not None:
+        path = os.path.realpath(reported.path)
+        if os.path.dirname(path) == os.path.realpath(root) and os.path.exists(os.path.join(path, COMPLETE)):
+            return os.path.basename(path), "the checkpoint reported to Ray"
+        log.warning("the checkpoint Ray handed over (%s) is not a complete checkpoint of %s: ignoring it", reported.path, root)
+    return find_latest(root), "the newest complete checkpoint in the output folder"
+
+
+def report_checkpoint(metrics: dict, root: str, step: int, is_main: bool) -> None:
+    """Register a saved checkpoint with Ray Train (every rank calls this; rank 0 passes the folder).
+    It already lies in the run's storage (RunConfig storage_path=output_dir, name="checkpoints"), so
+    nothing is copied."""
+    import ray.train
+
+    from trainer.checkpoint import tag_for
+
+    ckpt = ray.train.Checkpoint.from_directory(os.path.join(root, tag_for(step))) if is_main else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=tag_for(step),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
 def train_worker(config: dict) -> None:
     import ray.train
 
@@ -149,7 +176,7 @@ def train_worker(config: dict) -> None:
 
     from shards.build import check_manifest, load_manifest
     from trainer import signals
-    from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint, tag_for
+    from trainer.checkpoint import load_checkpoint, save_checkpoint, tag_for
     from trainer.export import export_model
     from trainer.curriculum import is_hybrid, warmup_cosine
     from trainer.data import SplitReader, rank_loader
@@ -204,7 +231,7 @@ def train_worker(config: dict) -> None:
 
     # ---- resume
     state = {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0}
-    tag = find_latest(paths["checkpoints"])
+    tag, source = resume_tag(ray.train.get_checkpoint(), paths["checkpoints"])
     if tag:
         with open(os.path.join(paths["checkpoints"], tag, "trainer_state.json")) as f:
             saved_world = json.load(f)["world_size"]
@@ -213,7 +240,8 @@ def train_worker(config: dict) -> None:
                              f"resume with train.num_workers={saved_world}")
         state = load_checkpoint(engine, paths["checkpoints"], tag, rank)
         if is_main:
-            log.info("resumed from %s: step %d, epoch %d, position %d", tag, state["global_step"], state["epoch"], state["position"])
+            log.info("resumed from %s (%s): step %d, epoch %d, position %d", tag, source, state["global_step"],
+                     state["epoch"], state["position"])
             _truncate_metrics(os.path.join(paths["logs"], "metrics.jsonl"), state["global_step"])
 
     def trainer_state() -> dict:
@@ -273,6 +301,7 @@ def train_worker(config: dict) -> None:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if step % t.checkpoint_every == 0 or step == total_steps or stop.item():
                 save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, t.keep_last)
+                report_checkpoint(record, paths["checkpoints"], step, is_main)
                 last_saved = step
             if stop.item():
                 if is_main:
@@ -287,6 +316,7 @@ def train_worker(config: dict) -> None:
             state["position"] = 0
     if last_saved != state["global_step"]:
         save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, t.keep_last)
+        report_checkpoint({"step": state["global_step"]}, paths["checkpoints"], state["global_step"], is_main)
     if is_main:
         if tb:
             tb.close()

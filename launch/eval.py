@@ -1,0 +1,119 @@
+"""Evaluate a trained LLaRA model on Ray workers, the papers' ways and faster ways, with baselines.
+
+    python launch/eval.py --run runs/default                          # the run's export, test split
+    python launch/eval.py --run runs/default --checkpoint latest --split val --modes score
+    ray job submit --working-dir . -- python launch/eval.py --run /shared/runs/x --workers 8
+
+Modes (trainer/eval_loop.py): generate (LLaRA's protocol: greedy generation, ValidRatio, HR@1 of
+valid and of all), score (rank the candidates by the log-likelihood of their titles: HR@1, HR@5,
+NDCG@5), ctr (P(yes): AUC, log loss, accuracy; on samples with a CTR label). The frozen SRec alone,
+popularity and random are ranked on the same candidates. Writes metrics.json, predictions.csv and
+report.md to --out (default <run>/eval/<checkpoint or export>_<split>/) and prints the report.
+Exit codes: 0 done, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+log = logging.getLogger("launch.eval")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the training run's output_dir")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="a checkpoint tag of the run (step_000600) or 'latest'")
+    src.add_argument("--export", help="an export folder (default: <run>/export)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--modes", default="generate,score,ctr", help="comma-separated: generate, score, ctr")
+    p.add_argument("--prompts", choices=["hybrid", "text"], default=None,
+                   help="behaviour tokens injected or placeholders as [PH] (default: as the run trained)")
+    p.add_argument("--max-samples", type=int, default=-1, help="the first N samples of the split (-1: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
+    """({"export": dir} or {"checkpoint": dir, "config": ...}, the run's config, a short name)."""
+    from trainer.checkpoint import COMPLETE, find_latest
+
+    if a.checkpoint:
+        tag = find_latest(paths["checkpoints"]) if a.checkpoint == "latest" else a.checkpoint
+        ckpt = os.path.join(paths["checkpoints"], tag or "")
+        if not tag or not os.path.exists(os.path.join(ckpt, COMPLETE)):
+            raise SystemExit(f"error: no complete checkpoint {a.checkpoint!r} in {paths['checkpoints']}")
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            cfg = json.load(f)["config"]
+        return {"checkpoint": ckpt, "config": cfg}, cfg, tag
+    export = os.path.abspath(a.export or os.path.join(paths["output_dir"], "export"))
+    if not os.path.exists(os.path.join(export, "export.json")):
+        raise SystemExit(f"error: {export} is not an export (no export.json); train first, or pass --checkpoint")
+    tag = find_latest(paths["checkpoints"])
+    cfg = None
+    if tag:
+        with open(os.path.join(paths["checkpoints"], tag, "trainer_state.json")) as f:
+            cfg = json.load(f)["config"]
+    return {"export": export}, cfg, "export"
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    a = parse_args(argv)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    from trainer.eval_loop import MODES
+
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        print(f"error: unknown mode(s) {bad}; expected some of {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    from trainer.prepare import run_paths
+
+    paths = run_paths(a.run)
+    if not os.path.exists(os.path.join(paths["data"], "manifest.json")):
+        print(f"error: {a.run} is not a training run folder (no data/manifest.json)", file=sys.stderr)
+        return 2
+    source, run_cfg, name = resolve_source(a, paths)
+    hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
+    out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))
+    args = {"split": a.split, "modes": modes, "hybrid": hybrid, "max_samples": a.max_samples, "batch_size": a.batch_size,
+            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out}
+    header = (f"Run `{paths['output_dir']}`, {name}, split `{a.split}`, prompts "
+              f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers.")
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainer.eval_loop import eval_worker
+
+    env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env)
+    else:
+        ray.init(num_cpus=a.workers * a.cpus_per_worker, runtime_env=env)
+    trainer = TorchTrainer(
+        train_loop_per_worker=eval_worker,
+        train_loop_config={"paths": paths, "source": source, "args": args, "header": header, "threads": a.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=a.workers, resources_per_worker={"CPU": a.cpus_per_worker}),
+        run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="eval"),
+    )
+    trainer.fit()
+    with open(os.path.join(out, "report.md")) as f:
+        print("\n" + f.read())
+    print(f"written: {out}/metrics.json, predictions.csv, report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

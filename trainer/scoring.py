@@ -1,0 +1,154 @@
+"""Scoring instead of generating: two evaluation modes that read the model's probabilities.
+
+- Candidate scoring (LLaRA's task): rank a sample's candidates by the log-likelihood of
+  " <title>\\n" after the prompt. The prompt runs once; its KV cache is repeated for the candidates,
+  which run together in one more forward. Every answer is valid; HR@1, HR@5 and NDCG@5 follow.
+- CTR (ReLLa): P(yes) = softmax over the "Yes" and "No" logits at the answer position.
+
+Both see the prompt as training does: behaviour tokens injected (hybrid) or placeholders as [PH].
+The ranking metrics below also score the baselines (the SRec alone, popularity, random) on the same
+candidates, with the same tie rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from shards.prompts import CTR_ANSWERS
+from trainer.data import collate, meta, user_states
+
+
+def prompt_inputs(embed, srec, batch: dict, ph_id: int, device, hybrid: bool):
+    """(input ids, context manager) for a collated batch: inside the context the model's forward over
+    those ids gets the behaviour tokens (hybrid), or the ids have every placeholder as [PH] (text)."""
+    ids = batch["input_ids"].to(device)
+    slot_map = batch["slot_map"].to(device)
+    if not hybrid:
+        return torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids), contextlib.nullcontext()
+    vectors = srec.item_vectors(batch["unique_items"].to(device))
+    users = user_states(srec, batch, device) if getattr(embed, "user_adapter", None) is not None else None
+    return ids, embed.inject(slot_map, vectors, users)
+
+
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (attention.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def candidate_logliks(model, embed, srec, samples: list[dict], tokenizer, titles: list[str], hybrid: bool,
+                      device) -> torch.Tensor:
+    """[B, C] summed log-probabilities of each candidate's " <title>\\n" after the sample's prompt."""
+    batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
+    ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
+    attn = batch["attention_mask"].to(device)
+    with ctx:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=True)
+    first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the first answer token
+    cands = [meta(s)["candidates"] for s in samples]
+    C = len(cands[0])
+    if any(len(c) != C for c in cands):
+        raise ValueError("candidate scoring needs the same number of candidates in every sample of a batch")
+    toks = [tokenizer(" " + titles[c] + "\n", add_special_tokens=False)["input_ids"] for cs in cands for c in cs]
+    L = max(map(len, toks))
+    cand_ids = torch.full((len(toks), L), tokenizer.pad_token_id, dtype=torch.long)
+    cand_mask = torch.zeros((len(toks), L), dtype=torch.long)
+    for i, t in enumerate(toks):
+        cand_ids[i, :len(t)] = torch.as_tensor(t)
+        cand_mask[i, :len(t)] = 1
+    cand_ids, cand_mask = cand_ids.to(device), cand_mask.to(device)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(C)  # the prompt's keys and values, once per candidate
+    full_mask = torch.cat([attn.repeat_interleave(C, 0), cand_mask], 1)
+    start = attn.sum(1).repeat_interleave(C, 0)[:, None]
+    pos = start + torch.arange(L, device=device)[None]
+    logits = model(input_ids=cand_ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+    logp = logits.float().log_softmax(-1)  # [B*C, L, V]: token j+1 given the prompt and tokens <= j
+    lp = torch.empty(cand_ids.shape, device=device)
+    lp[:, 0] = first.repeat_interleave(C, 0).gather(1, cand_ids[:, :1]).squeeze(1)
+    if L > 1:
+        lp[:, 1:] = logp[:, :-1].gather(2, cand_ids[:, 1:, None]).squeeze(2)
+    return (lp * cand_mask).sum(1).view(len(samples), C).cpu()
+
+
+@torch.no_grad()
+def yes_probability(model, embed, srec, samples: list[dict], tokenizer, hybrid: bool, device) -> torch.Tensor:
+    """[B] P(yes): softmax over the "Yes" and "No" logits at the answer position (ReLLa's CTR score).
+
+    With a tokenizer that splits " Yes." and " No." after a common first piece (e.g. a lone space in
+    a small BPE), that piece is appended to the prompt and the first differing tokens are compared."""
+    batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
+    prefix, yes, no = answer_token_ids(tokenizer)
+    if prefix:
+        extra = torch.as_tensor(prefix)[None].expand(len(samples), -1)
+        batch["input_ids"] = torch.cat([batch["input_ids"], extra], 1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1)
+        batch["slot_map"] = torch.cat([batch["slot_map"], torch.full_like(extra, -1)], 1)
+    ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
+    attn = batch["attention_mask"].to(device)
+    with ctx:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn)).logits[:, -1].float()
+    return logits[:, [yes, no]].softmax(-1)[:, 0].cpu()
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], int, int]:
+    """(common prefix, yes token, no token): where the token sequences of the answers " Yes." and
+    " No." (shards.prompts.CTR_ANSWERS) first differ, and the tokens before that point."""
+    a, b = (tokenizer(x, add_special_tokens=False)["input_ids"] for x in CTR_ANSWERS)
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    if k == min(len(a), len(b)):
+        raise ValueError(f"the tokenizer cannot tell {CTR_ANSWERS[0]!r} from {CTR_ANSWERS[1]!r} by one token")
+    return a[:k], a[k], b[k]
+
+
+# ---- metrics
+
+
+def target_ranks(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target among its candidates. Ties go against the target for the
+    candidates listed before it (the candidates are in a seeded random order, so this is fair)."""
+    t = scores.gather(1, target_index[:, None])
+    before = torch.arange(scores.shape[1])[None] < target_index[:, None]
+    return (scores > t).sum(1) + ((scores == t) & before).sum(1)
+
+
+def ranking_metrics(ranks: torch.Tensor) -> dict:
+    n = len(ranks)
+    if n == 0:
+        return {"samples": 0, "hr@1": 0.0, "hr@5": 0.0, "ndcg@5": 0.0}
+    r = ranks.double()
+    return {"samples": n, "hr@1": float((r < 1).double().mean()), "hr@5": float((r < 5).double().mean()),
+            "ndcg@5": float(((r < 5).double() / torch.log2(r + 2)).mean())}
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64)
+    pos, neg = labels.sum(), (~labels).sum()
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average rank over each group of equal scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def ctr_metrics(labels, p_yes) -> dict:
+    labels, p = np.asarray(labels, dtype=np.float64), np.clip(np.asarray(p_yes, dtype=np.float64), 1e-7, 1 - 1e-7)
+    n = len(labels)
+    return {"samples": n, "auc": auc(labels, p),
+            "log_loss": float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean()) if n else math.nan,
+            "accuracy": float(((p > 0.5) == (labels > 0.5)).mean()) if n else math.nan}
