@@ -26,10 +26,12 @@ log = logging.getLogger("launch.eval")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training run's output_dir")
+    p.add_argument("--run", required=True, help="the training run's output_dir (prepared: data, tokenizer, SRec)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="a checkpoint tag of the run (step_000600) or 'latest'")
     src.add_argument("--export", help="an export folder (default: <run>/export)")
+    src.add_argument("--zero-shot", action="store_true",
+                     help="the run's base LLM with untrained LoRA and adapter (ReLLa's zero-shot setting)")
     p.add_argument("--split", default="test")
     p.add_argument("--modes", default="generate,score,ctr", help="comma-separated: generate, score, ctr")
     p.add_argument("--prompts", choices=["hybrid", "text"], default=None,
@@ -45,7 +47,8 @@ def parse_args(argv=None):
 
 
 def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
-    """({"export": dir} or {"checkpoint": dir, "config": ...}, the run's config, a short name)."""
+    """({"export": dir}, {"checkpoint": dir, "config": ...} or {"zero_shot": True, "config": ...}, the
+    run's training config if known, a short name)."""
     from trainer.checkpoint import COMPLETE, find_latest
 
     if a.checkpoint:
@@ -56,6 +59,10 @@ def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             cfg = json.load(f)["config"]
         return {"checkpoint": ckpt, "config": cfg}, cfg, tag
+    if a.zero_shot:
+        with open(paths["stamp"]) as f:  # the run's prepared config: base model, LoRA shape, injection
+            cfg = json.load(f)
+        return {"zero_shot": True, "config": cfg}, None, "zero_shot"
     export = os.path.abspath(a.export or os.path.join(paths["output_dir"], "export"))
     if not os.path.exists(os.path.join(export, "export.json")):
         raise SystemExit(f"error: {export} is not an export (no export.json); train first, or pass --checkpoint")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SMALL
+from conftest import REPO, SHARED_DATA, SMALL
 
 ARGS = [*SMALL, "train.max_steps=6", "train.checkpoint_every=6", "eval.max_samples=12", "eval.batch_size=4"]
 
@@ -60,3 +60,35 @@ def test_bad_arguments_fail_before_ray(run, tmp_path):
     assert r.returncode == 2 and "not a training run folder" in r.stderr
     r = _eval(run, "--checkpoint", "step_999999")
     assert r.returncode != 0 and "no complete checkpoint" in r.stderr
+
+
+LLARA_ML = os.path.join(SHARED_DATA, "llara-data", "movielens")
+LLARA_SREC = os.path.join(SHARED_DATA, "llara-srec", "movielens.pt")
+
+
+@pytest.mark.skipif(not (os.path.exists(LLARA_ML) and os.path.exists(LLARA_SREC)),
+                    reason="LLaRA's MovieLens test set or SASRec weights are not in ../shared/data")
+def test_llaras_test_set_with_llaras_sasrec_as_the_srec(tmp_path):
+    """Zero-shot evaluation on LLaRA's released MovieLens test rows with LLaRA's released SASRec: the
+    SRec-alone baseline of launch/eval.py is what those weights give on the same candidates."""
+    from trainer.config import load_config
+    from trainer.prepare import prepare
+    from trainer.srec import load_srec
+    from trainer.srec.metrics import evaluate
+    from trainer.eval_loop import split_samples
+    from trainer.data import meta
+    from shards.build import load_manifest
+
+    run = tmp_path / "llara-ml"
+    cfg = load_config(None, [f"output_dir={run}", "data.source=llara", f"data.path={LLARA_ML}", f"srec.path={LLARA_SREC}",
+                             "data.max_len=1024", "model.tiny.max_position_embeddings=1024"])
+    paths = prepare(cfg)
+    r = _eval(run, "--zero-shot", "--modes", "score", "--max-samples", "-1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run / "eval" / "zero_shot_test" / "metrics.json").read_text())
+    assert m["samples"] == 95  # LLaRA's MovieLens test rows (one with an empty history is not among them)
+    samples = split_samples(paths, load_manifest(paths["data"]), "test", -1)
+    rows = [{"history": meta(s)["history"], "target": meta(s)["target"]} for s in samples]
+    want = evaluate(load_srec(paths["srec"]), rows, 1682, [meta(s)["candidates"] for s in samples])
+    assert m["baselines"]["srec"]["hr@1"] == pytest.approx(want["cand20_hr@1"])
+    assert m["baselines"]["srec"]["hr@1"] > 2 * m["baselines"]["random"]["hr@1"]  # the released SASRec carries signal

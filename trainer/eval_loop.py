@@ -28,7 +28,8 @@ MODES = ("generate", "score", "ctr")
 
 
 def load_model_for_eval(source: dict, paths: dict, srec_dim: int):
-    """(model, hybrid embedding, tokenizer) from {"export": dir} or {"checkpoint": dir, "config": run config}.
+    """(model, hybrid embedding, tokenizer) from {"export": dir}, {"checkpoint": dir, "config": run config}
+    or {"zero_shot": True, "config": prepared config} (the base LLM, nothing trained).
 
     A checkpoint's ZeRO partitions are merged with DeepSpeed's zero_to_fp32 reader, which unpickles
     DeepSpeed's own files (torch.load with weights_only=False): point it only at checkpoints your
@@ -40,14 +41,16 @@ def load_model_for_eval(source: dict, paths: dict, srec_dim: int):
             meta = json.load(f)
         return load_export(source["export"], paths["llm"], srec_dim, meta.get("injection", "fused"))
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from trainer.model.build import build_llara_model, load_tokenizer
 
     cfg = source["config"]
     user_token = bool(cfg["data"].get("user_token", False))
     model, embed = build_llara_model(paths["llm"], srec_dim, cfg["model"]["lora"], unfreeze=cfg["model"]["unfreeze"],
                                      seed=cfg["seed"], injection=cfg["model"]["injection"], user_token=user_token)
+    if source.get("zero_shot"):  # LoRA starts as the identity; the adapter is its seeded initialisation
+        return model.eval(), embed, load_tokenizer(paths["llm"], user_token)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     root, tag = os.path.split(source["checkpoint"].rstrip("/"))
     state = get_fp32_state_dict_from_zero_checkpoint(root, tag)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -103,7 +106,7 @@ def model_rows(model, embed, srec, tokenizer, titles, samples, modes, hybrid, ba
     return rows
 
 
-def baseline_ranks(srec, samples: list[dict], train_targets: list[int], num_items: int, seed: int) -> dict:
+def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, num_items: int, seed: int) -> dict:
     """The target's rank among each sample's candidates for the SRec alone, popularity and random."""
     from trainer.data import meta
     from trainer.scoring import target_ranks
@@ -114,10 +117,12 @@ def baseline_ranks(srec, samples: list[dict], train_targets: list[int], num_item
     with torch.no_grad():
         history, lengths = srec.pad([m["history"] for m in ms])
         srec_scores = srec.scores(history, lengths).gather(1, cands)
-    pop = torch.as_tensor(np.bincount(np.asarray(train_targets, dtype=np.int64), minlength=num_items), dtype=torch.float32)
     rnd = torch.rand(cands.shape, generator=torch.Generator().manual_seed(seed))
-    return {"srec": target_ranks(srec_scores, tgt), "popularity": target_ranks(pop[cands], tgt),
-            "random": target_ranks(rnd, tgt)}
+    out = {"srec": target_ranks(srec_scores, tgt), "random": target_ranks(rnd, tgt)}
+    if train_targets is not None:  # popularity: how often each item is a training target
+        pop = torch.as_tensor(np.bincount(np.asarray(train_targets, dtype=np.int64), minlength=num_items), dtype=torch.float32)
+        out["popularity"] = target_ranks(pop[cands], tgt)
+    return out
 
 
 def summarize(rows: list[dict], baselines: dict, modes) -> dict:
@@ -195,7 +200,10 @@ def eval_worker(config: dict) -> None:
     if rank == 0:
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
         assert len(rows) == len(samples) and len({r["key"] for r in rows}) == len(rows)  # each sample exactly once
-        train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
+        has_train = any(sh["split"] == "train" for sh in manifest["shards"])
+        train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)] if has_train else None
+        if not has_train:
+            log.warning("the data has no training split: no popularity baseline")
         baselines = baseline_ranks(srec, sorted(samples, key=lambda s: s["key"]), train_targets, manifest["num_items"],
                                    a["seed"])
         metrics = summarize(rows, baselines, a["modes"])
