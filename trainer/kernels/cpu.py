@@ -64,12 +64,9 @@ std::tuple<Tensor, Tensor> inject_backward_cpu(const Tensor& grad, const Tensor&
   const int64_t* sl = slot.data_ptr<int64_t>();
   float* b = gb.data_ptr<float>();
   float* w = weight_grad ? gw.data_ptr<float>() : nullptr;
-  int64_t adds = 0;  // rows to add: with a frozen weight only the slot rows (31 of 512 in LLaRA)
-  for (int64_t r = 0; r < rows; ++r) adds += sl[r] >= 0 || (w != nullptr && id[r] != padding_idx);
-  const int64_t grain = adds * H < (1 << 18) ? H : 256;  // little work: one thread, waking others costs more
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "inject_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
       for (int64_t r = 0; r < rows; ++r) {
         float* dst = nullptr;
         if (sl[r] >= 0) dst = b + sl[r] * H;
