@@ -90,6 +90,14 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(paths["data"], "manifest.json")):
         print(f"error: {a.run} is not a training run folder (no data/manifest.json)", file=sys.stderr)
         return 2
+    from shards.build import load_manifest
+    from trainer.eval_loop import check_modes
+
+    try:
+        check_modes(load_manifest(paths["data"]), modes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     source, run_cfg, name = resolve_source(a, paths)
     hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))

@@ -118,8 +118,12 @@ def main(argv=None) -> int:
     metrics_path = os.path.join(paths["eval"], f"{cfg.eval.split}_metrics.json")
     with open(metrics_path) as f:
         m = json.load(f)
-    print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): HitRatio@1 {m['hr@1_of_valid']:.4f} "
-          f"(correct/valid, as LLaRA) | {m['hr@1_of_all']:.4f} (correct/all) | ValidRatio {m['valid_ratio']:.4f}")
+    if m.get("task") == "ctr":
+        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): CTR AUC {m['auc']:.4f} | "
+              f"log loss {m['log_loss']:.4f} | accuracy {m['accuracy']:.4f}")
+    else:
+        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): HitRatio@1 {m['hr@1_of_valid']:.4f} "
+              f"(correct/valid, as LLaRA) | {m['hr@1_of_all']:.4f} (correct/all) | ValidRatio {m['valid_ratio']:.4f}")
     print(f"metrics: {metrics_path}")
     return 0
 

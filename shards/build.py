@@ -33,7 +33,7 @@ import os
 import numpy as np
 import webdataset as wds
 
-from shards.prompts import LLARA_TEMPLATES, templates, tokenize_llara
+from shards.prompts import CTR_TEMPLATES, LLARA_TEMPLATES, templates, tokenize_ctr, tokenize_llara
 from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
 MANIFEST = "manifest.json"
@@ -99,7 +99,9 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     n_raw = len(interactions)
     interactions = kcore_filter(interactions, int(data_cfg.get("kcore") or 0))
     vocab = build_vocab(interactions, items)
-    h = data_cfg["history_len"]
+    from shards.ctr import pool_len
+
+    h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
     split = data_cfg.get("split", "loo")
     if split == "time":
         splits = global_time_split(interactions, vocab["dense"], h)
@@ -126,7 +128,7 @@ def _init_worker(tokenizer_dir):
 
 def _encode_chunk(args):
     """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
-    chunk, titles, num_items, num_candidates, max_len, seed, user_token = args
+    chunk, titles, num_items, num_candidates, max_len, seed, user_token, task, profiles = args
     out = []
     for n, split, sample in chunk:
         for key in ("history", "candidates"):
@@ -137,6 +139,14 @@ def _encode_chunk(args):
         if not 0 <= sample["target"] < num_items:
             raise ValueError(f"{split} sample {n} (user {sample['user']}): target {sample['target']} is outside "
                              f"the vocabulary 0..{num_items - 1}")
+        if task == "ctr":
+            tok = tokenize_ctr(sample, titles, _TOKENIZER, max_len, profiles.get(sample["user"]))
+            meta = {"user": sample["user"], "history": sample["history"], "history_ratings": sample["history_ratings"],
+                    "candidates": [], "target": sample["target"], "label": int(sample["label"]),
+                    "retrieved": bool(sample["retrieved"]), "prompt_len": tok["prompt_len"], "template": 0, "task": "ctr"}
+            out.append({"__key__": f"{split}-{n:08d}", "llara.bin": pack_sample(tok),
+                        "meta.json": json.dumps(meta, sort_keys=True).encode()})
+            continue
         sample = dict(sample, candidates=sample_candidates(sample, num_items, num_candidates, seed, split))
         t = int(np.random.default_rng([seed, 7, _SPLIT_CODE[split], sample["user"], sample["position"]])
                 .integers(len(LLARA_TEMPLATES)))
@@ -150,9 +160,17 @@ def _encode_chunk(args):
 
 def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,
                  samples_per_shard: int, seed: int, workers: int = 0, stats: dict | None = None,
-                 progress: bool = False, user_token: bool = False) -> dict:
+                 progress: bool = False, user_token: bool = False, task: str = "llara",
+                 profiles: dict | None = None, extra_params: dict | None = None) -> dict:
     """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest.
-    With user_token the prompts name the user's state ([UserEmb], see shards/prompts.py)."""
+    With user_token the prompts name the user's state ([UserEmb], see shards/prompts.py).
+    task="ctr": the samples are shards/ctr.py's labelled ones, written as ReLLa prompts (with the
+    user's profile from `profiles` where there is one); the manifest then records task and template.
+    extra_params (e.g. retrieval settings) go into the manifest's params and config hash."""
+    if task not in ("llara", "ctr"):
+        raise ValueError(f"data.task={task!r}: expected llara or ctr")
+    if task == "ctr" and user_token:
+        raise ValueError("data.user_token=true is not supported with data.task=ctr")
     os.makedirs(out_dir, exist_ok=True)
     titles = [t for _, t, _ in items]
     num_items = len(items)
@@ -162,6 +180,10 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
               "seed": seed, "templates": list(templates(user_token))}
     if user_token:  # only when on: the default manifest (and its config_hash) stays as it was
         params["user_token"] = True
+    if task == "ctr":  # likewise: only CTR manifests name a task
+        params["task"], params["templates"] = "ctr", list(CTR_TEMPLATES)
+    params.update(extra_params or {})
+    profiles = profiles or {}
     digest = hashlib.sha256(json.dumps([titles, {k: v for k, v in splits.items()}], sort_keys=True).encode()).hexdigest()
     manifest = {
         "format": 1, "num_items": num_items, "pad_item_id": num_items,
@@ -182,7 +204,8 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
             rows = splits.get(split, [])
             kept = [(n, split, s) for n, s in enumerate(rows) if s["history"]]
             manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - len(kept)
-            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed, user_token)
+            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed, user_token, task,
+                       {s["user"]: profiles[s["user"]] for _, _, s in kept[i:i + 256] if s["user"] in profiles})
                       for i in range(0, len(kept), 256)]
             results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
             if progress:
@@ -248,9 +271,15 @@ def main(argv=None) -> None:
     cfg = load_config(a.config, a.overrides)
     d = to_dict(cfg.data)
     items, splits, stats = load_source(d, cfg.seed)
+    from shards.ctr import make_samples, manifest_params
+    from shards.readers import read_profiles
+
+    # SUBR (data.ctr.retrieval=subr, ReiT, data.retrieval.hybrid) embeds items with the LLM at --tokenizer
+    splits = make_samples(d, splits, items, cfg.seed, a.tokenizer, os.path.join(a.out, "item_emb"))
+    profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
     m = write_shards(items, splits, a.tokenizer, a.out, num_candidates=d["num_candidates"], max_len=d["max_len"],
                      samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True,
-                     user_token=bool(d["user_token"]))
+                     user_token=bool(d["user_token"]), task=d["task"], profiles=profiles, extra_params=manifest_params(d))
     print(json.dumps(m["stats"], indent=1))
 
 

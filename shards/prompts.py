@@ -103,3 +103,64 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int,
 
 # ReLLa's CTR answers (P(yes) compares the logits of their first differing tokens: trainer/scoring.py)
 CTR_ANSWERS = (" Yes.", " No.")
+
+
+# ---- ReLLa CTR prompts (data.task=ctr; shards/ctr.py builds the samples)
+
+# ReLLa's profile, rated history and question, with LLaRA's placeholders after every item: the
+# trainer's mode fills them with behaviour tokens (hybrid) or leaves them as [PH] (text, ReLLa's setting).
+CTR_TEMPLATE = ("[ProfileHere]The user watched the following movies in order and gave these ratings: [HistoryHere]. "
+                "Will the user like [TargetHere]? Answer Yes or No. Answer:")
+CTR_TEMPLATES = (CTR_TEMPLATE,)
+
+
+def profile_sentence(profile: dict | None) -> str:
+    """ "The user is a female, aged 25-34, working as a writer. " or "" without a profile."""
+    if not profile:
+        return ""
+    g = str(profile.get("gender", "")).strip()
+    gender = {"F": "female", "M": "male"}.get(g.upper(), g) if g else ""
+    parts = [f"The user is a {gender}" if gender else "The user"]
+    if profile.get("age") not in (None, ""):
+        parts.append(f"aged {profile['age']}")
+    if profile.get("occupation"):
+        parts.append(f"working as {profile['occupation']}")
+    return ", ".join(parts) + ". "
+
+
+def format_rating(r) -> str:
+    r = float(r)
+    return f"{int(r)}" if r == int(r) else f"{r:g}"
+
+
+def render_ctr(sample: dict, titles, profile: dict | None = None, template: str = CTR_TEMPLATE) -> tuple[str, str]:
+    """(prompt, answer): "1. Title [HistoryEmb] (4 stars), 2. ..." and the target as "Title [ItemEmb]";
+    the answer is " Yes." (label 1) or " No." (label 0)."""
+    hist = ", ".join(f"{n}. {titles[i]} {HISTORY_EMB} ({format_rating(r)} stars)"
+                     for n, (i, r) in enumerate(zip(sample["history"], sample["history_ratings"]), 1))
+    prompt = (template.replace("[ProfileHere]", profile_sentence(profile)).replace("[HistoryHere]", hist)
+              .replace("[TargetHere]", f"{titles[sample['target']]} {ITEM_EMB}"))
+    return prompt, CTR_ANSWERS[0 if sample["label"] else 1]
+
+
+def tokenize_ctr(sample: dict, titles, tokenizer, max_len: int, profile: dict | None = None) -> dict:
+    """As tokenize_llara for a CTR sample: label_mask on the answer and eos, one slot per history
+    item ([HistoryEmb]) then the target ([ItemEmb])."""
+    prompt, answer = render_ctr(sample, titles, profile)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
+    if len(ids) > max_len:
+        raise PromptTooLong(
+            f"user {sample['user']} (target {sample['target']}): CTR prompt + answer is {len(ids)} tokens, "
+            f"the limit (data.max_len) is {max_len}; raise the limit or shorten data.history_len")
+    label_mask = np.zeros(len(ids), dtype=np.uint8)
+    label_mask[len(ids) - len(answer_ids):] = 1
+    hist_pos = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(HISTORY_EMB))
+    item_pos = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(ITEM_EMB))
+    if len(hist_pos) != len(sample["history"]) or len(item_pos) != 1:
+        raise ValueError(f"user {sample['user']}: found {len(hist_pos)}/{len(item_pos)} placeholders for "
+                         f"{len(sample['history'])} history items and 1 target; does a title contain a placeholder token?")
+    return {"input_ids": ids, "label_mask": label_mask, "slot_pos": np.concatenate([hist_pos, item_pos]).astype(np.int32),
+            "slot_item": np.asarray(list(sample["history"]) + [sample["target"]], dtype=np.int32),
+            "prompt_len": int(len(ids) - len(answer_ids))}

@@ -100,6 +100,10 @@ ML1M_JOBS = ["other", "academic/educator", "artist", "clerical/admin", "college/
 def read_movielens_1m(folder: str) -> RawData:
     """ratings.dat (user::item::rating::ts), movies.dat (id::title::genres), users.dat; ISO-8859-1."""
     path = os.path.join(folder, "ratings.dat")
+    if not os.path.exists(path):
+        have = ", ".join(sorted(f for f in ("movies.dat", "users.dat") if os.path.exists(os.path.join(folder, f))))
+        raise FileNotFoundError(f"{path} not found: MovieLens-1M needs ratings.dat (user::item::rating::timestamp)"
+                                f"{f'; the folder has only {have}' if have else ''}")
     inter = []
     for n, line in _lines(path, "iso-8859-1"):
         u, i, r, t = _fields(path, n, line, "::", 4, "user::item::rating::timestamp")[:4]
@@ -249,3 +253,17 @@ def read_movielens_100k_items(path: str) -> list[tuple[int, str, str]]:
         parts = _fields(path, n, line, "|", 5, "id|title|release|video release|url|genres")
         items.append((_int(path, n, parts[0], "item id"), parts[1], ""))
     return items
+
+
+def read_profiles(source: str, folder: str | None) -> dict[int, dict]:
+    """User profiles by raw user id where the data has them (ml-100k u.user, ml-1m users.dat), else {}.
+    Used for ReLLa's CTR prompts (shards/ctr.py)."""
+    if source == "ml-1m":
+        return read_movielens_1m_users(folder)
+    if source == "ml-100k" and os.path.exists(os.path.join(folder, "u.user")):
+        path, users = os.path.join(folder, "u.user"), {}
+        for n, line in _lines(path, "iso-8859-1"):
+            uid, age, gender, occ, _zip = _fields(path, n, line, "|", 5, "id|age|gender|occupation|zip")[:5]
+            users[_int(path, n, uid, "user id")] = {"age": _int(path, n, age, "age"), "gender": gender, "occupation": occ}
+        return users
+    return {}

@@ -106,6 +106,15 @@ def model_rows(model, embed, srec, tokenizer, titles, samples, modes, hybrid, ba
     return rows
 
 
+def check_modes(manifest: dict, modes) -> None:
+    """CTR shards (data.task=ctr) have no candidates: only the ctr mode applies to them."""
+    if manifest["params"].get("task", "llara") == "ctr":
+        bad = [m for m in modes if m != "ctr"]
+        if bad:
+            raise ValueError(f"mode(s) {', '.join(bad)} rank candidates, but these shards hold CTR samples "
+                             "(data.task=ctr, no candidates): use --modes ctr")
+
+
 def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, num_items: int, seed: int) -> dict:
     """The target's rank among each sample's candidates for the SRec alone, popularity and random."""
     from trainer.data import meta
@@ -163,9 +172,10 @@ def report_markdown(m: dict, header: str) -> str:
         g = m["generate"]
         lines.append(f"Generation (LLaRA's protocol): ValidRatio {g['valid_ratio']:.4f}, HitRatio@1 "
                      f"{g['hr@1_of_valid']:.4f} (correct / valid, as LLaRA's code) and {g['hr@1_of_all']:.4f} (correct / all).\n")
-    lines.append("| ranking of the candidates | HR@1 | HR@5 | NDCG@5 |\n|---|---:|---:|---:|")
     rankers = ([("LLM, candidate scoring", m["score"])] if "score" in m else []) + \
         [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
+    if rankers:
+        lines.append("| ranking of the candidates | HR@1 | HR@5 | NDCG@5 |\n|---|---:|---:|---:|")
     for name, r in rankers:
         lines.append(f"| {name} | {r['hr@1']:.4f} | {r['hr@5']:.4f} | {r['ndcg@5']:.4f} |")
     if "ctr" in m and m["ctr"].get("samples"):
@@ -192,6 +202,8 @@ def eval_worker(config: dict) -> None:
     manifest = load_manifest(paths["data"])
     titles = load_items(paths["data"])["titles"]
     samples = split_samples(paths, manifest, a["split"], a["max_samples"])
+    ctr_data = manifest["params"].get("task", "llara") == "ctr"
+    check_modes(manifest, a["modes"])
     mine = samples[rank::world]
     rows = model_rows(model, embed, srec, tokenizer, titles, mine, a["modes"], a["hybrid"], a["batch_size"],
                       a["max_new_tokens"], "cpu")
@@ -200,12 +212,13 @@ def eval_worker(config: dict) -> None:
     if rank == 0:
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
         assert len(rows) == len(samples) and len({r["key"] for r in rows}) == len(rows)  # each sample exactly once
-        has_train = any(sh["split"] == "train" for sh in manifest["shards"])
+        has_train = any(sh["split"] == "train" for sh in manifest["shards"]) and not ctr_data
         train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)] if has_train else None
         if not has_train:
             log.warning("the data has no training split: no popularity baseline")
-        baselines = baseline_ranks(srec, sorted(samples, key=lambda s: s["key"]), train_targets, manifest["num_items"],
-                                   a["seed"])
+        # CTR samples have no candidates to rank: no ranking baselines
+        baselines = {} if ctr_data else baseline_ranks(srec, sorted(samples, key=lambda s: s["key"]), train_targets,
+                                                       manifest["num_items"], a["seed"])
         metrics = summarize(rows, baselines, a["modes"])
         metrics["source"] = {k: v for k, v in config["source"].items() if k != "config"}
         metrics["split"], metrics["prompts"] = a["split"], "hybrid" if a["hybrid"] else "text"

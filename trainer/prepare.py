@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 # Config keys added after runs were prepared, with the value that reproduces what those runs built:
 # an old stamp without the key is read as having the default (it was built that way).
-_ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last"}
+_ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("data", "task"): "llara",
+               ("data", "ctr"): {"threshold": 4.0, "retrieval": "none", "reit": False, "few_shot": -1, "profile": True},
+               ("data", "retrieval"): {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie",
+                                       "pooling": "mean", "pca_dim": 512, "batch_size": 32}}
 
 
 def run_paths(output_dir: str) -> dict:
@@ -31,7 +34,7 @@ def run_paths(output_dir: str) -> dict:
     return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "srec": os.path.join(out, "assets", "srec"),
             "data": os.path.join(out, "data"), "checkpoints": os.path.join(out, "checkpoints"),
             "logs": os.path.join(out, "logs"), "eval": os.path.join(out, "eval"),
-            "stamp": os.path.join(out, "assets", "prepare.json")}
+            "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb")}
 
 
 def prepare(cfg: DictConfig) -> dict:
@@ -53,7 +56,9 @@ def prepare(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     from shards.build import load_source, write_shards
-    from shards.prompts import templates
+    from shards.ctr import make_samples, manifest_params, pool_len
+    from shards.prompts import CTR_TEMPLATES, templates
+    from shards.readers import read_profiles
     from trainer.model.build import load_tokenizer
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
     from trainer.srec import save_srec
@@ -70,14 +75,22 @@ def prepare(cfg: DictConfig) -> dict:
     else:
         log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
         corpus = [t for _, t, _ in items] + list(templates(user_token))
+        if d["task"] == "ctr":  # only then: the default tokenizer stays byte-identical
+            corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
         tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
         t = cfg.model.tiny
         build_tiny_llama(tokenizer, paths["llm"], t.hidden_size, t.num_layers, t.num_heads,
                          t.intermediate_size, t.max_position_embeddings, cfg.seed)
+    srec_splits = splits
+    if pool_len(d) != d["history_len"]:  # the SRec sees the history_len most recent, as the prompts' K
+        srec_splits = {k: [dict(x, history=x["history"][-d["history_len"]:]) for x in v] for k, v in splits.items()}
+    prompt_splits = make_samples(d, splits, items, cfg.seed, paths["llm"], paths["item_emb"])
+    profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
     log.info("building shards in %s", paths["data"])
-    manifest = write_shards(items, splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
+    manifest = write_shards(items, prompt_splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
                             max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
-                            workers=d["build_workers"], stats=stats, user_token=user_token)
+                            workers=d["build_workers"], stats=stats, user_token=user_token, task=d["task"],
+                            profiles=profiles, extra_params=manifest_params(d))
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     if cfg.srec.path and not str(cfg.srec.path).endswith(".pt"):
         paths["srec"] = os.path.abspath(cfg.srec.path)
@@ -90,7 +103,7 @@ def prepare(cfg: DictConfig) -> dict:
         s = to_dict(cfg.srec)
         s.pop("path")
         log.info("pretraining %s (%d epochs at most)", s["arch"], s["epochs"])
-        model, report = pretrain(splits, manifest["num_items"], max_len=cfg.data.history_len, seed=cfg.seed, **s)
+        model, report = pretrain(srec_splits, manifest["num_items"], max_len=cfg.data.history_len, seed=cfg.seed, **s)
         save_srec(model, paths["srec"])
         with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -335,8 +335,12 @@ def train_worker(config: dict) -> None:
                     os.path.join(paths["checkpoints"], tag_for(state["global_step"]), f"{cfg.eval.split}_metrics.json")):
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
-        log.info("%s: HR@1 %.4f (of valid) / %.4f (of all), ValidRatio %.4f on %d samples", cfg.eval.split,
-                 result["hr@1_of_valid"], result["hr@1_of_all"], result["valid_ratio"], result["samples"])
+        if "auc" in result:
+            log.info("%s: CTR AUC %.4f, log loss %.4f, accuracy %.4f on %d samples", cfg.eval.split,
+                     result["auc"], result["log_loss"], result["accuracy"], result["samples"])
+        else:
+            log.info("%s: HR@1 %.4f (of valid) / %.4f (of all), ValidRatio %.4f on %d samples", cfg.eval.split,
+                     result["hr@1_of_valid"], result["hr@1_of_all"], result["valid_ratio"], result["samples"])
     ray.train.report({"done": True, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
 
 
@@ -359,6 +363,8 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     bs = cfg.eval.batch_size
     n_batches = math.ceil(per_rank / bs)
     engine.eval()
+    if manifest["params"].get("task", "llara") == "ctr":  # ReLLa: P(yes) -> AUC, log loss, accuracy
+        return _ctr_eval(engine, embed, srec, tokenizer, samples, mine, n_batches, bs, rank, world, device, hybrid)
     judgements = []
     for b in range(n_batches):
         chunk = mine[b * bs:(b + 1) * bs]
@@ -377,3 +383,22 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
         for key, out, valid, correct in rows:
             f.write(json.dumps({"key": key, "output": out, "valid": valid, "correct": correct}) + "\n")
     return llara_metrics([(v, c) for _, _, v, c in rows])
+
+def _ctr_eval(engine, embed, srec, tokenizer, samples, mine, n_batches, bs, rank, world, device, hybrid) -> dict:
+    """evaluate_on_workers for CTR shards: P(yes) per sample, the same number of batches on every rank."""
+    from trainer.data import meta
+    from trainer.scoring import ctr_metrics, yes_probability
+
+    rows = []
+    for b in range(n_batches):
+        chunk = mine[b * bs:(b + 1) * bs]
+        real = len(chunk)
+        chunk = chunk + [samples[0]] * (bs - real) if real < bs else chunk  # keep collectives in step
+        p = yes_probability(engine.module, embed, srec, chunk, tokenizer, hybrid, device).tolist()
+        rows.extend((s["key"], p[i], int(meta(s)["label"])) for i, s in enumerate(chunk[:real]))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank != 0:
+        return {}
+    rows = sorted(r for part in gathered for r in part)
+    return {"task": "ctr", **ctr_metrics([r[2] for r in rows], [r[1] for r in rows])}

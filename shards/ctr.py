@@ -1,0 +1,161 @@
+"""ReLLa CTR samples (data.task=ctr) and retrieval-enhanced histories (SUBR) for both tasks.
+
+A CTR sample is the time split's sample (shards.samples.global_time_split: every interaction with a
+non-empty history, all interactions cut 8:1:1 by time) with a label:
+
+    {"user", "history", "history_ratings", "target", "rating", "label", "position", "retrieved"}
+
+label = 1 when the user's rating of the target is >= data.ctr.threshold (MovieLens: 4). The history
+shown is either the K = data.history_len most recent items, or (data.ctr.retrieval=subr) the K
+items of the user's last data.retrieval.pool_len that are most similar to the target (ReLLa's SUBR,
+trainer/retrieval.py), ordered by data.retrieval.order.
+
+Training set (in this order): few-shot (data.ctr.few_shot=N: N training samples drawn with a
+generator seeded by (seed, 13), kept in their original order), then ReiT (data.ctr.reit: each of
+those in two versions, K most recent and SUBR-retrieved, 1:1, next to each other). Validation and
+test samples use the data.ctr.retrieval setting.
+
+Retrieval-enhanced hybrid prompts (data.retrieval.hybrid, beyond both papers): the SUBR-chosen
+history is written as LLaRA hybrid items (title + behaviour token). For CTR the query is the
+target (as ReLLa); for the next-item task the target is what is predicted, so the query is the
+user's most recent item: the K items of the last pool_len most similar to it, which keeps the most
+recent item and adds the earlier ones closest to it (no leak of the target).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
+    """Add `label` (rating >= threshold) to every time-split sample; refuse a split with one class."""
+    out = {}
+    for split, rows in splits.items():
+        if rows and "rating" not in rows[0]:
+            raise ValueError("data.task=ctr needs ratings on every sample: use data.split=time (ReLLa's split)")
+        out[split] = [dict(s, label=int(float(s["rating"]) >= threshold), retrieved=False) for s in rows if s["history"]]
+        pos = sum(s["label"] for s in out[split])
+        if out[split] and pos in (0, len(out[split])):  # AUC is undefined on it
+            log.warning("data.ctr.threshold=%s: all %d %s samples are %s", threshold, len(out[split]), split,
+                        "positive" if pos else "negative")
+    labels = [s["label"] for rows in out.values() for s in rows]
+    if not labels:
+        raise ValueError("data.task=ctr: no sample has a history")
+    if sum(labels) in (0, len(labels)):
+        raise ValueError(f"data.ctr.threshold={threshold}: every one of the {len(labels)} samples is "
+                         f"{'positive' if sum(labels) else 'negative'} (ratings >= threshold are positive); pick a "
+                         "threshold inside the data's rating range")
+    return out
+
+
+def recent(sample: dict, k: int) -> dict:
+    return dict(sample, history=list(sample["history"][-k:]), history_ratings=list(sample.get("history_ratings", [])[-k:]),
+                retrieved=False)
+
+
+def retrieve_histories(samples: list[dict], item_vecs, k: int, order: str, query: str = "target") -> list[dict]:
+    """Each sample with its history replaced by the k items SUBR picks (query: the target, or the
+    most recent history item); ratings follow their items."""
+    import torch
+
+    from trainer.retrieval import retrieve
+
+    if not samples:
+        return []
+    hist = [s["history"] for s in samples]
+    q = [s["target"] if query == "target" else s["history"][-1] for s in samples]
+    pos = retrieve(hist, torch.as_tensor(q), item_vecs, k, order=order).tolist()
+    out = []
+    for s, p in zip(samples, pos):
+        keep = [i for i in p if i >= 0]
+        new = dict(s, history=[s["history"][i] for i in keep], retrieved=True)
+        if "history_ratings" in s:
+            new["history_ratings"] = [s["history_ratings"][i] for i in keep]
+        out.append(new)
+    return out
+
+
+def few_shot(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """n of rows, drawn without replacement by a generator seeded by (seed, 13), in their original order."""
+    if n < 0:
+        return rows
+    if n == 0 or n > len(rows):
+        raise ValueError(f"data.ctr.few_shot={n}: the training split has {len(rows)} samples; use 1..{len(rows)} "
+                         "or -1 for all")
+    pick = np.sort(np.random.default_rng([seed, 13]).choice(len(rows), size=n, replace=False))
+    return [rows[i] for i in pick]
+
+
+def needs_retrieval(d: dict) -> bool:
+    return d.get("task", "llara") == "ctr" and (d["ctr"]["retrieval"] == "subr" or d["ctr"]["reit"]) \
+        or bool(d.get("retrieval", {}).get("hybrid", False))
+
+
+def pool_len(d: dict) -> int:
+    """History length the split keeps before the prompt's K are chosen."""
+    return max(d["history_len"], int(d["retrieval"]["pool_len"])) if needs_retrieval(d) else d["history_len"]
+
+
+def build_samples(d: dict, splits: dict, seed: int, item_vecs=None) -> dict:
+    """The prompt samples of every split from the source's splits (histories up to pool_len(d))."""
+    k, task = d["history_len"], d.get("task", "llara")
+    r = d.get("retrieval", {})
+    if task == "llara":
+        if not r.get("hybrid"):
+            return splits
+        return {s: retrieve_histories([x for x in rows if x["history"]], item_vecs, k, r["order"], query="last")
+                for s, rows in splits.items()}
+    if task != "ctr":
+        raise ValueError(f"data.task={task!r}: expected llara or ctr")
+    c = d["ctr"]
+    if c["retrieval"] not in ("none", "subr"):
+        raise ValueError(f"data.ctr.retrieval={c['retrieval']!r}: expected none or subr")
+    subr = c["retrieval"] == "subr" or bool(r.get("hybrid"))
+    labelled = label_samples(splits, float(c["threshold"]), k)
+    out = {}
+    for split, rows in labelled.items():
+        if split == "train":
+            rows = few_shot(rows, int(c["few_shot"]), seed)
+            if c["reit"]:
+                rec, ret = [recent(s, k) for s in rows], retrieve_histories(rows, item_vecs, k, r["order"])
+                out[split] = [x for pair in zip(rec, ret) for x in pair]
+                continue
+        out[split] = retrieve_histories(rows, item_vecs, k, r["order"]) if subr else [recent(s, k) for s in rows]
+    return out
+
+
+def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):
+    """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.retrieval import cached_item_embeddings, l2_normalize, model_fingerprint, pca
+
+    r = d["retrieval"]
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, torch_dtype=torch.float32)
+    emb = cached_item_embeddings(cache_dir, model_fingerprint(llm_dir), r["template"], items, model, tok,
+                                 batch_size=int(r["batch_size"]), pooling=r["pooling"])
+    log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, int(r["pca_dim"]))
+    return l2_normalize(pca(emb, int(r["pca_dim"])))
+
+
+def make_samples(d: dict, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:
+    """build_samples with the item vectors computed (or read from cache) only when retrieval is on."""
+    vecs = item_vectors(d, items, llm_dir, os.path.abspath(cache_dir)) if needs_retrieval(d) else None
+    return build_samples(d, splits, seed, vecs)
+
+
+def manifest_params(d: dict) -> dict:
+    """What the manifest records about CTR sampling and retrieval; {} for the default (LLaRA, no
+    retrieval), so its manifest and config hash stay as they were."""
+    out = {}
+    if d.get("task", "llara") == "ctr":
+        out["ctr"] = dict(d["ctr"])
+    if needs_retrieval(d):
+        out["retrieval"] = dict(d["retrieval"])
+    return out
