@@ -137,7 +137,7 @@ def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):
 
     r = d["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     emb = cached_item_embeddings(cache_dir, model_fingerprint(llm_dir), r["template"], items, model, tok,
                                  batch_size=int(r["batch_size"]), pooling=r["pooling"])
     log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, int(r["pca_dim"]))
