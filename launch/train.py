@@ -124,8 +124,23 @@ def main(argv=None) -> int:
     else:
         print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): HitRatio@1 {m['hr@1_of_valid']:.4f} "
               f"(correct/valid, as LLaRA) | {m['hr@1_of_all']:.4f} (correct/all) | ValidRatio {m['valid_ratio']:.4f}")
+    if "compare" in m:
+        print(compare_text(m["compare"], m["mode"]))
     print(f"metrics: {metrics_path}")
     return 0
+
+
+def compare_text(c: dict, mode: str) -> str:
+    """The end-of-run table: the trained LLM read with hybrid and with text-only prompts, and the baselines."""
+    names = {"llm_hybrid": f"LLM ({mode}-trained), hybrid prompts", "llm_text": f"LLM ({mode}-trained), text-only prompts",
+             "srec": "frozen SRec alone", "popularity": "popularity", "random": "random"}
+    lines = ["\ncandidates ranked by likelihood (every answer valid), same samples:",
+             f"  {'':40s} {'HR@1':>7s} {'HR@5':>7s} {'NDCG@5':>7s}"]
+    for key, label in names.items():
+        if key in c:
+            r = c[key]
+            lines.append(f"  {label:40s} {r['hr@1']:7.4f} {r['hr@5']:7.4f} {r['ndcg@5']:7.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ def test_train_checkpoint_evaluate_resume(tmp_path):
         assert 0.0 <= m[k] <= 1.0
     assert m["samples"] == 24
     assert "HitRatio@1" in r.stdout and "ValidRatio" in r.stdout
+    # the side-by-side table: the LLM with hybrid and text-only prompts, the SRec alone, the baselines
+    c = m["compare"]
+    assert set(c) == {"llm_hybrid", "llm_text", "srec", "popularity", "random"}
+    assert all(c[k]["samples"] == 24 and 0 <= c[k]["hr@1"] <= c[k]["hr@5"] <= 1 for k in c)
+    assert "frozen SRec alone" in r.stdout and "text-only prompts" in r.stdout
 
     # the same output folder resumes from its newest checkpoint
     r2 = _train(out, "train.max_steps=40")

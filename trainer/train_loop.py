@@ -350,6 +350,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     from shards.build import load_items
     from trainer.data import meta, read_shard
     from trainer.evaluate import generate, judge, llara_metrics
+    from trainer.scoring import candidate_logliks, target_ranks
 
     titles = load_items(paths["data"])["titles"]
     os.makedirs(paths["eval"], exist_ok=True)
@@ -363,6 +364,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     bs = cfg.eval.batch_size
     n_batches = math.ceil(per_rank / bs)
     engine.eval()
+    score_ranks = []
     if manifest["params"].get("task", "llara") == "ctr":  # ReLLa: P(yes) -> AUC, log loss, accuracy
         return _ctr_eval(engine, embed, srec, tokenizer, samples, mine, n_batches, bs, rank, world, device, hybrid)
     judgements = []
@@ -374,15 +376,42 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
                            synced_gpus=world > 1, device=device)
         for s, out in zip(chunk[:real], outputs[:real]):
             judgements.append((s["key"], out, *judge(out, [titles[c] for c in meta(s)["candidates"]], titles[meta(s)["target"]])))
+        if cfg.eval.compare:  # candidate scoring of the same model with hybrid and with text-only prompts
+            tgt = torch.as_tensor([meta(s)["candidates"].index(meta(s)["target"]) for s in chunk])
+            for prompts in ("hybrid", "text"):
+                ll = candidate_logliks(engine.module, embed, srec, chunk, tokenizer, titles, prompts == "hybrid", device)
+                for s, r in zip(chunk[:real], target_ranks(ll, tgt)[:real].tolist()):
+                    score_ranks.append((s["key"], prompts, r))
     gathered = [None] * world
-    dist.all_gather_object(gathered, judgements)
+    dist.all_gather_object(gathered, (judgements, score_ranks))
     if rank != 0:
         return {}
-    rows = sorted(j for part in gathered for j in part)
+    rows = sorted(j for part, _ in gathered for j in part)
     with open(os.path.join(paths["eval"], f"{cfg.eval.split}_predictions.jsonl"), "w") as f:
         for key, out, valid, correct in rows:
             f.write(json.dumps({"key": key, "output": out, "valid": valid, "correct": correct}) + "\n")
-    return llara_metrics([(v, c) for _, _, v, c in rows])
+    result = llara_metrics([(v, c) for _, _, v, c in rows])
+    if cfg.eval.compare:
+        result["compare"] = compare_table(paths, manifest, srec, samples, [r for _, part in gathered for r in part], cfg.seed)
+    return result
+
+
+def compare_table(paths, manifest, srec, samples, score_ranks, seed) -> dict:
+    """HR@1 / HR@5 / NDCG@5 on the same candidates: the LLM by candidate scoring with hybrid and with
+    text-only prompts, the frozen SRec alone, popularity and random (trainer/eval_loop.py)."""
+    from trainer.data import meta
+    from trainer.eval_loop import baseline_ranks, split_samples
+    from trainer.scoring import ranking_metrics
+
+    out = {}
+    for prompts in ("hybrid", "text"):
+        out[f"llm_{prompts}"] = ranking_metrics(torch.as_tensor([r for _, p, r in sorted(score_ranks) if p == prompts]))
+    train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
+    ordered = sorted(samples, key=lambda s: s["key"])
+    for name, ranks in baseline_ranks(srec.cpu(), ordered, train_targets, manifest["num_items"], seed).items():
+        out[name] = ranking_metrics(ranks)
+    return out
+
 
 def _ctr_eval(engine, embed, srec, tokenizer, samples, mine, n_batches, bs, rank, world, device, hybrid) -> dict:
     """evaluate_on_workers for CTR shards: P(yes) per sample, the same number of batches on every rank."""
