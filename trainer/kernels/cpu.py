@@ -58,7 +58,7 @@ std::tuple<Tensor, Tensor> inject_backward_cpu(const Tensor& grad, const Tensor&
   auto ids = ids_.contiguous(), slot = slot_.contiguous();
   const int64_t rows = g.size(0);
   auto f32 = g.options().dtype(at::kFloat);
-  auto gb = at::zeros({num_rows, H}, f32);
+  auto gb = at::empty({num_rows, H}, f32);  // zeroed below, each thread its own columns
   auto gw = at::zeros({weight_grad ? vocab : 0, H}, f32);
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* sl = slot.data_ptr<int64_t>();
@@ -67,6 +67,7 @@ std::tuple<Tensor, Tensor> inject_backward_cpu(const Tensor& grad, const Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "inject_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+      for (int64_t s = 0; s < num_rows; ++s) std::memset(b + s * H + h0, 0, (h1 - h0) * sizeof(float));
       for (int64_t r = 0; r < rows; ++r) {
         float* dst = nullptr;
         if (sl[r] >= 0) dst = b + sl[r] * H;
