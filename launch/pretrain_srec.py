@@ -23,6 +23,9 @@ import sys
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("trainer.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C / kill -INT works even when started with `&`
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True)
