@@ -257,6 +257,7 @@ def train_worker(config: dict) -> None:
     stop = torch.zeros(1)
     tokens_since = 0
     engine.train()
+    signals.training(True)  # from here a SIGTERM to this worker finishes the step and checkpoints
     step_losses, t0, samples_since = [], time.time(), 0
     last_saved = state["global_step"] if tag else -1
     global_batch = world * t.micro_batch  # samples (fillers included) consumed per micro-step
@@ -308,12 +309,14 @@ def train_worker(config: dict) -> None:
                     log.info("stop requested: checkpoint %s written at step %d; run again to resume", tag_for(step), step)
                     with open(os.path.join(paths["output_dir"], signals.PREEMPTED_FILE), "w") as f:
                         f.write(tag_for(step))
+                signals.training(False)
                 return
             if step >= total_steps:
                 break
         if state["global_step"] < total_steps:  # the epoch is used up (fillers included)
             state["epoch"] += 1
             state["position"] = 0
+    signals.training(False)
     if last_saved != state["global_step"]:
         save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, t.keep_last)
         report_checkpoint({"step": state["global_step"]}, paths["checkpoints"], state["global_step"], is_main)
