@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     # refuse shards that do not match their manifest before any worker starts (once, not per rank)
     check_manifest(paths["data"], load_manifest(paths["data"]), paths["llm"], verify_sha=cfg.data.verify_shards)
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.train_loop import train_worker
@@ -105,8 +105,10 @@ def main(argv=None) -> int:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         # checkpoints are written by the workers into <output_dir>/checkpoints and reported to Ray in place
+        # Ray deletes all but the newest train.keep_last of them (so its run snapshot stays true)
         run_config=RunConfig(storage_path=os.path.abspath(paths["output_dir"]), name="checkpoints",
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last if t.keep_last > 0 else None)),
     )
     trainer.fit()
     if os.path.exists(os.path.join(out, signals.PREEMPTED_FILE)):

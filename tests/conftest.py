@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -18,3 +20,20 @@ def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("small_run")
     cfg = load_config(None, [f"output_dir={out}", *SMALL])
     return cfg, prepare(cfg)
+
+
+# One trained run shared by the tests that need one (test_eval, test_resume's reference): 24 steps,
+# 2 Ray workers, ZeRO-3, checkpoints every 6 steps, evaluation of the first 16 test samples.
+TRAINED_STEPS = 24
+TRAINED_ARGS = [*SMALL, "train.num_workers=2", "train.zero_stage=3", f"train.max_steps={TRAINED_STEPS}",
+                "train.checkpoint_every=6", "train.log_every=3", "eval.max_samples=16", "eval.batch_size=8",
+                "train.max_failures=1"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *TRAINED_ARGS], cwd=REPO,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out

@@ -9,22 +9,16 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, SMALL
-
-ARGS = [*SMALL, "train.max_steps=6", "train.checkpoint_every=6", "eval.max_samples=12", "eval.batch_size=4"]
-
+from conftest import REPO, SHARED_DATA
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *ARGS], cwd=REPO, capture_output=True,
-                       text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def run(trained_run):
+    """conftest's trained run: 24 steps, checkpoints every 6, its own evaluation of 16 test samples."""
+    return trained_run
 
 
 def _eval(run, *args):
-    return subprocess.run([sys.executable, "launch/eval.py", "--run", str(run), "--max-samples", "12", "--batch-size", "4",
+    return subprocess.run([sys.executable, "launch/eval.py", "--run", str(run), "--max-samples", "16", "--batch-size", "8",
                            *args], cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -33,12 +27,12 @@ def test_eval_of_the_export_and_of_the_checkpoint(run):
     assert r.returncode == 0, r.stderr[-3000:]
     out = run / "eval" / "export_test"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["samples"] == 12 and m["prompts"] == "hybrid"
+    assert m["samples"] == 16 and m["prompts"] == "hybrid"
     assert 0 <= m["generate"]["valid_ratio"] <= 1 and set(m["score"]) >= {"hr@1", "hr@5", "ndcg@5"}
     assert set(m["baselines"]) == {"srec", "popularity", "random"}
     assert m["ctr"]["samples"] == 0  # LLaRA's next-item samples carry no CTR label
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 12 and len({row["key"] for row in rows}) == 12  # each sample exactly once
+    assert len(rows) == 16 and len({row["key"] for row in rows}) == 16  # each sample exactly once
     # the same greedy answers as the trainer's end-of-run evaluation of the same model
     trained = {j["key"]: j["output"] for j in map(json.loads, open(run / "eval" / "test_predictions.jsonl"))}
     first = lambda s: s.lstrip().split("\n", 1)[0].strip()  # noqa: E731
@@ -47,9 +41,9 @@ def test_eval_of_the_export_and_of_the_checkpoint(run):
 
     r = _eval(run, "--checkpoint", "latest", "--modes", "score")
     assert r.returncode == 0, r.stderr[-3000:]
-    c = json.loads((run / "eval" / "step_000006_test" / "metrics.json").read_text())
+    c = json.loads((run / "eval" / "step_000024_test" / "metrics.json").read_text())
     ranks = lambda d: [row["score_rank"] for row in csv.DictReader(open(d / "predictions.csv"))]  # noqa: E731
-    assert ranks(run / "eval" / "step_000006_test") == ranks(out)  # the checkpoint holds the exported model
+    assert ranks(run / "eval" / "step_000024_test") == ranks(out)  # the checkpoint holds the exported model
     assert c["score"] == m["score"] and "generate" not in c
 
 

@@ -15,12 +15,10 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS
 from trainer.checkpoint import find_latest
 
-STEPS = 24
-ARGS = [*SMALL, "train.num_workers=2", "train.zero_stage=3", f"train.max_steps={STEPS}", "train.checkpoint_every=6",
-        "train.log_every=3", "eval.max_samples=16", "eval.batch_size=8", "train.max_failures=1"]
+STEPS, ARGS = TRAINED_STEPS, TRAINED_ARGS
 
 
 def _cmd(out, *extra):
@@ -54,11 +52,9 @@ def _wait_for_step(out, step, proc, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    r = subprocess.run(_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return out
+def reference(trained_run):
+    """The uninterrupted run (conftest's trained_run, shared with test_eval)."""
+    return trained_run
 
 
 def test_sigkill_of_a_worker_resumes_exactly(reference, tmp_path):

@@ -156,7 +156,9 @@ def resume_tag(reported, root: str) -> tuple[str | None, str]:
 def report_checkpoint(metrics: dict, root: str, step: int, is_main: bool) -> None:
     """Register a saved checkpoint with Ray Train (every rank calls this; rank 0 passes the folder).
     It already lies in the run's storage (RunConfig storage_path=output_dir, name="checkpoints"), so
-    nothing is copied."""
+    nothing is copied. Ray keeps the newest train.keep_last (CheckpointConfig) and deletes older ones:
+    Ray's run snapshot must never name a folder that is gone, or the next run in this output folder
+    (a resume) would be refused by Ray."""
     import ray.train
 
     from trainer.checkpoint import tag_for
@@ -301,7 +303,7 @@ def train_worker(config: dict) -> None:
             stop[0] = float(signals.requested(paths["output_dir"]))
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if step % t.checkpoint_every == 0 or step == total_steps or stop.item():
-                save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, t.keep_last)
+                save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, keep_last=0)
                 report_checkpoint(record, paths["checkpoints"], step, is_main)
                 last_saved = step
             if stop.item():
@@ -318,7 +320,7 @@ def train_worker(config: dict) -> None:
             state["position"] = 0
     signals.training(False)
     if last_saved != state["global_step"]:
-        save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, t.keep_last)
+        save_checkpoint(engine, paths["checkpoints"], state["global_step"], trainer_state(), rank, keep_last=0)
         report_checkpoint({"step": state["global_step"]}, paths["checkpoints"], state["global_step"], is_main)
     if is_main:
         if tb:
