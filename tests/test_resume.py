@@ -63,6 +63,13 @@ def test_sigkill_of_a_worker_resumes_exactly(reference, tmp_path):
     proc = subprocess.Popen(_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(out, kill_at, proc)
+        # a report reaches Ray's controller asynchronously: kill only once Ray's run snapshot names a
+        # checkpoint, so the restart is handed one (before that, resume falls back to the folder's newest)
+        snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+        t0 = time.time()
+        while not (snapshot.exists() and "step_" in snapshot.read_text()):
+            assert time.time() - t0 < 300 and proc.poll() is None, "no checkpoint reached Ray's run snapshot"
+            time.sleep(0.2)
         pid = int((out / "logs" / "worker_1.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         log, _ = proc.communicate(timeout=1200)
