@@ -54,6 +54,22 @@ class PromptTooLong(ValueError):
     pass
 
 
+def tokenize_prompt_answer(prompt: str, answer: str, tokenizer, max_len: int, sample: dict, kind: str):
+    """[bos] prompt answer [eos] as int32 ids, the label mask (1 on answer and eos), and the answer's
+    length in tokens; longer than max_len is PromptTooLong naming the sample."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
+    if len(ids) > max_len:
+        raise PromptTooLong(
+            f"user {sample['user']} (target {sample['target']}): {kind} + answer is {len(ids)} tokens, "
+            f"the limit (data.max_len) is {max_len}; raise the limit or shorten data.history_len"
+        )
+    label_mask = np.zeros(len(ids), dtype=np.uint8)
+    label_mask[len(ids) - len(answer_ids):] = 1
+    return ids, label_mask, len(answer_ids)
+
+
 def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int, user_token: bool = False) -> dict:
     """Tokenize prompt and answer once; record each placeholder's position and item id.
 
@@ -63,16 +79,7 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int,
     [UserEmb] token; the user's history is slot_item[:len(history)].
     """
     prompt, answer = render_llara(sample, titles, template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
-    if len(ids) > max_len:
-        raise PromptTooLong(
-            f"user {sample['user']} (target {sample['target']}): prompt + answer is {len(ids)} tokens, "
-            f"the limit (data.max_len) is {max_len}; raise the limit or shorten data.history_len"
-        )
-    label_mask = np.zeros(len(ids), dtype=np.uint8)
-    label_mask[len(ids) - len(answer_ids):] = 1
+    ids, label_mask, n_answer = tokenize_prompt_answer(prompt, answer, tokenizer, max_len, sample, "prompt")
 
     hist_id = tokenizer.convert_tokens_to_ids(HISTORY_EMB)
     cans_id = tokenizer.convert_tokens_to_ids(CANS_EMB)
@@ -87,7 +94,7 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int,
     slot_pos = np.concatenate([hist_pos, cans_pos]).astype(np.int32)
     slot_item = np.asarray(list(sample["history"]) + list(sample["candidates"]), dtype=np.int32)
     out = {"input_ids": ids, "label_mask": label_mask, "slot_pos": slot_pos, "slot_item": slot_item,
-           "prompt_len": int(len(ids) - len(answer_ids))}
+           "prompt_len": int(len(ids) - n_answer)}
     if user_token:
         user_id = tokenizer.convert_tokens_to_ids(USER_EMB)
         if user_id in (None, tokenizer.unk_token_id):
@@ -147,15 +154,7 @@ def tokenize_ctr(sample: dict, titles, tokenizer, max_len: int, profile: dict | 
     """As tokenize_llara for a CTR sample: label_mask on the answer and eos, one slot per history
     item ([HistoryEmb]) then the target ([ItemEmb])."""
     prompt, answer = render_ctr(sample, titles, profile)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
-    if len(ids) > max_len:
-        raise PromptTooLong(
-            f"user {sample['user']} (target {sample['target']}): CTR prompt + answer is {len(ids)} tokens, "
-            f"the limit (data.max_len) is {max_len}; raise the limit or shorten data.history_len")
-    label_mask = np.zeros(len(ids), dtype=np.uint8)
-    label_mask[len(ids) - len(answer_ids):] = 1
+    ids, label_mask, n_answer = tokenize_prompt_answer(prompt, answer, tokenizer, max_len, sample, "CTR prompt")
     hist_pos = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(HISTORY_EMB))
     item_pos = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(ITEM_EMB))
     if len(hist_pos) != len(sample["history"]) or len(item_pos) != 1:
@@ -163,4 +162,4 @@ def tokenize_ctr(sample: dict, titles, tokenizer, max_len: int, profile: dict | 
                          f"{len(sample['history'])} history items and 1 target; does a title contain a placeholder token?")
     return {"input_ids": ids, "label_mask": label_mask, "slot_pos": np.concatenate([hist_pos, item_pos]).astype(np.int32),
             "slot_item": np.asarray(list(sample["history"]) + [sample["target"]], dtype=np.int32),
-            "prompt_len": int(len(ids) - len(answer_ids))}
+            "prompt_len": int(len(ids) - n_answer)}

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 CONF = """ClusterName=ci
@@ -118,3 +119,19 @@ class Slurm:
         r = self.run("scontrol", "show", "job", job_id)
         fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
         return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", 0))
+
+
+def running(prefix: str, **kwargs):
+    """A pytest fixture body: skip with the reason when SLURM cannot start here, else yield a started
+    Slurm (its files in a fresh /tmp/<prefix>* folder) and stop it afterwards."""
+    import pytest
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    cluster = Slurm(tempfile.mkdtemp(prefix=prefix, dir="/tmp"), **kwargs)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

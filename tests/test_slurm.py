@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -20,16 +19,7 @@ ARGS = [*SMALL, "train.max_steps=30", "train.checkpoint_every=10", "train.log_ev
 
 @pytest.fixture(scope="module")
 def slurm():
-    why = slurm_cluster.available()
-    if why:
-        pytest.skip(why)
-    base = tempfile.mkdtemp(prefix="slurm", dir="/tmp")
-    cluster = slurm_cluster.Slurm(base)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from slurm_cluster.running("slurm")
 
 
 def _export(out):

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 import pytest
@@ -22,16 +21,7 @@ ARGS = [*SMALL, "train.max_steps=8", "train.checkpoint_every=4", "train.log_ever
 
 @pytest.fixture(scope="module")
 def slurm2():
-    why = slurm_cluster.available()
-    if why:
-        pytest.skip(why)
-    base = tempfile.mkdtemp(prefix="slurm2", dir="/tmp")
-    cluster = slurm_cluster.Slurm(base, fake_nodes=["n1", "n2"], cpus=1)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from slurm_cluster.running("slurm2", fake_nodes=["n1", "n2"], cpus=1)
 
 
 def test_two_node_script_trains_on_a_two_node_ray_cluster(slurm2, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data import collate, user_states
+from trainer.data import collate
 
 
 def first_line(text: str) -> str:
@@ -37,19 +37,13 @@ def llara_metrics(judgements: list[tuple[bool, bool]]) -> dict:
 def generate(model, embed, srec, samples: list[dict], tokenizer, max_new_tokens: int, hybrid: bool,
              synced_gpus: bool, device) -> list[str]:
     """Greedy generation for a batch of samples (left-padded prompts); returns the decoded continuations."""
+    from trainer.scoring import prompt_inputs
+
     batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
-    ids = batch["input_ids"].to(device)
-    attn = batch["attention_mask"].to(device)
-    slot_map = batch["slot_map"].to(device)
-    kwargs = dict(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
-    if hybrid:
-        vectors = srec.item_vectors(batch["unique_items"].to(device))
-        users = user_states(srec, batch, device) if embed.user_adapter is not None else None  # data.user_token
-        with embed.inject(slot_map, vectors, users):
-            out = model.generate(**kwargs)
-    else:  # every placeholder, [UserEmb] included, becomes [PH]
-        ph = tokenizer.convert_tokens_to_ids("[PH]")
-        kwargs["input_ids"] = torch.where(slot_map >= 0, torch.full_like(ids, ph), ids)
-        out = model.generate(**kwargs)
+    # hybrid: behaviour tokens injected; text: every placeholder, [UserEmb] included, becomes [PH]
+    ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
+    with ctx:
+        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
