@@ -54,6 +54,8 @@ def test_bad_arguments_fail_before_ray(run, tmp_path):
     assert r.returncode == 2 and "not a training run folder" in r.stderr
     r = _eval(run, "--checkpoint", "step_999999")
     assert r.returncode != 0 and "no complete checkpoint" in r.stderr
+    r = _eval(run, "--export", str(tmp_path))
+    assert r.returncode != 0 and "is not an export" in r.stderr
 
 
 LLARA_ML = os.path.join(SHARED_DATA, "llara-data", "movielens")
