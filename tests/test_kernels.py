@@ -67,6 +67,26 @@ def test_fused_equals_reference(case, dtype):
         assert not gw1[padding_idx].any()  # nn.Embedding's rule: no gradient to the padding row
 
 
+def test_fused_equals_reference_when_split_over_threads():
+    """Above 1024 rows (forward) and 256 columns (backward) the CPU kernels split their work over
+    threads; the small property cases above never get there."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V, H, S = 2, 700, 50, 512, 40
+    ids = torch.randint(0, V, (B, T), generator=g)
+    slot = torch.randint(-1, S, (B, T), generator=g)  # about 97% slot rows: ~2.7 MB to copy
+    grad = torch.randn(B, T, H, generator=g)
+    outs = []
+    for fn in (inject_fused, inject_reference):
+        w = torch.randn(V, H, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        b = torch.randn(S, H, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        out = fn(ids, w, slot, b, 0)
+        out.backward(grad)
+        outs.append((out, w.grad, b.grad))
+    (o1, gw1, gb1), (o2, gw2, gb2) = outs
+    assert torch.equal(o1, o2)
+    assert torch.allclose(gw1, gw2, atol=1e-4) and torch.allclose(gb1, gb2, atol=1e-4)
+
+
 def test_gradcheck_float64_and_frozen_weight():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 20, (2, 5), generator=g)
