@@ -13,6 +13,7 @@ writes a checkpoint and exits with code 75. Exit codes: 0 done, 2 bad config, 75
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -28,9 +29,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def connect_ray(cfg) -> None:
+def connect_ray(cfg, out: str) -> None:
+    """Join the cluster (ray.address or RAY_ADDRESS) or start a local one; once: a second call does nothing."""
     import ray
 
+    from trainer import signals
+
+    if ray.is_initialized():
+        return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # each worker process installs its SIGUSR1 handler at start (trainer/signals.py)
     env = {"worker_process_setup_hook": "trainer.signals.install_worker_handlers"}
@@ -43,6 +49,7 @@ def connect_ray(cfg) -> None:
         cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
         log.info("starting a local Ray cluster with %d CPUs", cpus)
         ray.init(num_cpus=cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, runtime_env=env)
+    signals.install_driver_handlers(out)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
 
 
 def lock_output_dir(output_dir: str):
@@ -85,7 +92,14 @@ def main(argv=None) -> int:
     _lock = lock_output_dir(out)  # noqa: F841  (held until exit)
     signals.clear(out)
     signals.install_driver_handlers(out)
-    paths = prepare(cfg)
+    from shards.ctr import needs_retrieval
+    from trainer.embed_job import embed_on_workers
+
+    embed = None
+    if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
+        connect_ray(cfg, out)
+        embed = functools.partial(embed_on_workers, cfg)
+    paths = prepare(cfg, embed=embed)
     from shards.build import check_manifest, load_manifest
 
     # refuse shards that do not match their manifest before any worker starts (once, not per rank)
@@ -96,8 +110,7 @@ def main(argv=None) -> int:
 
     from trainer.train_loop import train_worker
 
-    connect_ray(cfg)
-    signals.install_driver_handlers(out)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
+    connect_ray(cfg, out)
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker=train_worker,

@@ -128,20 +128,43 @@ def build_samples(d: dict, splits: dict, seed: int, item_vecs=None) -> dict:
     return out
 
 
-def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):
-    """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir)."""
+def cached_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
+    """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
+    data.retrieval's template and pooling, else None. model_id: model_fingerprint(llm_dir), if known."""
+    from trainer.retrieval import model_fingerprint, read_cached_item_embeddings
+
+    r = d["retrieval"]
+    return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items,
+                                       pooling=r["pooling"])
+
+
+def item_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
+    """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there.
+    Under torch.distributed every rank calls this and embeds its slice (trainer/retrieval.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.retrieval import cached_item_embeddings, l2_normalize, model_fingerprint, pca
+    from trainer.retrieval import cached_item_embeddings, model_fingerprint
 
     r = d["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
-    emb = cached_item_embeddings(cache_dir, model_fingerprint(llm_dir), r["template"], items, model, tok,
-                                 batch_size=int(r["batch_size"]), pooling=r["pooling"])
-    log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, int(r["pca_dim"]))
-    return l2_normalize(pca(emb, int(r["pca_dim"])))
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).to(device or "cpu")
+    return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items, model, tok,
+                                  batch_size=int(r["batch_size"]), pooling=r["pooling"])
+
+
+def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):
+    """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir; the LLM is
+    loaded only when the cache misses)."""
+    from trainer.retrieval import l2_normalize, model_fingerprint, pca
+
+    model_id = model_fingerprint(llm_dir)
+    emb = cached_embeddings(d, items, llm_dir, cache_dir, model_id)
+    if emb is None:
+        emb = item_embeddings(d, items, llm_dir, cache_dir, model_id)
+    dim = int(d["retrieval"]["pca_dim"])
+    log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, dim)
+    return l2_normalize(pca(emb, dim))
 
 
 def make_samples(d: dict, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:

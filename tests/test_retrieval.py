@@ -288,3 +288,42 @@ def test_embedding_spread_over_two_gloo_ranks(tmp_path):
         assert torch.allclose(torch.tensor(r["emb"]), want, atol=1e-5)
     assert len(os.listdir(cache)) == 1  # written once, by rank 0
     assert torch.allclose(cached_item_embeddings(cache, "stub", "movie", ITEMS, None, _must_not_embed), want, atol=1e-5)
+
+
+def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeypatch):
+    """launch/train.py's embedding job (trainer/embed_job.py): two Ray workers each embed a disjoint slice,
+    the cached matrix is the single-process `embed_items` result, and a second call starts no job."""
+    import ray
+    import ray.train.torch
+
+    from shards.ctr import cached_embeddings
+    from trainer.config import load_config, to_dict
+    from trainer.embed_job import embed_on_workers
+
+    folder, model, tok = tiny_llm
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=1",
+                             "data.retrieval.batch_size=2"])
+    cache = str(tmp_path / "item_emb")
+    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    try:
+        report = embed_on_workers(cfg, ITEMS, folder, cache)
+        # (a) one slice per worker process: disjoint, together every item once
+        ranks = sorted(report["ranks"], key=lambda w: w["rank"])
+        assert [w["rank"] for w in ranks] == [0, 1] and report["items"] == len(ITEMS)
+        assert [(w["first"], w["last"], w["items"]) for w in ranks] == [(0, 1, 2), (2, 4, 3)]
+        assert len({w["pid"] for w in ranks} | {os.getpid()}) == 3
+        # (b) the cache holds what one process embeds alone
+        got = cached_embeddings(to_dict(cfg.data), ITEMS, folder, cache)
+        want = embed_items(model, tok, item_texts(ITEMS, "movie"), batch_size=2)
+        assert got is not None and got.shape == want.shape == (5, 32)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6), (got - want).abs().max()
+
+        # (c) a second call finds them in the cache: no Ray Train job
+        def no_job(*args, **kwargs):
+            raise AssertionError("a Ray Train job was started")
+
+        monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_job)
+        assert embed_on_workers(cfg, ITEMS, folder, cache) is None
+    finally:
+        ray.shutdown()

@@ -37,7 +37,10 @@ def run_paths(output_dir: str) -> dict:
             "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb")}
 
 
-def prepare(cfg: DictConfig) -> dict:
+def prepare(cfg: DictConfig, embed=None) -> dict:
+    """Build (or reuse) the run's assets and shards; returns run_paths. embed(items, llm_dir, cache_dir),
+    when given, computes SUBR's item embeddings into the cache before the shards need them (launch/train.py
+    does it on the Ray workers); without it they are computed here, in this process."""
     paths = run_paths(cfg.output_dir)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
     if os.path.exists(paths["stamp"]):
@@ -56,7 +59,7 @@ def prepare(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     from shards.build import load_source, write_shards
-    from shards.ctr import make_samples, manifest_params, pool_len
+    from shards.ctr import make_samples, manifest_params, needs_retrieval, pool_len
     from shards.prompts import CTR_TEMPLATES, templates
     from shards.readers import read_profiles
     from trainer.model.build import load_tokenizer
@@ -84,6 +87,8 @@ def prepare(cfg: DictConfig) -> dict:
     srec_splits = splits
     if pool_len(d) != d["history_len"]:  # the SRec sees the history_len most recent, as the prompts' K
         srec_splits = {k: [dict(x, history=x["history"][-d["history_len"]:]) for x in v] for k, v in splits.items()}
+    if embed is not None and needs_retrieval(d):
+        embed(items, paths["llm"], paths["item_emb"])  # make_samples then finds them in the cache
     prompt_splits = make_samples(d, splits, items, cfg.seed, paths["llm"], paths["item_emb"])
     profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
     log.info("building shards in %s", paths["data"])

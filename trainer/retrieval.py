@@ -224,6 +224,21 @@ def save_cached(path: str, key: str, x: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
+def cache_entry(cache_dir: str, model_id: str, template, items, pooling: str = "mean",
+                max_length: int = 128) -> tuple[str, str, list[str]]:
+    """(path, key, texts): where the embeddings of these items' texts are cached, under which key."""
+    texts = item_texts(items, template)
+    key = cache_key(model_id, template, pooling, max_length, texts)
+    return os.path.join(cache_dir, f"item_emb-{key}.safetensors"), key, texts
+
+
+def read_cached_item_embeddings(cache_dir: str, model_id: str, template, items, *, pooling: str = "mean",
+                                max_length: int = 128) -> torch.Tensor | None:
+    """The cached [N, H] embeddings `cached_item_embeddings` would return without embedding, or None."""
+    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length)
+    return load_cached(path, key, len(texts))
+
+
 def cached_item_embeddings(cache_dir: str, model_id: str, template, items, model, tokenizer, *,
                            batch_size: int = 32, pooling: str = "mean", max_length: int = 128) -> torch.Tensor:
     """Every item's embedding [N, H] float32, read from `cache_dir` when a valid file for this exact
@@ -232,9 +247,7 @@ def cached_item_embeddings(cache_dir: str, model_id: str, template, items, model
     Under torch.distributed every rank must call this: the ranks agree on whether all of them hit
     the cache; if not, each embeds its slice, the slices are gathered, and rank 0 writes the file.
     """
-    texts = item_texts(items, template)
-    key = cache_key(model_id, template, pooling, max_length, texts)
-    path = os.path.join(cache_dir, f"item_emb-{key}.safetensors")
+    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length)
     x = load_cached(path, key, len(texts))
     rank, world = dist_rank_world()
     if world > 1:
@@ -244,6 +257,8 @@ def cached_item_embeddings(cache_dir: str, model_id: str, template, items, model
             x = None
     if x is not None:
         return x
+    lo, hi = shard_bounds(len(texts), rank, world)
+    log.info("rank %d of %d: embedding items %d..%d of %d", rank, world, lo, hi - 1, len(texts))
     local = embed_items(model, tokenizer, texts, batch_size, pooling, rank, world, max_length)
     x = gather_rows(local, len(texts))
     if rank == 0:
