@@ -4,13 +4,15 @@ backward and AdamW step in one process on the same batches, same run. 1 thread e
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_trainer_overhead.py [--out /tmp/bench_overhead] [--steps 60] [--zero-stage 3]
 
-The trainer's time per step comes from its own log (samples/s over the logged intervals after the
+The trainer's time per step comes from its metrics.jsonl (samples/s over the logged intervals after the
 first, which holds the start-up); the bare loop skips its first 10 steps. The last line prints the ratio.
 """
 
 import argparse
 import itertools
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,10 +31,13 @@ def main():
     common = ["train.mode=hybrid", "train.micro_batch=8", "train.grad_accum=1", "train.cpus_per_worker=1"]
     cmd = [sys.executable, "launch/train.py", f"output_dir={a.out}", "train.num_workers=1", f"train.max_steps={a.steps}",
            "train.log_every=10", f"train.checkpoint_every={10 * a.steps}", "eval.max_samples=8", f"train.zero_stage={a.zero_stage}", *common]
+    for sub in ("checkpoints", "logs"):  # a fresh run each time (the data and assets are reused)
+        shutil.rmtree(os.path.join(a.out, sub), ignore_errors=True)
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
-    rates = [float(x.split("|")[3].split()[0]) for x in (r.stdout + r.stderr).splitlines() if "samples/s |" in x]
+    with open(os.path.join(a.out, "logs", "metrics.jsonl")) as f:
+        rates = [rec["samples_per_s"] for rec in map(json.loads, f) if "samples_per_s" in rec]
     trainer_s_per_step = 8 / (sum(rates[1:]) / len(rates[1:]))
 
     from shards.build import load_manifest

@@ -28,6 +28,9 @@ def test_train_checkpoint_evaluate_resume(tmp_path):
     recs = _records(out)
     assert [x["step"] for x in recs] == list(range(1, 31))
     losses = [x["loss"] for x in recs]
+    timed = [x for x in recs if "samples_per_s" in x]  # throughput on every log_every-th step
+    assert [x["step"] for x in timed] == [5, 10, 15, 20, 25, 30]
+    assert all(x["samples_per_s"] > 0 and x["tokens_per_s"] > x["samples_per_s"] for x in timed)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses  # the loss falls
     assert find_latest(str(out / "checkpoints")) == "step_000030"
     ckpt = out / "checkpoints" / "step_000030"

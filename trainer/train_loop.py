@@ -283,14 +283,16 @@ def train_worker(config: dict) -> None:
             step_losses = []
             record = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0], "hybrid": hybrid,
                       "hybrid_share": state["hybrid_steps"] / step, "epoch": state["epoch"]}
-            if is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if step % t.log_every == 0 or step == total_steps:
+            logging_step = step % t.log_every == 0 or step == total_steps
+            if logging_step:  # throughput over the steps since the last logged one
                 elapsed = time.time() - t0
                 record["samples_per_s"] = samples_since / elapsed
                 record["tokens_per_s"] = tokens_since / elapsed
                 t0, samples_since, tokens_since = time.time(), 0, 0
+            if is_main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if logging_step:
                 if is_main:
                     log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | hybrid %.0f%%", step,
                              total_steps, mean_loss, record["lr"], record["samples_per_s"], record["tokens_per_s"],
