@@ -2,7 +2,13 @@
 ZeRO-3, streaming reader, curriculum, logging) against a bare loop of the same model's forward,
 backward and AdamW step in one process on the same batches, same run. 1 thread each, hybrid steps.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_trainer_overhead.py [--out /tmp/bench_overhead] [--steps 60] [--zero-stage 3]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_trainer_overhead.py [--out /tmp/bench_overhead] [--steps 60] [--zero-stage 3] [key=value ...]
+
+A bigger model than the default's 2 x 128 tiny Llama shows how the trainer's fixed per-step costs
+(DeepSpeed's hooks, logging, the reader) weigh at other sizes:
+
+    ... bench_trainer_overhead.py --out /tmp/bench_overhead_h512 model.tiny.hidden_size=512 \
+        model.tiny.num_layers=4 model.tiny.intermediate_size=1376
 
 The trainer's time per step comes from its metrics.jsonl (samples/s over the logged intervals after the
 first, which holds the start-up); the bare loop skips its first 10 steps. The last line prints the ratio.
@@ -27,8 +33,9 @@ def main():
     p.add_argument("--out", default="/tmp/bench_overhead")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--zero-stage", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="config overrides for both, e.g. model.tiny.hidden_size=512")
     a = p.parse_args()
-    common = ["train.mode=hybrid", "train.micro_batch=8", "train.grad_accum=1", "train.cpus_per_worker=1"]
+    common = ["train.mode=hybrid", "train.micro_batch=8", "train.grad_accum=1", "train.cpus_per_worker=1", *a.overrides]
     cmd = [sys.executable, "launch/train.py", f"output_dir={a.out}", "train.num_workers=1", f"train.max_steps={a.steps}",
            "train.log_every=10", f"train.checkpoint_every={10 * a.steps}", "eval.max_samples=8", f"train.zero_stage={a.zero_stage}", *common]
     for sub in ("checkpoints", "logs"):  # a fresh run each time (the data and assets are reused)
@@ -55,7 +62,7 @@ def main():
     model, embed = build_llara_model(llm, srec.hidden, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)  # as the trainer
     shards = [s for s in load_manifest(data)["shards"] if s["split"] == "train"]
     batches = [collate(b, tok.pad_token_id) for b in
                itertools.islice(SplitReader(data, shards, 0, 1, 8, 0, True).rank_batches(0), a.steps)]

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("data", "task"): "llara",
                ("data", "ctr"): {"threshold": 4.0, "retrieval": "none", "reit": False, "few_shot": -1, "profile": True},
                ("data", "retrieval"): {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie",
-                                       "pooling": "mean", "pca_dim": 512, "batch_size": 32}}
+                                       "pooling": "mean", "pca_dim": 512, "batch_size": 32},
+               ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs"}
 
 
 def run_paths(output_dir: str) -> dict:
@@ -46,9 +47,12 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     if os.path.exists(paths["stamp"]):
         with open(paths["stamp"]) as f:
             old = json.load(f)
-        for (section, key), value in _ADDED_KEYS.items():
-            if isinstance(old.get(section), dict):
-                old[section].setdefault(key, value)
+        for (*parents, key), value in _ADDED_KEYS.items():
+            node = old
+            for name in parents:
+                node = node.get(name) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.setdefault(key, value)
         if old != stamp:
             changed = sorted(k for k in stamp if old.get(k) != stamp[k])
             raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
@@ -77,7 +81,9 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
             load_tokenizer(paths["llm"], user_token=True)  # it must know [UserEmb]: an error names it
     else:
         log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
-        corpus = [t for _, t, _ in items] + list(templates(user_token))
+        # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
+        # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
+        corpus = [" " + t for _, t, _ in items] + list(templates(user_token))
         if d["task"] == "ctr":  # only then: the default tokenizer stays byte-identical
             corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
         tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)

@@ -1,0 +1,132 @@
+"""Do the behaviour tokens carry signal? (issue 10)
+
+On the embedded synthetic data, a user's next item comes from their taste cluster and titles say
+nothing about clusters (shards/synthetic.py), so only the SRec's item vectors tell the LLM which
+candidates fit the user. Same data, seed, budget: a model trained on hybrid prompts must rank the
+held-out target far better than one trained on text-only prompts, and the frozen SRec alone must
+beat random. (LLaRA's curriculum is not tested here: at this budget of 300 steps it is no better
+than text-only, at 600 it is; BENCHMARKS.md "Fidelity" has the numbers.) Then the same training with the injection broken (each placeholder gets another item's
+behaviour row) or with the adapter cut off from its gradient must lose that margin.
+
+Training here is one process (no Ray, no DeepSpeed) to fit CI's budget, but every step is the
+trainer's own `step_loss` on the trainer's model (build_llara_model: LoRA, adapter, fused injection)
+over the trainer's shards, and ranking is launch/eval.py's candidate scoring; tests/test_e2e.py and
+tests/test_resume.py cover the same step under Ray and ZeRO-3.
+"""
+
+import contextlib
+import itertools
+import os
+
+import pytest
+import torch
+
+# a CI-sized task: history of 5, 10 candidates (LLaRA: 10 and 20), 240 users, 120 items in 6 clusters
+FIDELITY = ["data.synthetic.num_users=240", "data.synthetic.num_items=120", "data.synthetic.num_clusters=6",
+            "data.history_len=5", "data.num_candidates=10", "srec.epochs=10", "data.samples_per_shard=2000"]
+STEPS, EVAL_SAMPLES = 300, 160
+
+
+@pytest.fixture(scope="module")
+def fidelity_run(tmp_path_factory):
+    from trainer.config import load_config
+    from trainer.prepare import prepare
+
+    cfg = load_config(None, [f"output_dir={tmp_path_factory.mktemp('fidelity')}", *FIDELITY])
+    return cfg, prepare(cfg)
+
+
+def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None = None) -> dict:
+    """Train a fresh model for `steps` optimizer steps (micro-batch 8, the config's lr with warm-up and
+    cosine decay, clipping 1.0), then rank the first EVAL_SAMPLES test samples' candidates by title
+    likelihood with hybrid and with text-only prompts. Returns HR@1 per prompt kind and the adapter's
+    weight change."""
+    from shards.build import load_items, load_manifest
+    from trainer.curriculum import is_hybrid, warmup_cosine
+    from trainer.data import SplitReader, collate, meta
+    from trainer.eval_loop import split_samples
+    from trainer.model.build import build_llara_model, load_tokenizer
+    from trainer.scoring import candidate_logliks, ranking_metrics, target_ranks
+    from trainer.srec import load_srec
+    from trainer.train_loop import step_loss
+
+    torch.manual_seed(cfg.seed)
+    manifest = load_manifest(paths["data"])
+    tokenizer = load_tokenizer(paths["llm"])
+    srec = load_srec(paths["srec"]).eval().requires_grad_(False)
+    model, embed = build_llara_model(paths["llm"], srec.hidden, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze),
+                                     seed=cfg.seed)
+    if broken == "adapter_grad":
+        embed.adapter.requires_grad_(False)
+    if broken == "injection":  # every placeholder gets the behaviour row of another item of the batch
+        inject = embed.inject
+        embed.inject = lambda slot_map, vectors, users=None: inject(slot_map, vectors.roll(1, 0), users)
+    adapter_before = [p.detach().clone() for p in embed.adapter.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = max(1, int(cfg.train.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+    reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], 0, 1, 8, cfg.seed, True)
+    batches = itertools.chain.from_iterable(reader.rank_batches(epoch) for epoch in itertools.count())
+    ph = tokenizer.convert_tokens_to_ids("[PH]")
+    model.train()
+    for step, samples in zip(range(steps), batches):
+        loss = step_loss(model, embed, srec, collate(samples, tokenizer.pad_token_id),
+                         is_hybrid(mode, step, steps, cfg.seed), ph, "cpu")
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    if broken == "injection":
+        embed.inject = inject
+    titles = load_items(paths["data"])["titles"]
+    test = split_samples(paths, manifest, "test", EVAL_SAMPLES)
+    target = torch.as_tensor([meta(s)["candidates"].index(meta(s)["target"]) for s in test])
+    out = {"adapter_change": sum((p.detach() - q).abs().sum().item() for p, q in zip(embed.adapter.parameters(), adapter_before))}
+    for prompts in ("hybrid", "text"):
+        scores = torch.cat([candidate_logliks(model, embed, srec, test[i:i + 32], tokenizer, titles, prompts == "hybrid", "cpu")
+                            for i in range(0, len(test), 32)])
+        out[prompts] = ranking_metrics(target_ranks(scores, target))["hr@1"]
+    print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}: HR@1 with hybrid prompts "
+          f"{out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_only(fidelity_run):
+    return train_and_rank(*fidelity_run, "text")
+
+
+def test_srec_alone_beats_random(fidelity_run):
+    from shards.build import load_manifest
+    from trainer.data import meta
+    from trainer.eval_loop import baseline_ranks, split_samples
+    from trainer.scoring import ranking_metrics
+    from trainer.srec import load_srec
+
+    cfg, paths = fidelity_run
+    manifest = load_manifest(paths["data"])
+    test = split_samples(paths, manifest, "test", EVAL_SAMPLES)
+    train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
+    ranks = baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed)
+    hr = {k: ranking_metrics(v)["hr@1"] for k, v in ranks.items()}
+    assert hr["srec"] > hr["random"] + 0.25 and hr["srec"] > hr["popularity"] + 0.15, hr
+
+
+def test_hybrid_training_beats_text_only_training(fidelity_run, text_only):
+    hybrid = train_and_rank(*fidelity_run, "hybrid")
+    # the hybrid-trained model reads the behaviour tokens: far better with them than text-only training,
+    # and than itself with its tokens replaced by [PH]
+    assert hybrid["hybrid"] > text_only["text"] + 0.15, (hybrid, text_only)
+    assert hybrid["hybrid"] > hybrid["text"] + 0.15, hybrid
+    assert hybrid["adapter_change"] > 0 and text_only["adapter_change"] == 0  # text-only steps: no adapter gradient
+
+
+@pytest.mark.parametrize("broken", ["injection", "adapter_grad"])
+def test_the_margin_needs_injection_and_the_adapters_gradient(fidelity_run, text_only, broken):
+    """The two faults the margin above must catch: with either one, hybrid training is no better
+    than text-only training."""
+    hybrid = train_and_rank(*fidelity_run, "hybrid", broken=broken)
+    assert hybrid["hybrid"] < text_only["text"] + 0.1, (broken, hybrid, text_only)
