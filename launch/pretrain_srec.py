@@ -2,6 +2,7 @@
 
     python launch/pretrain_srec.py --out runs/srec-ml100k data.source=ml-100k data.path=../shared/data/ml-100k
     python launch/pretrain_srec.py --out runs/srec --archs sasrec,gru4rec,caser      # compare, one table
+    python launch/pretrain_srec.py --out runs/eval --evaluate runs/srec/sasrec,runs/srec/gru4rec   # saved ones
     python launch/pretrain_srec.py --out runs/llara-ml --import-llara ../shared/data/llara-srec/movielens.pt \\
         data.source=llara data.path=../shared/data/llara-data/movielens
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--archs", default=None, help="comma-separated archs to train (default: srec.arch)")
     p.add_argument("--import-llara", default=None, help="LLaRA's rec_model .pt (or .state_dict.pt) to import instead")
+    p.add_argument("--evaluate", default=None, help="comma-separated saved SRec folders to evaluate instead of training")
     p.add_argument("--split", default="test")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("overrides", nargs="*")
@@ -64,6 +66,15 @@ def main(argv=None) -> int:
             return 2
         save_srec(model, os.path.join(a.out, "llara_sasrec"))
         rows["llara_sasrec (imported)"] = evaluate(model, test, num_items, cands, seed=cfg.seed)
+    elif a.evaluate:
+        from trainer.srec import load_srec
+
+        for folder in a.evaluate.split(","):
+            model = load_srec(folder).eval()
+            if model.num_items != num_items:
+                print(f"error: {folder} knows {model.num_items} items, the data has {num_items}", file=sys.stderr)
+                return 2
+            rows[os.path.basename(os.path.normpath(folder))] = evaluate(model, test, num_items, cands, seed=cfg.seed)
     else:
         s = to_dict(cfg.srec)
         s.pop("path")

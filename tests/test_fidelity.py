@@ -14,9 +14,8 @@ over the trainer's shards, and ranking is launch/eval.py's candidate scoring; te
 tests/test_resume.py cover the same step under Ray and ZeRO-3.
 """
 
-import contextlib
 import itertools
-import os
+import time
 
 import pytest
 import torch
@@ -36,9 +35,10 @@ def fidelity_run(tmp_path_factory):
     return cfg, prepare(cfg)
 
 
-def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None = None) -> dict:
+def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None = None,
+                   eval_samples: int = EVAL_SAMPLES) -> dict:
     """Train a fresh model for `steps` optimizer steps (micro-batch 8, the config's lr with warm-up and
-    cosine decay, clipping 1.0), then rank the first EVAL_SAMPLES test samples' candidates by title
+    cosine decay, clipping 1.0), then rank the first eval_samples test samples' candidates by title
     likelihood with hybrid and with text-only prompts. Returns HR@1 per prompt kind and the adapter's
     weight change."""
     from shards.build import load_items, load_manifest
@@ -70,6 +70,7 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     batches = itertools.chain.from_iterable(reader.rank_batches(epoch) for epoch in itertools.count())
     ph = tokenizer.convert_tokens_to_ids("[PH]")
     model.train()
+    start = time.time()
     for step, samples in zip(range(steps), batches):
         loss = step_loss(model, embed, srec, collate(samples, tokenizer.pad_token_id),
                          is_hybrid(mode, step, steps, cfg.seed), ph, "cpu")
@@ -78,19 +79,20 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+    train_seconds = time.time() - start
     model.eval()
     if broken == "injection":
         embed.inject = inject
     titles = load_items(paths["data"])["titles"]
-    test = split_samples(paths, manifest, "test", EVAL_SAMPLES)
+    test = split_samples(paths, manifest, "test", eval_samples)
     target = torch.as_tensor([meta(s)["candidates"].index(meta(s)["target"]) for s in test])
     out = {"adapter_change": sum((p.detach() - q).abs().sum().item() for p, q in zip(embed.adapter.parameters(), adapter_before))}
     for prompts in ("hybrid", "text"):
         scores = torch.cat([candidate_logliks(model, embed, srec, test[i:i + 32], tokenizer, titles, prompts == "hybrid", "cpu")
                             for i in range(0, len(test), 32)])
         out[prompts] = ranking_metrics(target_ranks(scores, target))["hr@1"]
-    print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}: HR@1 with hybrid prompts "
-          f"{out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}")
+    print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}, {steps} steps in {train_seconds:.0f} s: "
+          f"HR@1 with hybrid prompts {out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}")
     return out
 
 

@@ -167,3 +167,30 @@ def test_ctrl_c_keeps_the_best_epoch_so_far(synthetic_splits, monkeypatch):
     model, report = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=10, lr=0.005, seed=0)
     assert report["stopped"] == "interrupted" and len(report["epochs"]) == 2
     assert not model.training and report["best_val_ndcg@10"] == max(e["val_ndcg@10"] for e in report["epochs"])
+
+
+def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
+    """launch/pretrain_srec.py trains and saves; --evaluate on the saved folder gives the same table
+    row; an SRec for another catalogue is refused with both item counts."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = ["data.synthetic.num_users=120", "data.synthetic.num_items=60", "srec.epochs=1", "srec.hidden=16"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "launch/pretrain_srec.py", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+
+    r = cli("--out", str(tmp_path / "a"), "--archs", "gru4rec", *data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads((tmp_path / "a" / "eval_test.json").read_text())
+    assert {"gru4rec", "popularity", "random"} <= set(trained)
+    r = cli("--out", str(tmp_path / "b"), "--evaluate", str(tmp_path / "a" / "gru4rec"), "--no-baselines", *data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "eval_test.json").read_text()) == {"gru4rec": trained["gru4rec"]}
+    other = [*data[:1], "data.synthetic.num_items=50", *data[2:]]
+    r = cli("--out", str(tmp_path / "c"), "--evaluate", str(tmp_path / "a" / "gru4rec"), *other)
+    assert r.returncode == 2 and "knows 60 items, the data has 50" in r.stderr

@@ -123,9 +123,10 @@ def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, n
     ms = [meta(s) for s in samples]
     cands = torch.as_tensor([m["candidates"] for m in ms])
     tgt = torch.as_tensor([m["candidates"].index(m["target"]) for m in ms])
+    device = next(srec.parameters()).device  # the SRec stays where it is (a worker's GPU); its inputs go to it
     with torch.no_grad():
         history, lengths = srec.pad([m["history"] for m in ms])
-        srec_scores = srec.scores(history, lengths).gather(1, cands)
+        srec_scores = srec.scores(history.to(device), lengths.to(device)).cpu().gather(1, cands)
     rnd = torch.rand(cands.shape, generator=torch.Generator().manual_seed(seed))
     out = {"srec": target_ranks(srec_scores, tgt), "random": target_ranks(rnd, tgt)}
     if train_targets is not None:  # popularity: how often each item is a training target

@@ -415,7 +415,7 @@ def compare_table(paths, manifest, srec, samples, score_ranks, seed) -> dict:
         out[f"llm_{prompts}"] = ranking_metrics(torch.as_tensor([r for _, p, r in sorted(score_ranks) if p == prompts]))
     train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
     ordered = sorted(samples, key=lambda s: s["key"])
-    for name, ranks in baseline_ranks(srec.cpu(), ordered, train_targets, manifest["num_items"], seed).items():
+    for name, ranks in baseline_ranks(srec, ordered, train_targets, manifest["num_items"], seed).items():
         out[name] = ranking_metrics(ranks)
     return out
 

@@ -1,0 +1,53 @@
+"""Fidelity at CI scale, in one process: the loop of tests/test_fidelity.py (the trainer's step_loss
+on the trainer's model and shards, no Ray/DeepSpeed) for any config, modes and budget.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/fidelity_inprocess.py --out /tmp/fidq --steps 600 \\
+        --modes hybrid,text,curriculum [key=value ...]      # e.g. data.synthetic.titles=pairs
+
+Prints HR@1 of the frozen SRec alone, popularity and random on the first --eval-samples test rows,
+then per training mode the trained model's HR@1 read with hybrid and with text-only prompts.
+Bench/fidelity.py does the same through launch/train.py (Ray, ZeRO-3), at far higher cost.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--modes", default="hybrid,text")
+    p.add_argument("--eval-samples", type=int, default=160)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from shards.build import load_manifest
+    from test_fidelity import train_and_rank
+    from trainer.config import load_config
+    from trainer.data import meta
+    from trainer.eval_loop import baseline_ranks, split_samples
+    from trainer.prepare import prepare
+    from trainer.scoring import ranking_metrics
+    from trainer.srec import load_srec
+
+    cfg = load_config(None, [f"output_dir={a.out}", *a.overrides])
+    paths = prepare(cfg)
+    manifest = load_manifest(paths["data"])
+    test = split_samples(paths, manifest, "test", a.eval_samples)
+    train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
+    for name, ranks in baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed).items():
+        print(f"baseline {name}: HR@1 {ranking_metrics(ranks)['hr@1']:.3f}", flush=True)
+    for mode in a.modes.split(","):
+        train_and_rank(cfg, paths, mode, a.steps, eval_samples=a.eval_samples)
+
+
+if __name__ == "__main__":
+    main()
