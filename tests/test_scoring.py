@@ -96,3 +96,12 @@ def test_auc_logloss_accuracy_on_known_cases():
     y, s = rng.integers(0, 2, 200), rng.random(200)
     pairs = [(a, b) for a in s[y == 1] for b in s[y == 0]]
     assert auc(y, s) == pytest.approx(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs]))
+
+
+def test_answer_tokens_must_start_the_answer_words(tmp_path):
+    """A tokenizer that splits " Yes." as " " + "Yes." would make the " " logit the Yes score: refused."""
+    from trainer.model.tiny import build_tokenizer
+
+    tok = build_tokenizer([" Naso Tower", " Nuvo Tide", "Yes."] * 4, 300, str(tmp_path))
+    with pytest.raises(ValueError, match="does not start the answer word"):
+        answer_token_ids(tok)

@@ -64,7 +64,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
 
     from shards.build import load_source, write_shards
     from shards.ctr import make_samples, manifest_params, needs_retrieval, pool_len
-    from shards.prompts import CTR_TEMPLATES, templates
+    from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
     from shards.readers import read_profiles
     from trainer.model.build import load_tokenizer
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
@@ -83,7 +83,8 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
         log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
         # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
         # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
-        corpus = [" " + t for _, t, _ in items] + list(templates(user_token))
+        # and ReLLa's answers, so that " Yes" and " No" are whole tokens (CTR scoring reads their logits)
+        corpus = [" " + t for _, t, _ in items] + list(templates(user_token)) + list(CTR_ANSWERS)
         if d["task"] == "ctr":  # only then: the default tokenizer stays byte-identical
             corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
         tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)

@@ -104,6 +104,10 @@ def answer_token_ids(tokenizer) -> tuple[list[int], int, int]:
         k += 1
     if k == min(len(a), len(b)):
         raise ValueError(f"the tokenizer cannot tell {CTR_ANSWERS[0]!r} from {CTR_ANSWERS[1]!r} by one token")
+    for ids, answer in ((a, CTR_ANSWERS[0]), (b, CTR_ANSWERS[1])):
+        if not tokenizer.decode(ids[:k + 1]).strip():  # e.g. " Yes" split as " " + "Yes": the logit of " " means nothing
+            raise ValueError(f"the tokenizer splits {answer!r} as {tokenizer.convert_ids_to_tokens(ids)}: the first token "
+                             "that tells the answers apart does not start the answer word, so its logit is no Yes/No score")
     return a[:k], a[k], b[k]
 
 
