@@ -12,29 +12,30 @@ import torch
 from transformers import AutoTokenizer
 
 from shards.build import load_manifest, load_source, sha256_file, write_shards
-from shards.prompts import CANS_EMB, HISTORY_EMB, LLARA_TEMPLATES, PH, USER_EMB, USER_TEMPLATES, tokenize_llara
+from shards.prompts import CTR_ANSWERS, CANS_EMB, HISTORY_EMB, LLARA_TEMPLATES, PH, USER_EMB, USER_TEMPLATES, tokenize_llara
 from trainer.data import collate, meta, read_shard
 
 from conftest import SMALL
 
 SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, "max_seq_len": 30, "p_follow": 0.9}
 
-# Recorded with the code before the user token existed (commit 0fd1b0d): the tiny tokenizer that
-# build_tokenizer made from the small run's corpus (titles + LLaRA's templates, as prepare built it
-# then), and the shards/manifest that tests/test_shards.py's build makes with it. With the user token
-# off, build_tokenizer and the shard build must keep producing exactly these bytes. (A `tokenizers`
-# release that trains BPE differently would change them too: re-record at a commit whose prompts
-# are known unchanged.)
-GOLDEN_TOKENIZER = "0bd7c4f7755b3d52fa90f75a25698565c092f9dca39141d92970fd0c571f4160"
-GOLDEN_CONFIG_HASH = "234edb01e62e1023aaf1c95e393a90fdcd5831ad964abe5a45af6d8242f37915"
-GOLDEN_MANIFEST = "20a7bffc725826059a3381e54aad00f04131a028cbc164db929d821ab126bc7f"
+# The tiny tokenizer that build_tokenizer makes from the small run's corpus (titles + LLaRA's templates
+# + the CTR answers, as prepare builds it), and the shards/manifest that the build below makes with
+# it, with the user token off. First recorded before the user token existed (commit 0fd1b0d), to show
+# that adding it changed nothing; re-recorded at the commit that changed the synthetic data and the
+# tokenizer's corpus on purpose (issue 10). The user token off must keep producing exactly these
+# bytes. (A `tokenizers` release that trains BPE differently would change them too: re-record at a
+# commit whose prompts are known unchanged.)
+GOLDEN_TOKENIZER = "4688f9b5cc7c1216636b929e78b6797ee2f2f0c6f71e8f3e4d30372fe2f47cfb"
+GOLDEN_CONFIG_HASH = "2a76f6af8ed593e39e889be5cb430852aa6a5c414554b4a872de13d63a539fd2"
+GOLDEN_MANIFEST = "e6aa257f3365fefc7e870c903cef3dbb8f7dd596bb15ea0bbce45a0e313248d7"
 GOLDEN_SHARDS = {
-    "train-00000.tar": "30d47632f001f44f9bd41b8ab5711e73179743953ef7f84fc5f21056e291efd4",
-    "train-00001.tar": "2f29514feb07f342c0fc39a87c8349867554eed43b5a5a6420e3dc1cf7d5c55c",
-    "train-00002.tar": "867305c4e22794ab18c1dd480fa67b741994e31c11724bfcb7156b948d0281ee",
-    "train-00003.tar": "5863aba5e83bd7fa4b4d2ed8bf5d29ea996b7b0848ccb119ad8ea1b7bcabdbb4",
-    "val-00000.tar": "70101a5073c34b41c2e55a5dcdf336b69dc37bb292948dc474e4f998c88ec6fa",
-    "test-00000.tar": "588102b93f95765d6d5863699e774bc397225dccd493b0036b6c04e3ca394317",
+    "train-00000.tar": "70440dd4ef3ab198132bba1905b7279007355dbf58f178e99991646a113d3825",
+    "train-00001.tar": "982ecef5c8c478aa427053583a34930a010b7ee207774877eb141d2faadb9c42",
+    "train-00002.tar": "d666a8926f29b90ee6d216eb9b7eb220243394827aca2472c1bb453e7741fcc3",
+    "train-00003.tar": "14865d2625c2231252d3e8b232a9e9da9822644607c0c796f79025faaee83c02",
+    "val-00000.tar": "44dfddd96bb36b00fd86da69ef8122d3050b0bdbbc087d05f2748238badea4c0",
+    "test-00000.tar": "ca6a1f1adcc83b1245452074ec1b0558a881721685ffadfc8131ecddd97fbea6",
 }
 
 
@@ -71,10 +72,11 @@ def test_off_by_default_is_byte_identical_to_llara_only(small_run, tmp_path):
     assert cfg.data.user_token is False
     assert USER_EMB not in AutoTokenizer.from_pretrained(paths["llm"]).get_vocab()
     items, _, _ = load_source(to_dict(cfg.data), cfg.seed)
-    corpus = [t for _, t, _ in items] + list(LLARA_TEMPLATES)
+    corpus = [" " + t for _, t, _ in items] + list(LLARA_TEMPLATES) + list(CTR_ANSWERS)  # as prepare builds it
     tok = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, str(tmp_path / "llm"))
     assert USER_EMB not in tok.get_vocab()
     assert sha256_file(str(tmp_path / "llm" / "tokenizer.json")) == GOLDEN_TOKENIZER
+    assert sha256_file(os.path.join(paths["llm"], "tokenizer.json")) == GOLDEN_TOKENIZER  # what prepare built
     m = _build(str(tmp_path / "llm"), tmp_path / "d")
     assert m["config_hash"] == GOLDEN_CONFIG_HASH and "user_token" not in m["params"]
     assert {s["name"]: s["sha256"] for s in m["shards"]} == GOLDEN_SHARDS
