@@ -4,14 +4,8 @@ On the embedded synthetic data, a user's next item comes from their taste cluste
 nothing about clusters (shards/synthetic.py), so only the SRec's item vectors tell the LLM which
 candidates fit the user. Same data, seed, budget: a model trained on hybrid prompts must rank the
 held-out target far better than one trained on text-only prompts, and the frozen SRec alone must
-beat random. (LLaRA's curriculum is not tested here: at this budget of 300 steps it is no better
-than text-only, at 600 it is; BENCHMARKS.md "Fidelity" has the numbers.) Then the same training with the injection broken (each placeholder gets another item's
-behaviour row) or with the adapter cut off from its gradient must lose that margin.
-
-Training here is one process (no Ray, no DeepSpeed) to fit CI's budget, but every step is the
-trainer's own `step_loss` on the trainer's model (build_llara_model: LoRA, adapter, fused injection)
-over the trainer's shards, and ranking is launch/eval.py's candidate scoring; tests/test_e2e.py and
-tests/test_resume.py cover the same step under Ray and ZeRO-3.
+beat random. (LLaRA's curriculum is not tested here: on a smaller set it was no better
+than text-only at 300 steps and better at 600; BENCHMARKS.md "Fidelity" has the numbers.)
 """
 
 import itertools
@@ -20,10 +14,11 @@ import time
 import pytest
 import torch
 
-# a CI-sized task: history of 5, 10 candidates (LLaRA: 10 and 20), 240 users, 120 items in 6 clusters
-FIDELITY = ["data.synthetic.num_users=240", "data.synthetic.num_items=120", "data.synthetic.num_clusters=6",
-            "data.history_len=5", "data.num_candidates=10", "srec.epochs=10", "data.samples_per_shard=2000"]
-STEPS, EVAL_SAMPLES = 300, 160
+# a CI-sized task: the default data (500 users, 300 items in 10 clusters) with a history of 5 and 10
+# candidates (LLaRA: 10 and 20), 600 steps. (At 300 or 400 steps the model is still in the middle of
+# learning to use the tokens and the margin depends on the seed: 0.56, 0.38, 0.29 were seen.)
+FIDELITY = ["data.history_len=5", "data.num_candidates=10", "srec.epochs=10", "data.samples_per_shard=2000"]
+STEPS, EVAL_SAMPLES = 600, 160
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +121,8 @@ def test_hybrid_training_beats_text_only_training(fidelity_run, text_only):
     assert hybrid["adapter_change"] > 0 and text_only["adapter_change"] == 0  # text-only steps: no adapter gradient
 
 
-@pytest.mark.parametrize("broken", ["injection", "adapter_grad"])
-def test_the_margin_needs_injection_and_the_adapters_gradient(fidelity_run, text_only, broken):
-    """The two faults the margin above must catch: with either one, hybrid training is no better
-    than text-only training."""
-    hybrid = train_and_rank(*fidelity_run, "hybrid", broken=broken)
-    assert hybrid["hybrid"] < text_only["text"] + 0.1, (broken, hybrid, text_only)
+def test_the_margin_needs_the_injection(fidelity_run, text_only):
+    """The fault the margin above must catch: each placeholder gets another item's behaviour row.
+    (A missing adapter gradient is caught directly above: the adapter must move in hybrid training.)"""
+    hybrid = train_and_rank(*fidelity_run, "hybrid", broken="injection")
+    assert hybrid["hybrid"] < text_only["text"] + 0.1, (hybrid, text_only)
