@@ -25,6 +25,8 @@ def main():
     p.add_argument("--modes", default="hybrid,text")
     p.add_argument("--eval-samples", type=int, default=160)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--broken", choices=["injection", "adapter_grad"], default=None,
+                   help="train with a fault on purpose: placeholders get other items' rows, or the adapter no gradient")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -46,7 +48,7 @@ def main():
     for name, ranks in baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed).items():
         print(f"baseline {name}: HR@1 {ranking_metrics(ranks)['hr@1']:.3f}", flush=True)
     for mode in a.modes.split(","):
-        train_and_rank(cfg, paths, mode, a.steps, eval_samples=a.eval_samples)
+        train_and_rank(cfg, paths, mode, a.steps, broken=a.broken, eval_samples=a.eval_samples)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     weight change."""
     from shards.build import load_items, load_manifest
     from trainer.curriculum import is_hybrid, warmup_cosine
-    from trainer.data import SplitReader, collate, meta
-    from trainer.eval_loop import split_samples
+    from trainer.data import SplitReader, collate
+    from trainer.eval_loop import model_rows, split_samples
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.scoring import candidate_logliks, ranking_metrics, target_ranks
+    from trainer.scoring import ranking_metrics
     from trainer.srec import load_srec
     from trainer.train_loop import step_loss
 
@@ -80,12 +80,10 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
         embed.inject = inject
     titles = load_items(paths["data"])["titles"]
     test = split_samples(paths, manifest, "test", eval_samples)
-    target = torch.as_tensor([meta(s)["candidates"].index(meta(s)["target"]) for s in test])
     out = {"adapter_change": sum((p.detach() - q).abs().sum().item() for p, q in zip(embed.adapter.parameters(), adapter_before))}
-    for prompts in ("hybrid", "text"):
-        scores = torch.cat([candidate_logliks(model, embed, srec, test[i:i + 32], tokenizer, titles, prompts == "hybrid", "cpu")
-                            for i in range(0, len(test), 32)])
-        out[prompts] = ranking_metrics(target_ranks(scores, target))["hr@1"]
+    for prompts in ("hybrid", "text"):  # launch/eval.py's candidate scoring ("score" mode)
+        rows = model_rows(model, embed, srec, tokenizer, titles, test, ["score"], prompts == "hybrid", 32, 0, "cpu")
+        out[prompts] = ranking_metrics(torch.as_tensor([r["score_rank"] for r in rows]))["hr@1"]
     print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}, {steps} steps in {train_seconds:.0f} s: "
           f"HR@1 with hybrid prompts {out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}")
     return out

@@ -1,5 +1,7 @@
 from collections import Counter
 
+import pytest
+
 from shards.synthetic import SyntheticConfig, generate
 
 
@@ -36,3 +38,11 @@ def test_sequences_carry_a_learnable_signal():
         top += sum(v for _, v in c.most_common(10))
         total += n
     assert top / total > 0.6
+
+
+@pytest.mark.parametrize("bad, message", [(dict(pattern="cycle"), "data.synthetic.pattern='cycle': expected taste or chain"),
+                                          (dict(titles="words"), "data.synthetic.titles='words': expected unique or pairs"),
+                                          (dict(num_items=5000), "at most 4900 items have unique titles, asked 5000")])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        generate(SyntheticConfig(num_users=2, **bad))
