@@ -327,3 +327,18 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
         assert embed_on_workers(cfg, ITEMS, folder, cache) is None
     finally:
         ray.shutdown()
+
+
+def test_model_fingerprint_is_remembered_until_the_files_change(tmp_path):
+    """Read once per process (a 7B folder is large), yet a changed weight file is a new fingerprint."""
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    first = model_fingerprint(str(tmp_path))
+    hits = model_fingerprint.__globals__["_content_fingerprint"].cache_info().hits
+    assert model_fingerprint(str(tmp_path)) == first
+    assert model_fingerprint.__globals__["_content_fingerprint"].cache_info().hits == hits + 1  # not read again
+    weights.write_bytes(b"b" * 64)  # same size; a new modification time
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert model_fingerprint(str(tmp_path)) != first

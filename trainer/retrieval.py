@@ -27,6 +27,7 @@ every time: in `retrieve` the more recent history item wins, in `topk_similar_it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -168,13 +169,21 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
 
 def model_fingerprint(model_dir: str, name: str = "") -> str:
     """sha256 of a Hugging Face model folder's config.json and weight files (content, not dates),
-    plus an optional name: the model part of the embedding cache key."""
-    h = hashlib.sha256(name.encode())
+    plus an optional name: the model part of the embedding cache key. Remembered in the process for
+    as long as the files' sizes and modification times stay the same (a 7B folder is read once, not
+    once per caller)."""
     files = sorted(f for f in os.listdir(model_dir)
                    if f == "config.json" or f.endswith((".safetensors", ".bin", ".pt")))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no config.json or weight files to fingerprint")
-    for f in files:
+    stats = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(os.path.join(model_dir, f))])
+    return _content_fingerprint(os.path.realpath(model_dir), name, stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _content_fingerprint(model_dir: str, name: str, stats: tuple) -> str:
+    h = hashlib.sha256(name.encode())
+    for f, _, _ in stats:
         h.update(f.encode())
         with open(os.path.join(model_dir, f), "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
