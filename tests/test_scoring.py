@@ -11,7 +11,7 @@ from shards.build import load_items, load_manifest
 from trainer.data import meta, read_shard
 from trainer.model.build import build_llara_model, load_tokenizer
 from trainer.scoring import (answer_token_ids, auc, candidate_logliks, ctr_metrics, prompt_inputs, ranking_metrics,
-                             target_ranks, yes_probability)
+                             target_positions, target_ranks, yes_probability)
 from trainer.srec import load_srec
 
 
@@ -82,6 +82,13 @@ def test_target_ranks_and_ranking_metrics():
     m = ranking_metrics(ranks)
     assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@5"] == 1.0
     assert m["ndcg@5"] == pytest.approx((1 + 2 / math.log2(3)) / 3)
+
+
+def test_target_positions_and_a_target_missing_from_its_candidates():
+    metas = [{"user": 1, "target": 7, "candidates": [3, 7, 9]}, {"user": 2, "target": 3, "candidates": [3, 4]}]
+    assert target_positions(metas).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="user 5: target 8 is not among"):
+        target_positions([{"user": 5, "target": 8, "candidates": [3, 4]}])
 
 
 def test_auc_logloss_accuracy_on_known_cases():

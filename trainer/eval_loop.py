@@ -79,7 +79,7 @@ def model_rows(model, embed, srec, tokenizer, titles, samples, modes, hybrid, ba
     """One row per sample with what each mode gave."""
     from trainer.data import meta
     from trainer.evaluate import first_line, generate, judge
-    from trainer.scoring import candidate_logliks, target_ranks, yes_probability
+    from trainer.scoring import candidate_logliks, target_positions, target_ranks, yes_probability
 
     rows = []
     for i in range(0, len(samples), batch_size):
@@ -96,7 +96,7 @@ def model_rows(model, embed, srec, tokenizer, titles, samples, modes, hybrid, ba
                 r.update(generated=first_line(out), chosen=named[0] if valid else None, valid=valid, correct=correct)
         if "score" in modes:
             ll = candidate_logliks(model, embed, srec, chunk, tokenizer, titles, hybrid, device)
-            tgt = torch.as_tensor([m["candidates"].index(m["target"]) for m in ms])
+            tgt = target_positions(ms)
             for r, rank, row, m in zip(part, target_ranks(ll, tgt).tolist(), ll, ms):
                 r.update(score_rank=rank, score_top1=m["candidates"][int(row.argmax())])
         if "ctr" in modes and all("label" in m for m in ms):
@@ -118,11 +118,11 @@ def check_modes(manifest: dict, modes) -> None:
 def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, num_items: int, seed: int) -> dict:
     """The target's rank among each sample's candidates for the SRec alone, popularity and random."""
     from trainer.data import meta
-    from trainer.scoring import target_ranks
+    from trainer.scoring import target_positions, target_ranks
 
     ms = [meta(s) for s in samples]
     cands = torch.as_tensor([m["candidates"] for m in ms])
-    tgt = torch.as_tensor([m["candidates"].index(m["target"]) for m in ms])
+    tgt = target_positions(ms)
     device = next(srec.parameters()).device  # the SRec stays where it is (a worker's GPU); its inputs go to it
     with torch.no_grad():
         history, lengths = srec.pad([m["history"] for m in ms])

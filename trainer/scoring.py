@@ -114,6 +114,16 @@ def answer_token_ids(tokenizer) -> tuple[list[int], int, int]:
 # ---- metrics
 
 
+def target_positions(metas: list[dict]) -> torch.Tensor:
+    """Each sample's target's index among its candidates (sample metas: trainer.data.meta)."""
+    out = []
+    for m in metas:
+        if m["target"] not in m["candidates"]:
+            raise ValueError(f"user {m.get('user')}: target {m['target']} is not among the sample's candidates")
+        out.append(m["candidates"].index(m["target"]))
+    return torch.as_tensor(out, dtype=torch.long)
+
+
 def target_ranks(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
     """0-based rank of each row's target among its candidates. Ties go against the target for the
     candidates listed before it (the candidates are in a seeded random order, so this is fair)."""

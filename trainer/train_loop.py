@@ -357,7 +357,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
     from shards.build import load_items
     from trainer.data import meta, read_shard
     from trainer.evaluate import generate, judge, llara_metrics
-    from trainer.scoring import candidate_logliks, target_ranks
+    from trainer.scoring import candidate_logliks, target_positions, target_ranks
 
     titles = load_items(paths["data"])["titles"]
     os.makedirs(paths["eval"], exist_ok=True)
@@ -384,7 +384,7 @@ def evaluate_on_workers(engine, embed, srec, tokenizer, paths, manifest, cfg, ra
         for s, out in zip(chunk[:real], outputs[:real]):
             judgements.append((s["key"], out, *judge(out, [titles[c] for c in meta(s)["candidates"]], titles[meta(s)["target"]])))
         if cfg.eval.compare:  # candidate scoring of the same model with hybrid and with text-only prompts
-            tgt = torch.as_tensor([meta(s)["candidates"].index(meta(s)["target"]) for s in chunk])
+            tgt = target_positions([meta(s) for s in chunk])
             for prompts in ("hybrid", "text"):
                 ll = candidate_logliks(engine.module, embed, srec, chunk, tokenizer, titles, prompts == "hybrid", device)
                 for s, r in zip(chunk[:real], target_ranks(ll, tgt)[:real].tolist()):
