@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per worker, the model in bf16 there (as training on GPU); default: CPU, fp32")
     p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -102,9 +104,10 @@ def main(argv=None) -> int:
     hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))
     args = {"split": a.split, "modes": modes, "hybrid": hybrid, "max_samples": a.max_samples, "batch_size": a.batch_size,
-            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out}
+            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out, "gpu": a.gpu}
     header = (f"Run `{paths['output_dir']}`, {name}, split `{a.split}`, prompts "
-              f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers.")
+              f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers"
+              f"{' (GPU, bf16)' if a.gpu else ' (CPU, fp32)'}.")
 
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -112,15 +115,20 @@ def main(argv=None) -> int:
 
     from trainer.eval_loop import eval_worker
 
-    env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}}
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **({} if a.gpu else {"DS_ACCELERATOR": "cpu"})}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env)
     else:
         ray.init(num_cpus=a.workers * a.cpus_per_worker, runtime_env=env)
+    if a.gpu:
+        from trainer.gpus import require_gpus
+
+        require_gpus(a.workers, "--gpu")
     trainer = TorchTrainer(
         train_loop_per_worker=eval_worker,
         train_loop_config={"paths": paths, "source": source, "args": args, "header": header, "threads": a.cpus_per_worker},
-        scaling_config=ScalingConfig(num_workers=a.workers, resources_per_worker={"CPU": a.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=a.gpu,
+                                     resources_per_worker={"CPU": a.cpus_per_worker, **({"GPU": 1} if a.gpu else {})}),
         run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="eval"),
     )
     trainer.fit()

@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     from shards.ctr import needs_retrieval
     from trainer.embed_job import embed_on_workers
 
+    if cfg.train.use_gpu:  # a GPU run the cluster cannot place is refused before the data build, not left pending
+        from trainer.gpus import require_gpus
+
+        connect_ray(cfg, out)
+        require_gpus(cfg.train.num_workers, "train.use_gpu=true")
     embed = None
     if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
         connect_ray(cfg, out)

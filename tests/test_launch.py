@@ -56,3 +56,21 @@ def test_a_corrupt_shard_is_refused_before_any_worker_starts(small_run, tmp_path
     assert r.returncode != 0
     assert "train-00000.tar does not match its sha256" in r.stderr
     assert "starting a local Ray cluster" not in r.stderr + r.stdout
+
+
+def test_a_gpu_run_without_gpus_is_refused_before_the_data_build(tmp_path):
+    """train.use_gpu on a Ray cluster with no GPU: a clear error, not a job left pending for ever."""
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", "train.use_gpu=true", "train.num_workers=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "train.use_gpu=true asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr
+    assert not (tmp_path / "data").exists()  # refused before the shards were built
+
+
+def test_eval_on_gpu_without_gpus_is_refused(small_run, tmp_path):
+    _, paths = small_run
+    r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--run", paths["output_dir"], "--zero-shot",
+                        "--gpu", "--workers", "1", "--out", str(tmp_path / "eval")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--gpu asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()

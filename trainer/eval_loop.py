@@ -198,8 +198,14 @@ def eval_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     paths, a = config["paths"], config["args"]
-    srec = load_srec(paths["srec"]).eval().requires_grad_(False)
+    # On GPU (launch/eval.py --gpu; written with the same care, but run only on CPU here): the worker's
+    # GPU, the LLM and adapter in bf16 as in GPU training, the SRec in fp32 (its vectors are cast by
+    # the adapter).
+    device = torch.device("cuda", ctx.get_local_rank()) if a.get("gpu") else torch.device("cpu")
+    srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden)
+    if device.type == "cuda":
+        model.to(device, dtype=torch.bfloat16)
     manifest = load_manifest(paths["data"])
     titles = load_items(paths["data"])["titles"]
     samples = split_samples(paths, manifest, a["split"], a["max_samples"])
@@ -207,7 +213,7 @@ def eval_worker(config: dict) -> None:
     check_modes(manifest, a["modes"])
     mine = samples[rank::world]
     rows = model_rows(model, embed, srec, tokenizer, titles, mine, a["modes"], a["hybrid"], a["batch_size"],
-                      a["max_new_tokens"], "cpu")
+                      a["max_new_tokens"], device)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:

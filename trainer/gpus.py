@@ -1,0 +1,14 @@
+"""Refuse a GPU job that the Ray cluster cannot place, instead of waiting for GPUs forever (Ray
+Train would keep the job pending with no message)."""
+
+from __future__ import annotations
+
+
+def require_gpus(workers: int, switch: str) -> None:
+    """Raise SystemExit naming `switch` when the connected Ray cluster has fewer GPUs than `workers`."""
+    import ray
+
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < workers:
+        raise SystemExit(f"error: {switch} asks for {workers} workers with a GPU each, the Ray cluster has {have} "
+                         f"GPU(s); give fewer workers, add GPU nodes, or run on CPU")
