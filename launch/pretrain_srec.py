@@ -80,7 +80,11 @@ def main(argv=None) -> int:
         s.pop("path")
         for arch in (a.archs.split(",") if a.archs else [s["arch"]]):
             s["arch"] = arch
-            model, report = pretrain(splits, num_items, max_len=d["history_len"], seed=cfg.seed, progress=True, **s)
+            try:
+                model, report = pretrain(splits, num_items, max_len=d["history_len"], seed=cfg.seed, progress=True, **s)
+            except KeyboardInterrupt:  # after an epoch, pretrain keeps the best one; before, there is nothing
+                print(f"\ninterrupted before {arch}'s first epoch finished: nothing saved for it", file=sys.stderr)
+                return 130
             save_srec(model, os.path.join(a.out, arch))
             with open(os.path.join(a.out, arch, "pretrain_report.json"), "w") as f:
                 json.dump(report, f, indent=1)

@@ -194,3 +194,30 @@ def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
     other = [*data[:1], "data.synthetic.num_items=50", *data[2:]]
     r = cli("--out", str(tmp_path / "c"), "--evaluate", str(tmp_path / "a" / "gru4rec"), *other)
     assert r.returncode == 2 and "knows 60 items, the data has 50" in r.stderr
+
+
+def test_ctrl_c_in_the_first_epoch_is_a_message_not_a_traceback(tmp_path):
+    """SIGINT before any epoch finished: exit 130 with a line saying nothing was saved (Video's first
+    SASRec epoch takes ~30 s here, so the signal lands inside it)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    video = os.path.join(SHARED_DATA, "sasrec-amazon-video", "Video.txt")
+    if not os.path.exists(video):
+        pytest.skip(f"{video} is absent (the SASRec authors' Amazon Video, see ../shared/data/INDEX.md)")
+    p = subprocess.Popen([sys.executable, "launch/pretrain_srec.py", "--out", str(tmp_path), "--archs", "sasrec",
+                          "data.source=sequences", f"data.path={video}", "data.history_len=50", "srec.hidden=50"],
+                         cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = ""
+    while "pretraining sasrec" not in seen:  # the progress bar appears when the first epoch starts
+        chunk = p.stderr.read(1)
+        assert chunk, seen[-2000:]
+        seen += chunk
+    p.send_signal(signal.SIGINT)
+    _, rest = p.communicate(timeout=120)
+    assert p.returncode == 130, (seen + rest)[-2000:]
+    assert "interrupted before sasrec's first epoch finished: nothing saved for it" in rest
+    assert "Traceback" not in seen + rest and not (tmp_path / "sasrec").exists()
