@@ -31,6 +31,11 @@ def test_train_checkpoint_evaluate_resume(tmp_path):
     timed = [x for x in recs if "samples_per_s" in x]  # throughput on every log_every-th step
     assert [x["step"] for x in timed] == [5, 10, 15, 20, 25, 30]
     assert all(x["samples_per_s"] > 0 and x["tokens_per_s"] > x["samples_per_s"] for x in timed)
+    for x in timed:  # where the time went, ms per optimizer step: the phases add up to the step time
+        phases = [x[f"{k}_ms"] for k in ("data", "forward", "backward", "optimizer", "other")]
+        assert x["forward_ms"] > 0 and x["backward_ms"] > 0 and min(phases) > -0.01, x
+        step_ms = 1e3 * 16 / x["samples_per_s"]  # 2 workers x micro-batch 8 per step
+        assert abs(sum(phases) - step_ms) < 0.01 * step_ms + 1, x
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses  # the loss falls
     assert find_latest(str(out / "checkpoints")) == "step_000030"
     ckpt = out / "checkpoints" / "step_000030"

@@ -64,6 +64,15 @@ def _mean_over_ranks(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def _lap(phases: dict, name: str, since: float) -> float:
+    now = time.perf_counter()
+    phases[name] += now - since
+    return now
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer tokens (labels != -100). A micro-batch of only
     fillers has no answer token: its loss is 0 and still carries a graph, so every rank runs backward."""
@@ -261,15 +270,23 @@ def train_worker(config: dict) -> None:
     engine.train()
     signals.training(True)  # from here a SIGTERM to this worker finishes the step and checkpoints
     step_losses, t0, samples_since = [], time.time(), 0
+    # Where a step's time goes, summed since the last logged step (host time: on CUDA the kernels run
+    # asynchronously, so there the split shows launch cost and waits, not GPU time; verified on CPU).
+    phases, steps_since = dict.fromkeys(PHASES, 0.0), 0
     last_saved = state["global_step"] if tag else -1
     global_batch = world * t.micro_batch  # samples (fillers included) consumed per micro-step
     while state["global_step"] < total_steps:
+        tick = time.perf_counter()
         for batch in rank_loader(reader, state["epoch"], state["position"], tokenizer.pad_token_id, cfg.data.loader_workers):
+            tick = _lap(phases, "data", tick)
             hybrid = is_hybrid(t.mode, state["global_step"], total_steps, cfg.seed)
             loss = step_loss(engine, embed, srec, batch, hybrid, ph_id, device)
+            tick = _lap(phases, "forward", tick)
             engine.backward(loss)
+            tick = _lap(phases, "backward", tick)
             engine.step()
             step_losses.append(loss.item())
+            tick = _lap(phases, "optimizer", tick)
             state["position"] += global_batch
             samples_since += global_batch
             tokens_since += int(batch["attention_mask"].sum()) * world
@@ -277,6 +294,7 @@ def train_worker(config: dict) -> None:
                 continue
             # ---- an optimizer step has finished
             state["global_step"] += 1
+            steps_since += 1
             state["hybrid_steps"] += int(hybrid)
             step = state["global_step"]
             mean_loss = _mean_over_ranks(sum(step_losses) / len(step_losses))
@@ -288,15 +306,22 @@ def train_worker(config: dict) -> None:
                 elapsed = time.time() - t0
                 record["samples_per_s"] = samples_since / elapsed
                 record["tokens_per_s"] = tokens_since / elapsed
+                # ms per optimizer step: data, forward, backward, optimizer, and the rest (the loss
+                # all-reduce, metrics, stop checks, Ray reports, checkpoints) as "other"
+                per_step = {k: 1e3 * v / steps_since for k, v in phases.items()}
+                per_step["other"] = 1e3 * elapsed / steps_since - sum(per_step.values())
+                record.update({f"{k}_ms": round(v, 3) for k, v in per_step.items()})
                 t0, samples_since, tokens_since = time.time(), 0, 0
+                phases, steps_since = dict.fromkeys(PHASES, 0.0), 0
             if is_main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if logging_step:
                 if is_main:
-                    log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | hybrid %.0f%%", step,
-                             total_steps, mean_loss, record["lr"], record["samples_per_s"], record["tokens_per_s"],
-                             100 * record["hybrid_share"])
+                    log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | hybrid %.0f%% | "
+                             "ms/step: data %.1f, fwd %.1f, bwd %.1f, optim %.1f, other %.1f", step, total_steps, mean_loss,
+                             record["lr"], record["samples_per_s"], record["tokens_per_s"], 100 * record["hybrid_share"],
+                             *(record[f"{k}_ms"] for k in (*PHASES, "other")))
                     if tb:
                         for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s"):
                             tb.add_scalar(f"train/{k}", record[k], step)
@@ -317,6 +342,7 @@ def train_worker(config: dict) -> None:
                 return
             if step >= total_steps:
                 break
+            tick = time.perf_counter()  # the bookkeeping above is "other"; the next wait is "data"
         if state["global_step"] < total_steps:  # the epoch is used up (fillers included)
             state["epoch"] += 1
             state["position"] = 0
