@@ -33,7 +33,7 @@ import os
 import numpy as np
 import webdataset as wds
 
-from shards.prompts import CTR_TEMPLATES, LLARA_TEMPLATES, templates, tokenize_ctr, tokenize_llara
+from shards.prompts import CTR_TEMPLATES, check_domain, templates, tokenize_ctr, tokenize_llara
 from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
 MANIFEST = "manifest.json"
@@ -128,7 +128,8 @@ def _init_worker(tokenizer_dir):
 
 def _encode_chunk(args):
     """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
-    chunk, titles, num_items, num_candidates, max_len, seed, user_token, task, profiles = args
+    chunk, titles, num_items, num_candidates, max_len, seed, user_token, task, profiles, domain = args
+    llara_templates = templates(user_token, domain)
     out = []
     for n, split, sample in chunk:
         for key in ("history", "candidates"):
@@ -149,8 +150,8 @@ def _encode_chunk(args):
             continue
         sample = dict(sample, candidates=sample_candidates(sample, num_items, num_candidates, seed, split))
         t = int(np.random.default_rng([seed, 7, _SPLIT_CODE[split], sample["user"], sample["position"]])
-                .integers(len(LLARA_TEMPLATES)))
-        tok = tokenize_llara(sample, titles, templates(user_token)[t], _TOKENIZER, max_len, user_token)
+                .integers(len(llara_templates)))
+        tok = tokenize_llara(sample, titles, llara_templates[t], _TOKENIZER, max_len, user_token)
         meta = {"user": sample["user"], "history": sample["history"], "candidates": sample["candidates"],
                 "target": sample["target"], "prompt_len": tok["prompt_len"], "template": t}
         out.append({"__key__": f"{split}-{n:08d}", "llara.bin": pack_sample(tok),
@@ -161,12 +162,15 @@ def _encode_chunk(args):
 def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,
                  samples_per_shard: int, seed: int, workers: int = 0, stats: dict | None = None,
                  progress: bool = False, user_token: bool = False, task: str = "llara",
-                 profiles: dict | None = None, extra_params: dict | None = None) -> dict:
+                 profiles: dict | None = None, extra_params: dict | None = None, domain: str = "movie") -> dict:
     """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest.
     With user_token the prompts name the user's state ([UserEmb], see shards/prompts.py).
     task="ctr": the samples are shards/ctr.py's labelled ones, written as ReLLa prompts (with the
     user's profile from `profiles` where there is one); the manifest then records task and template.
-    extra_params (e.g. retrieval settings) go into the manifest's params and config hash."""
+    extra_params (e.g. retrieval settings) go into the manifest's params and config hash.
+    domain (data.domain: movie, game, artist) picks the LLaRA template set, recorded as the manifest's
+    templates (the CTR template does not change with it)."""
+    check_domain(domain)
     if task not in ("llara", "ctr"):
         raise ValueError(f"data.task={task!r}: expected llara or ctr")
     if task == "ctr" and user_token:
@@ -177,7 +181,7 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
     stats = dict(stats or {})
     raw_ids = stats.pop("raw_item_ids", list(range(num_items)))
     params = {"num_candidates": num_candidates, "max_len": max_len, "samples_per_shard": samples_per_shard,
-              "seed": seed, "templates": list(templates(user_token))}
+              "seed": seed, "templates": list(templates(user_token, domain))}
     if user_token:  # only when on: the default manifest (and its config_hash) stays as it was
         params["user_token"] = True
     if task == "ctr":  # likewise: only CTR manifests name a task
@@ -205,7 +209,8 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
             kept = [(n, split, s) for n, s in enumerate(rows) if s["history"]]
             manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - len(kept)
             chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed, user_token, task,
-                       {s["user"]: profiles[s["user"]] for _, _, s in kept[i:i + 256] if s["user"] in profiles})
+                       {s["user"]: profiles[s["user"]] for _, _, s in kept[i:i + 256] if s["user"] in profiles},
+                       domain)
                       for i in range(0, len(kept), 256)]
             results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
             if progress:
@@ -279,7 +284,8 @@ def main(argv=None) -> None:
     profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
     m = write_shards(items, splits, a.tokenizer, a.out, num_candidates=d["num_candidates"], max_len=d["max_len"],
                      samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True,
-                     user_token=bool(d["user_token"]), task=d["task"], profiles=profiles, extra_params=manifest_params(d))
+                     user_token=bool(d["user_token"]), task=d["task"], profiles=profiles, extra_params=manifest_params(d),
+                     domain=d["domain"])
     print(json.dumps(m["stats"], indent=1))
 
 

@@ -5,6 +5,8 @@ items, `[CansEmb]` after candidates. At training time the embedding layer replac
 each placeholder by adapter(SRec vector of that item) (hybrid step) or swaps the placeholder for
 `[PH]` and leaves it as a plain token (text-only step): one tokenization serves both.
 
+The wording follows data.domain (movie, game, artist: LLaRA's MovieLens, Steam and LastFM sets).
+
 Optional (`data.user_token`, off by default; beyond LLaRA): the prompt also names the user's state,
 "This user ([UserEmb]) has watched ...", one `[UserEmb]` per sample, whose embedding becomes
 user_adapter(SRec user_state(history)). Off, prompts and shards are byte-identical to LLaRA's.
@@ -29,14 +31,53 @@ LLARA_TEMPLATES = (
     "from these candidates: [CansHere]. Answer:",
 )
 
-# The same templates with the user's state named after the first "user": "This user ([UserEmb]) has
-# watched ...", "... this user ([UserEmb]) has watched: ...", "The user ([UserEmb]) watched ...".
-USER_TEMPLATES = tuple(t.replace("user", f"user ({USER_EMB})", 1) for t in LLARA_TEMPLATES)
-assert all(t.count(USER_EMB) == 1 for t in USER_TEMPLATES)
+# LLaRA keeps one template set per domain (MovieLens, Steam, LastFM); these are ours, in the same
+# substance: Steam users have played games, LastFM users have listened to music artists.
+GAME_TEMPLATES = (
+    "This user has played [HistoryHere] before. Please predict the next game this user will play. "
+    "Pick the answer from these candidate games: [CansHere]. Answer:",
+    "Given the games this user has played: [HistoryHere], which one of the following games will the "
+    "user play next? [CansHere]. Answer:",
+    "The user played [HistoryHere]. Recommend the game the user is most likely to play next from "
+    "these candidates: [CansHere]. Answer:",
+)
+ARTIST_TEMPLATES = (
+    "This user has listened to [HistoryHere] before. Please predict the next music artist this user "
+    "will listen to. Pick the answer from these artist names: [CansHere]. Answer:",
+    "Given the music artists this user has listened to: [HistoryHere], which one of the following "
+    "artists will the user listen to next? [CansHere]. Answer:",
+    "The user listened to [HistoryHere]. Recommend the music artist the user is most likely to listen "
+    "to next from these candidate artist names: [CansHere]. Answer:",
+)
+DOMAIN_TEMPLATES = {"movie": LLARA_TEMPLATES, "game": GAME_TEMPLATES, "artist": ARTIST_TEMPLATES}
+DOMAINS = tuple(DOMAIN_TEMPLATES)  # data.domain's values
 
 
-def templates(user_token: bool = False) -> tuple[str, ...]:
-    return USER_TEMPLATES if user_token else LLARA_TEMPLATES
+def _name_the_user(plain: tuple[str, ...]) -> tuple[str, ...]:
+    # the user's state named after the first "user": "This user ([UserEmb]) has watched ...",
+    # "... this user ([UserEmb]) has played: ...", "The user ([UserEmb]) listened to ..."
+    return tuple(t.replace("user", f"user ({USER_EMB})", 1) for t in plain)
+
+
+DOMAIN_USER_TEMPLATES = {d: _name_the_user(ts) for d, ts in DOMAIN_TEMPLATES.items()}
+USER_TEMPLATES = DOMAIN_USER_TEMPLATES["movie"]
+for _ts in DOMAIN_TEMPLATES.values():  # every set: one of each list, a whole word "user" named first
+    assert all(t.count("[HistoryHere]") == 1 and t.count("[CansHere]") == 1 for t in _ts)
+    assert all(t.replace("user", f"user ({USER_EMB})", 1).count(f" user ({USER_EMB}) ") == 1 for t in _ts)
+assert all(t.count(USER_EMB) == 1 for ts in DOMAIN_USER_TEMPLATES.values() for t in ts)
+
+
+def check_domain(domain: str) -> str:
+    if domain not in DOMAIN_TEMPLATES:
+        raise ValueError(f"data.domain={domain!r}: expected one of {', '.join(DOMAINS)} "
+                         "(the item kind LLaRA's prompts name)")
+    return domain
+
+
+def templates(user_token: bool = False, domain: str = "movie") -> tuple[str, ...]:
+    """LLaRA's prompt templates for data.domain (movie, game or artist), with [UserEmb] if user_token."""
+    check_domain(domain)
+    return DOMAIN_USER_TEMPLATES[domain] if user_token else DOMAIN_TEMPLATES[domain]
 
 
 def render_items(item_ids, titles, placeholder: str) -> str:

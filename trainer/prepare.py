@@ -27,7 +27,8 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                ("data", "ctr"): {"threshold": 4.0, "retrieval": "none", "reit": False, "few_shot": -1, "profile": True},
                ("data", "retrieval"): {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie",
                                        "pooling": "mean", "pca_dim": 512, "batch_size": 32},
-               ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs"}
+               ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs",
+               ("data", "domain"): "movie"}
 
 
 def run_paths(output_dir: str) -> dict:
@@ -73,6 +74,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
 
     d = to_dict(cfg.data)
     user_token = bool(d["user_token"])
+    llara_templates = templates(user_token, d["domain"])  # an unknown data.domain stops here, before any work
     items, splits, stats = load_source(d, cfg.seed)
     if cfg.model.base:
         paths["llm"] = os.path.abspath(cfg.model.base)
@@ -84,7 +86,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
         # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
         # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
         # and ReLLa's answers, so that " Yes" and " No" are whole tokens (CTR scoring reads their logits)
-        corpus = [" " + t for _, t, _ in items] + list(templates(user_token)) + list(CTR_ANSWERS)
+        corpus = [" " + t for _, t, _ in items] + list(llara_templates) + list(CTR_ANSWERS)
         if d["task"] == "ctr":  # only then: the default tokenizer stays byte-identical
             corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
         tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
@@ -102,7 +104,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     manifest = write_shards(items, prompt_splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
                             max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
                             workers=d["build_workers"], stats=stats, user_token=user_token, task=d["task"],
-                            profiles=profiles, extra_params=manifest_params(d))
+                            profiles=profiles, extra_params=manifest_params(d), domain=d["domain"])
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     if cfg.srec.path and not str(cfg.srec.path).endswith(".pt"):
         paths["srec"] = os.path.abspath(cfg.srec.path)
