@@ -23,7 +23,7 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 DATA = {
     "default": [],
     "lastfm": ["data.source=llara", f"data.path={SHARED}/llara-data/lastfm", f"srec.path={SHARED}/llara-srec/lastfm.pt",
-               "data.max_len=1024", "model.tiny.max_position_embeddings=1024", "model.tiny.vocab_size=4000"],
+               "data.domain=artist", "data.max_len=1024", "model.tiny.max_position_embeddings=1024", "model.tiny.vocab_size=4000"],
 }
 
 
