@@ -104,9 +104,22 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     return out
 
 
+def _train_one_thread(args) -> dict:
+    torch.set_num_threads(1)  # this tiny model steps no faster on two threads: two trainings side by side instead
+    return train_and_rank(*args)
+
+
 @pytest.fixture(scope="module")
-def text_only(fidelity_run):
-    return train_and_rank(*fidelity_run, "text", CURRICULUM_STEPS)
+def trained(fidelity_run):
+    """The three trainings, two at a time in spawned processes of one thread each (the numbers are
+    those of bench/fidelity_inprocess.py, also one thread)."""
+    import multiprocessing
+
+    cfg, paths = fidelity_run
+    jobs = {"text": (cfg, paths, "text", CURRICULUM_STEPS), "curriculum": (cfg, paths, "curriculum", CURRICULUM_STEPS),
+            "hybrid": (cfg, paths, "hybrid", STEPS)}
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        return dict(zip(jobs, pool.map(_train_one_thread, jobs.values(), chunksize=1)))
 
 
 def test_srec_alone_beats_random(fidelity_run):
@@ -125,8 +138,8 @@ def test_srec_alone_beats_random(fidelity_run):
     assert hr["srec"] > hr["random"] + 0.25 and hr["srec"] > hr["popularity"] + 0.15, hr
 
 
-def test_hybrid_training_beats_text_only_training(fidelity_run, text_only):
-    hybrid = train_and_rank(*fidelity_run, "hybrid")
+def test_hybrid_training_beats_text_only_training(trained):
+    hybrid, text_only = trained["hybrid"], trained["text"]
     # the hybrid-trained model reads the behaviour tokens: far better with them than text-only training
     # (given twice the steps), than itself with its tokens replaced by [PH], and than itself given
     # other items' rows
@@ -136,8 +149,8 @@ def test_hybrid_training_beats_text_only_training(fidelity_run, text_only):
     assert hybrid["adapter_change"] > 0 and text_only["adapter_change"] == 0  # text-only steps: no adapter gradient
 
 
-def test_curriculum_training_beats_text_only_training(fidelity_run, text_only):
+def test_curriculum_training_beats_text_only_training(trained):
     """LLaRA's curriculum, same budget as text-only: it turns hybrid and uses the tokens."""
-    curriculum = train_and_rank(*fidelity_run, "curriculum", CURRICULUM_STEPS)
+    curriculum, text_only = trained["curriculum"], trained["text"]
     assert curriculum["hybrid"] > text_only["text"] + 0.1, (curriculum, text_only)
     assert curriculum["adapter_change"] > 0
