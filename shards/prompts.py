@@ -61,10 +61,10 @@ def _name_the_user(plain: tuple[str, ...]) -> tuple[str, ...]:
 
 DOMAIN_USER_TEMPLATES = {d: _name_the_user(ts) for d, ts in DOMAIN_TEMPLATES.items()}
 USER_TEMPLATES = DOMAIN_USER_TEMPLATES["movie"]
-for _ts in DOMAIN_TEMPLATES.values():  # every set: one of each list, a whole word "user" named first
-    assert all(t.count("[HistoryHere]") == 1 and t.count("[CansHere]") == 1 for t in _ts)
-    assert all(t.replace("user", f"user ({USER_EMB})", 1).count(f" user ({USER_EMB}) ") == 1 for t in _ts)
-assert all(t.count(USER_EMB) == 1 for ts in DOMAIN_USER_TEMPLATES.values() for t in ts)
+# every set: one of each list; named after a whole word "user", exactly once
+assert all(t.count("[HistoryHere]") == 1 and t.count("[CansHere]") == 1 for ts in DOMAIN_TEMPLATES.values() for t in ts)
+assert all(t.count(USER_EMB) == 1 and t.count(f" user ({USER_EMB}) ") == 1
+           for ts in DOMAIN_USER_TEMPLATES.values() for t in ts)
 
 
 def check_domain(domain: str) -> str:

@@ -37,6 +37,11 @@ def fidelity_run(tmp_path_factory):
     return cfg, prepare(cfg)
 
 
+def rolled(inject):
+    """embed.inject with each placeholder given the behaviour row of another item of the batch."""
+    return lambda slot_map, vectors, users=None: inject(slot_map, vectors.roll(1, 0), users)
+
+
 def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None = None,
                    eval_samples: int = EVAL_SAMPLES) -> dict:
     """Train a fresh model for `steps` optimizer steps (micro-batch 8, the config's lr with warm-up and
@@ -61,9 +66,9 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
                                      seed=cfg.seed)
     if broken == "adapter_grad":
         embed.adapter.requires_grad_(False)
+    inject = embed.inject
     if broken == "injection":  # every placeholder gets the behaviour row of another item of the batch
-        inject = embed.inject
-        embed.inject = lambda slot_map, vectors, users=None: inject(slot_map, vectors.roll(1, 0), users)
+        embed.inject = rolled(inject)
     adapter_before = [p.detach().clone() for p in embed.adapter.parameters()]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -84,20 +89,14 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
         sched.step()
     train_seconds = time.time() - start
     model.eval()
-    if broken == "injection":
-        embed.inject = inject
     titles = load_items(paths["data"])["titles"]
     test = split_samples(paths, manifest, "test", eval_samples)
     out = {"adapter_change": sum((p.detach() - q).abs().sum().item() for p, q in zip(embed.adapter.parameters(), adapter_before))}
     readings = ("hybrid", "text", "rolled") if mode == "hybrid" and broken is None else ("hybrid", "text")
     for prompts in readings:  # launch/eval.py's candidate scoring ("score" mode)
-        if prompts == "rolled":
-            inject = embed.inject
-            embed.inject = lambda slot_map, vectors, users=None: inject(slot_map, vectors.roll(1, 0), users)
+        embed.inject = rolled(inject) if prompts == "rolled" else inject
         rows = model_rows(model, embed, srec, tokenizer, titles, test, ["score"], prompts != "text", 32, 0, "cpu")
         out[prompts] = ranking_metrics(torch.as_tensor([r["score_rank"] for r in rows]))["hr@1"]
-        if prompts == "rolled":
-            embed.inject = inject
     print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}, {steps} steps in {train_seconds:.0f} s: "
           f"HR@1 with hybrid prompts {out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}"
           + (f", with its behaviour rows rolled {out['rolled']:.3f}" if "rolled" in out else ""))

@@ -335,9 +335,11 @@ def test_model_fingerprint_is_remembered_until_the_files_change(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"a" * 64)
     first = model_fingerprint(str(tmp_path))
-    hits = model_fingerprint.__globals__["_content_fingerprint"].cache_info().hits
+    from trainer.retrieval import _content_fingerprint
+
+    hits = _content_fingerprint.cache_info().hits
     assert model_fingerprint(str(tmp_path)) == first
-    assert model_fingerprint.__globals__["_content_fingerprint"].cache_info().hits == hits + 1  # not read again
+    assert _content_fingerprint.cache_info().hits == hits + 1  # not read again
     weights.write_bytes(b"b" * 64)  # same size; a new modification time
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
