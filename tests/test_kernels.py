@@ -68,12 +68,12 @@ def test_fused_equals_reference(case, dtype):
 
 
 def test_fused_equals_reference_when_split_over_threads():
-    """Above 1024 rows (forward) and 256 columns (backward) the CPU kernels split their work over
-    threads; the small property cases above never get there."""
+    """Above 64 KiB of rows (forward) and 2M values to add (backward, then 256 columns a thread) the
+    CPU kernels split their work over threads; the small property cases above never get there."""
     g = torch.Generator().manual_seed(3)
-    B, T, V, H, S = 2, 700, 50, 512, 40
+    B, T, V, H, S = 4, 1100, 50, 512, 40
     ids = torch.randint(0, V, (B, T), generator=g)
-    slot = torch.randint(-1, S, (B, T), generator=g)  # about 97% slot rows: ~2.7 MB to copy
+    slot = torch.randint(-1, S, (B, T), generator=g)  # about 97% slot rows; 4400 x 512 values to add
     grad = torch.randn(B, T, H, generator=g)
     outs = []
     for fn in (inject_fused, inject_reference):
@@ -85,6 +85,17 @@ def test_fused_equals_reference_when_split_over_threads():
     (o1, gw1, gb1), (o2, gw2, gb2) = outs
     assert torch.equal(o1, o2)
     assert torch.allclose(gw1, gw2, atol=1e-4) and torch.allclose(gb1, gb2, atol=1e-4)
+
+
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is a header template: built without -fopenmp it is a serial loop (it was, once,
+    and every benchmark ran on one thread). The library must call OpenMP when torch uses it."""
+    from trainer.kernels.cpu import load_library
+
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch is built without OpenMP: at::parallel_for is serial everywhere")
+    with open(load_library(), "rb") as f:
+        assert b"GOMP_parallel" in f.read()
 
 
 def test_gradcheck_float64_and_frozen_weight():

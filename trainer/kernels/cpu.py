@@ -4,7 +4,11 @@ torch::autograd::Function registered under the Autograd key, for every device), 
 forward nor the backward of a training step goes through Python. Built with torch's extension
 tooling on first use (~40 s with g++, then cached in TORCH_EXTENSIONS_DIR) and loaded into the
 process as a plain shared library (no Python module). trainer/kernels/inject.py adds the fake
-(meta) kernels, the CUDA (Triton) kernels and a default for other devices."""
+(meta) kernels, the CUDA (Triton) kernels and a default for other devices.
+
+at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this
+library (the kernels ran on one thread until the flag was added), so the build passes -fopenmp
+whenever torch itself uses OpenMP; the library then shares torch's OpenMP runtime and threads."""
 
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 using at::Tensor;
 
-// out[r, :] = slot[r] >= 0 ? behaviour[slot[r], :] : weight[ids[r], :]   for every row r of B*T
-// (one at::embedding over all rows, then the slot rows overwritten: 31 of 512 per sample in LLaRA)
+// out[r, :] = slot[r] >= 0 ? behaviour[slot[r], :] : weight[ids[r], :]   for every row r of B*T,
+// each row written once (one pass, the rows split between the threads)
 Tensor inject_cpu(const Tensor& ids_, const Tensor& weight_, const Tensor& slot_, const Tensor& behaviour_,
                   int64_t /* padding_idx: used by the backward only */) {
   TORCH_CHECK(weight_.scalar_type() == behaviour_.scalar_type(), "inject: weight and behaviour dtypes differ");
@@ -30,20 +36,20 @@ Tensor inject_cpu(const Tensor& ids_, const Tensor& weight_, const Tensor& slot_
   const int64_t rows = ids.numel(), H = weight.size(1), V = weight.size(0), S = behaviour.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* sl = slot.data_ptr<int64_t>();
-  auto lookup_ids = at::empty_like(ids);  // slot rows look up row 0, then get overwritten
-  int64_t* li = lookup_ids.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {  // validate before writing anything
     TORCH_CHECK(sl[r] < S, "inject: slot_map names behaviour row ", sl[r], ", only ", S, " rows given");
     TORCH_CHECK(sl[r] >= 0 || (id[r] >= 0 && id[r] < V), "inject: token id ", id[r], " out of range [0, ", V, ")");
-    li[r] = sl[r] >= 0 ? 0 : id[r];
   }
-  auto out = at::embedding(weight, lookup_ids);  // one vectorised lookup for every row
+  auto sizes = ids.sizes().vec();
+  sizes.push_back(H);
+  auto out = at::empty(sizes, weight.options());
   const char* b = static_cast<const char*>(behaviour.data_ptr());
+  const char* w = static_cast<const char*>(weight.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   const int64_t row_bytes = H * weight.element_size();
-  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {  // then the slot rows overwritten
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      if (sl[r] >= 0) std::memcpy(o + r * row_bytes, b + sl[r] * row_bytes, row_bytes);
+      std::memcpy(o + r * row_bytes, sl[r] >= 0 ? b + sl[r] * row_bytes : w + id[r] * row_bytes, row_bytes);
   });
   return out;
 }
@@ -66,13 +72,20 @@ std::tuple<Tensor, Tensor> inject_backward_cpu(const Tensor& grad, const Tensor&
   float* w = weight_grad ? gw.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "inject_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+    std::vector<int64_t> todo;  // the rows that are added into a gradient, in order
+    for (int64_t r = 0; r < rows; ++r)
+      if (sl[r] >= 0 || (w != nullptr && id[r] != padding_idx)) todo.push_back(r);
+    const int64_t summed = todo.size();
+    // under 2M values (LLaRA's frozen case: 248 slot rows) one thread: waking the pool costs more than it saves
+    const int64_t grain = summed * H < (1 << 21) ? H : 256;
+    at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
       for (int64_t s = 0; s < num_rows; ++s) std::memset(b + s * H + h0, 0, (h1 - h0) * sizeof(float));
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = nullptr;
-        if (sl[r] >= 0) dst = b + sl[r] * H;
-        else if (w != nullptr && id[r] != padding_idx) dst = w + id[r] * H;
-        if (dst == nullptr) continue;
+      constexpr int64_t line = 64 / sizeof(scalar_t);
+      for (int64_t i = 0; i < summed; ++i) {
+        const int64_t r = todo[i];
+        if (i + 1 < summed)  // the next row is elsewhere in the gradient: ask for it while adding this one
+          for (int64_t h = h0; h < h1; h += line) __builtin_prefetch(gp + todo[i + 1] * H + h);
+        float* dst = sl[r] >= 0 ? b + sl[r] * H : w + id[r] * H;
         const scalar_t* src = gp + r * H;
         for (int64_t h = h0; h < h1; ++h) dst[h] += static_cast<float>(src[h]);
       }
@@ -161,7 +174,9 @@ def load_library() -> str:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         raise NoCompiler("the fused injection's CPU kernel needs a C++ compiler (g++), none was found on PATH; "
                          "install one (apt-get install g++) or set model.injection=reference")
+    import torch
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="llmrec_inject", cpp_sources=[SOURCE], extra_cflags=["-O3"], is_python_module=False,
-                       verbose=False)
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    return load_inline(name="llmrec_inject", cpp_sources=[SOURCE], extra_cflags=["-O3", *openmp],
+                       extra_ldflags=openmp, is_python_module=False, verbose=False)
