@@ -86,6 +86,19 @@ def test_all_positions_objective_learns(synthetic_splits):
         pretrain(synthetic_splits, 100, arch="sasrec", positions="all", epochs=1)
 
 
+def test_adam_beta2_reaches_the_optimizer(synthetic_splits):
+    """srec.adam_beta2 (the SASRec authors train with 0.98) changes the trained weights; the default is torch's."""
+    import inspect
+
+    assert inspect.signature(pretrain).parameters["adam_beta2"].default == 0.999
+    kw = dict(arch="sasrec", hidden=16, max_len=10, epochs=1, lr=0.005, seed=0)
+    a, _ = pretrain(synthetic_splits, 100, **kw)
+    b, _ = pretrain(synthetic_splits, 100, adam_beta2=0.999, **kw)
+    c, _ = pretrain(synthetic_splits, 100, adam_beta2=0.5, **kw)
+    assert torch.equal(a.item_emb.weight, b.item_emb.weight)
+    assert not torch.allclose(a.item_emb.weight, c.item_emb.weight)
+
+
 def test_metrics_on_a_known_case():
     class Fixed:
         num_items, max_len = 5, 3

@@ -28,7 +28,7 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                ("data", "retrieval"): {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie",
                                        "pooling": "mean", "pca_dim": 512, "batch_size": 32},
                ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs",
-               ("data", "domain"): "movie"}
+               ("data", "domain"): "movie", ("srec", "adam_beta2"): 0.999}
 
 
 def run_paths(output_dir: str) -> dict:

@@ -56,7 +56,8 @@ def all_positions_loss(model: SRec, x: torch.Tensor, y: torch.Tensor, num_items:
 
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
-             positions: str = "last", weight_decay: float = 0.0, progress: bool = False, max_val: int = 5000,
+             positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, progress: bool = False,
+             max_val: int = 5000,
              **model_kwargs) -> tuple[SRec, dict]:
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
@@ -75,7 +76,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     else:
         x, lengths = model.pad([s["history"] for s in train])
         y = torch.as_tensor([s["target"] for s in train])
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, bad, history, stopped = -1.0, None, 0, [], "epochs"
     bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
