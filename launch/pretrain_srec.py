@@ -90,7 +90,10 @@ def main(argv=None) -> int:
                 json.dump(report, f, indent=1)
             rows[arch] = evaluate(model, test, num_items, cands, seed=cfg.seed)
     if not a.no_baselines:
-        rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=cfg.seed)
+        if splits.get("train"):
+            rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=cfg.seed)
+        else:  # e.g. LLaRA's MovieLens/Steam folders ship no train_data.df
+            print("no train split in this data: the popularity baseline is left out", file=sys.stderr)
         rows["random"] = evaluate(Random(num_items, cfg.seed), test, num_items, cands, seed=cfg.seed)
     table = format_table(rows)
     print(f"\n{a.split} split, {len(test)} samples, {num_items} items\n{table}")

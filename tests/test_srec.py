@@ -209,6 +209,30 @@ def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
     assert r.returncode == 2 and "knows 60 items, the data has 50" in r.stderr
 
 
+def test_import_llara_on_a_folder_without_train_split(tmp_path):
+    """README's --import-llara command on LLaRA's MovieLens folder, which ships no train_data.df: the
+    imported SASRec is evaluated and saved; the popularity baseline (it counts the train split) is left
+    out with a message instead of a KeyError."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    weights = os.path.join(SHARED_DATA, "llara-srec", "movielens.pt")
+    data = os.path.join(SHARED_DATA, "llara-data", "movielens")
+    if not (os.path.exists(weights) and os.path.isdir(data)):
+        pytest.skip(f"LLaRA's MovieLens SASRec or data not in {SHARED_DATA}")
+    r = subprocess.run([sys.executable, "launch/pretrain_srec.py", "--out", str(tmp_path), "--import-llara", weights,
+                        "data.source=llara", f"data.path={data}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "popularity baseline is left out" in r.stderr
+    rows = json.loads((tmp_path / "eval_test.json").read_text())
+    assert set(rows) == {"llara_sasrec (imported)", "random"}
+    assert rows["llara_sasrec (imported)"]["hr@10"] > rows["random"]["hr@10"]
+    assert (tmp_path / "llara_sasrec" / "model.safetensors").exists()
+
+
 def test_ctrl_c_in_the_first_epoch_is_a_message_not_a_traceback(tmp_path):
     """SIGINT before any epoch finished: exit 130 with a line saying nothing was saved (Video's first
     SASRec epoch takes ~30 s here, so the signal lands inside it)."""
