@@ -138,3 +138,21 @@ def test_a_stamp_from_before_the_key_reads_as_movie(artist_run, tmp_path):
     assert prepare(load_config(None, [f"output_dir={out}", *TINY]))["output_dir"] == str(out)  # reused
     with pytest.raises(ValueError, match="another data config"):
         prepare(load_config(None, [f"output_dir={out}", *TINY, "data.domain=artist"]))
+
+
+def test_runtime_keys_may_change_in_a_prepared_folder(tmp_path):
+    """How a run reads, checks or computes (loader and build workers, shard verification, fused or
+    reference injection) is not what its data and model were built from: a prepared folder is reused
+    with other values; a key that changes what is built (history_len) is still refused."""
+    from trainer.config import load_config, to_dict
+    from trainer.prepare import prepare
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"output_dir={out}", *TINY])
+    os.makedirs(out / "assets")
+    stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
+    (out / "assets" / "prepare.json").write_text(json.dumps(stamp))
+    runtime = ["model.injection=reference", "data.loader_workers=1", "data.verify_shards=false", "data.build_workers=2"]
+    assert prepare(load_config(None, [f"output_dir={out}", *TINY, *runtime]))["output_dir"] == str(out)  # reused
+    with pytest.raises(ValueError, match="another data config"):
+        prepare(load_config(None, [f"output_dir={out}", *TINY, *runtime, "data.history_len=7"]))

@@ -29,6 +29,18 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                                        "pooling": "mean", "pca_dim": 512, "batch_size": 32},
                ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs",
                ("data", "domain"): "movie", ("srec", "adam_beta2"): 0.999}
+# how the run reads, checks or computes, not what was built: these may change between runs of one folder
+_RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
+                 ("model", "injection"))
+
+
+def _built_from(stamp: dict) -> dict:
+    """The stamp without the runtime keys (a copy)."""
+    out = json.loads(json.dumps(stamp))
+    for section, key in _RUNTIME_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
 
 
 def run_paths(output_dir: str) -> dict:
@@ -54,8 +66,9 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
                 node = node.get(name) if isinstance(node, dict) else None
             if isinstance(node, dict):
                 node.setdefault(key, value)
-        if old != stamp:
-            changed = sorted(k for k in stamp if old.get(k) != stamp[k])
+        old, new = _built_from(old), _built_from(stamp)
+        if old != new:
+            changed = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
                              "use a new output_dir (or the old config) so checkpoints match their data and model")
         log.info("reusing data and assets in %s", paths["output_dir"])
