@@ -62,6 +62,16 @@ def test_requeued_job_resumes_and_matches_an_uninterrupted_run(slurm, tmp_path):
     assert _export(out) == _export(ref)
 
 
+def test_outside_sbatch_the_scripts_say_so():
+    """Run with bash instead of sbatch: a message and exit 2, not `set -u`'s "unbound variable"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for name in ("train_1node.sbatch", "train_multinode.sbatch"):
+        script = os.path.join(REPO, "launch", "slurm", name)
+        r = subprocess.run(["bash", script, "configs/llara_default.yaml", "out"], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "submit this script with sbatch" in r.stderr, (name, r.stderr)
+
+
 def test_missing_config_and_unwritable_output_fail_before_ray(slurm, tmp_path):
     script = os.path.join(REPO, "launch", "slurm", "train_1node.sbatch")
     env = dict(os.environ, SLURM_JOB_ID="0", SLURM_SUBMIT_DIR=REPO)
