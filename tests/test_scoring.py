@@ -47,6 +47,7 @@ def _brute_force(model, embed, srec, tok, sample, title, hybrid):
 
 
 @pytest.mark.parametrize("hybrid", [True, False])
+@pytest.mark.filterwarnings("error:`past_key_values`:FutureWarning")  # the cache goes by transformers' current name
 def test_candidate_logliks_match_one_forward_per_candidate(setup, hybrid):
     model, embed, srec, tok, samples, titles = setup
     # prompts of different lengths in one batch: left padding, position ids and the repeated cache matter

@@ -61,12 +61,14 @@ def candidate_logliks(model, embed, srec, samples: list[dict], tokenizer, titles
         cand_ids[i, :len(t)] = torch.as_tensor(t)
         cand_mask[i, :len(t)] = 1
     cand_ids, cand_mask = cand_ids.to(device), cand_mask.to(device)
-    cache = out.past_key_values
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+    cache_name = "cache" if "cache" in out else "past_key_values"
+    cache = out[cache_name]
     cache.batch_repeat_interleave(C)  # the prompt's keys and values, once per candidate
     full_mask = torch.cat([attn.repeat_interleave(C, 0), cand_mask], 1)
     start = attn.sum(1).repeat_interleave(C, 0)[:, None]
     pos = start + torch.arange(L, device=device)[None]
-    logits = model(input_ids=cand_ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+    logits = model(input_ids=cand_ids, attention_mask=full_mask, position_ids=pos, **{cache_name: cache}).logits
     logp = logits.float().log_softmax(-1)  # [B*C, L, V]: token j+1 given the prompt and tokens <= j
     lp = torch.empty(cand_ids.shape, device=device)
     lp[:, 0] = first.repeat_interleave(C, 0).gather(1, cand_ids[:, :1]).squeeze(1)
