@@ -99,6 +99,29 @@ def test_adam_beta2_reaches_the_optimizer(synthetic_splits):
     assert not torch.allclose(a.item_emb.weight, c.item_emb.weight)
 
 
+def test_xavier_init_as_the_sasrec_authors(synthetic_splits):
+    """srec.init=xavier: every matrix xavier-normal (item rows tiny next to the default's unit-norm
+    rows), the padding row zero, vectors untouched; an unknown name is refused."""
+    from trainer.srec.pretrain import xavier_init
+
+    torch.manual_seed(0)
+    m = build_srec("sasrec", 2000, hidden=32, max_len=10)
+    default_norms = m.item_emb.weight[:-1].norm(dim=1)
+    xavier_init(m)
+    rows = m.item_emb.weight
+    assert torch.equal(rows[-1], torch.zeros(32))
+    expected_std = (2 / (2001 + 32)) ** 0.5
+    assert abs(rows[:-1].std().item() / expected_std - 1) < 0.05
+    assert rows[:-1].norm(dim=1).mean() < 0.25 * default_norms.mean()  # ~0.18 against ~1
+    assert torch.equal(m.final_norm.weight, torch.ones(32))
+    kw = dict(arch="sasrec", hidden=16, max_len=10, epochs=1, lr=0.005, seed=0)
+    a, _ = pretrain(synthetic_splits, 100, **kw)
+    b, _ = pretrain(synthetic_splits, 100, init="xavier", **kw)
+    assert not torch.allclose(a.item_emb.weight, b.item_emb.weight)
+    with pytest.raises(ValueError, match="srec.init='kaiming'"):
+        pretrain(synthetic_splits, 100, init="kaiming", **kw)
+
+
 def test_metrics_on_a_known_case():
     class Fixed:
         num_items, max_len = 5, 3
