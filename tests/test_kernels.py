@@ -137,6 +137,13 @@ def test_bad_slots_and_ids_are_refused():
         inject_fused(torch.tensor([[0, 12, 1]]), w, torch.full((1, 3), -1), b)
     with pytest.raises(ValueError, match="must have the shape of token_ids"):
         inject_fused(ids, w, torch.full((1, 4), -1), b)
+    # the CUDA (Triton) kernels: a tensor left on another device is named before any kernel runs
+    from trainer.kernels.inject import _inject_backward_cuda, _inject_cuda
+
+    with pytest.raises(ValueError, match="slot_map on meta"):
+        _inject_cuda(ids, w, torch.full((1, 3), -1, device="meta"), b, -1)
+    with pytest.raises(ValueError, match="grad on meta"):
+        _inject_backward_cuda(torch.empty(1, 3, 4, device="meta"), ids, torch.full((1, 3), -1), 2, 10, -1, False)
 
 
 TRITON_SCRIPT = r"""

@@ -49,15 +49,25 @@ def inject_backward_reference(grad: Tensor, token_ids: Tensor, slot_map: Tensor,
     return gw, gb
 
 
+def _same_device(op: str, **tensors: Tensor) -> None:
+    """A Triton kernel handed a tensor from another device reads a wrong address: say which one instead."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"llmrec::{op}: every tensor must be on one device, got "
+                         + ", ".join(f"{name} on {d}" for name, d in devices.items()))
+
+
 def _inject_cuda(token_ids, weight, slot_map, behaviour, padding_idx):
     from trainer.kernels.triton_kernels import inject_forward_triton
 
+    _same_device("inject", token_ids=token_ids, weight=weight, slot_map=slot_map, behaviour=behaviour)
     return inject_forward_triton(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(), behaviour.contiguous())
 
 
 def _inject_backward_cuda(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
     from trainer.kernels.triton_kernels import inject_backward_triton
 
+    _same_device("inject_backward", grad=grad, token_ids=token_ids, slot_map=slot_map)
     return inject_backward_triton(grad.contiguous(), token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
                                   padding_idx, weight_grad)
 
