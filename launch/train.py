@@ -84,6 +84,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from trainer.train_loop import training_precision
+
+    try:  # its value now, before anything starts (the GPU's bf16 support is asked on the worker)
+        training_precision(cfg.train, bf16_supported=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from trainer import signals
     from trainer.prepare import prepare, run_paths

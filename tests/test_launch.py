@@ -16,6 +16,13 @@ def test_unknown_key_exits_2_naming_it(tmp_path):
     assert r.returncode == 2 and "unknown config key 'train.lrr'" in r.stderr
 
 
+def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path):
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path / 'run'}", "train.precision=bf16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "train.precision=bf16 needs train.use_gpu=true" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c",
                                "import importlib.util, sys, time\n"

@@ -82,3 +82,17 @@ def test_missing_config_and_unwritable_output_fail_before_ray(slurm, tmp_path):
     r = subprocess.run(["bash", script, "configs/llara_default.yaml", str(blocker / "out")], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "is not writable" in r.stderr
+
+
+def test_a_gpu_allocation_makes_one_gpu_worker_per_gpu(tmp_path):
+    """SLURM_GPUS_ON_NODE (set by --gpus-per-node / --gres=gpu:N) turns the one-node script to
+    train.use_gpu=true with a worker per GPU. Here the node has no GPU, so the run is refused by
+    launch/train.py's check, which shows the script asked for 2 GPU workers (no SLURM needed)."""
+    script = os.path.join(REPO, "launch", "slurm", "train_1node.sbatch")
+    env = dict(os.environ, SLURM_JOB_ID="0", SLURM_SUBMIT_DIR=REPO, SLURM_GPUS_ON_NODE="2",
+               LLMREC_PYTHON=sys.executable)
+    r = subprocess.run(["bash", script, "configs/llara_default.yaml", str(tmp_path / "o")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "2 GPU(s) on this node: train.use_gpu=true, one training worker per GPU" in r.stdout
+    assert r.returncode != 0
+    assert "train.use_gpu=true asks for 2 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr + r.stdout

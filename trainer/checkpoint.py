@@ -1,7 +1,7 @@
 """Checkpoints that are complete or invisible.
 
     <output_dir>/checkpoints/step_000100/   DeepSpeed's sharded states (one file set per rank)
-                                            rng_rank{r}.safetensors   each rank's torch RNG state
+                                            rng_rank{r}.safetensors   each rank's torch RNG states (CPU; GPU too on GPU)
                                             trainer_state.json        step, epoch, reader position, ...
                                             COMPLETE                  written after every rank saved
     <output_dir>/checkpoints/latest         the newest complete tag, replaced atomically, written last
@@ -34,13 +34,27 @@ def _barrier():
         dist.barrier()
 
 
+def _rng_states() -> dict:
+    """The CPU generator's state and, on a GPU worker, the current GPU's (LoRA dropout draws from it)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # written for GPUs, run on CPU only
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
     tag = tag_for(step)
     path = os.path.join(root, tag)
-    rng = torch.get_rng_state()  # saving must not move the RNG stream: a run that saved here and one
+    rng = _rng_states()  # saving must not move the RNG streams: a run that saved here and one
     engine.save_checkpoint(root, tag=tag, save_latest=False)  # that did not must draw the same numbers next
-    torch.set_rng_state(rng)
-    save_file({"torch": rng}, os.path.join(path, f"rng_rank{rank}.safetensors"))
+    _set_rng_states(rng)
+    save_file(rng, os.path.join(path, f"rng_rank{rank}.safetensors"))
     _barrier()
     if rank == 0:
         with open(os.path.join(path, STATE), "w") as f:
@@ -78,6 +92,6 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     rng = os.path.join(path, f"rng_rank{rank}.safetensors")
     if os.path.exists(rng):
-        torch.set_rng_state(load_file(rng)["torch"])
+        _set_rng_states(load_file(rng))
     with open(os.path.join(path, STATE)) as f:
         return json.load(f)

@@ -189,6 +189,7 @@ def report_markdown(m: dict, header: str) -> str:
 def eval_worker(config: dict) -> None:
     """Ray Train worker: evaluate this rank's share, gather on rank 0, write the outputs there."""
     import ray.train
+    import ray.train.torch
 
     from shards.build import load_items, load_manifest
     from trainer.data import meta
@@ -201,7 +202,7 @@ def eval_worker(config: dict) -> None:
     # On GPU (launch/eval.py --gpu; written with the same care, but run only on CPU here): the worker's
     # GPU, the LLM and adapter in bf16 as in GPU training, the SRec in fp32 (its vectors are cast by
     # the adapter).
-    device = torch.device("cuda", ctx.get_local_rank()) if a.get("gpu") else torch.device("cpu")
+    device = ray.train.torch.get_device() if a.get("gpu") else torch.device("cpu")  # the GPU Ray gave it
     srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden)
     if device.type == "cuda":

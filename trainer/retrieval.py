@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.collectives import all_reduce_scalar, collective_device, rank_world
+
 log = logging.getLogger(__name__)
 
 # (head, genre clause): the genre clause is added only when the item has a genre.
@@ -142,21 +144,14 @@ def embed_items(model, tokenizer, texts: list[str], batch_size: int = 32, poolin
     return out
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     """Concatenate every rank's `shard_bounds` slice into the full [total, ...] tensor on every rank.
     Without torch.distributed initialised (one process) `local` is already everything."""
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     if world == 1:
         return local
     size = max(hi - lo for lo, hi in (shard_bounds(total, r, world) for r in range(world)))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
+    device = collective_device()
     padded = local.new_zeros((size, *local.shape[1:]), device=device)
     padded[:len(local)] = local.to(device)
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -258,11 +253,9 @@ def cached_item_embeddings(cache_dir: str, model_id: str, template, items, model
     """
     path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length)
     x = load_cached(path, key, len(texts))
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     if world > 1:
-        hit = torch.tensor([int(x is not None)])
-        dist.all_reduce(hit, op=dist.ReduceOp.MIN)
-        if not hit.item():
+        if not all_reduce_scalar(float(x is not None), op=dist.ReduceOp.MIN):
             x = None
     if x is not None:
         return x

@@ -22,11 +22,14 @@ import math
 import os
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+
+from trainer.collectives import all_reduce_scalar
 
 log = logging.getLogger("trainer")
 
@@ -41,7 +44,25 @@ def _setup_env(cfg) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def deepspeed_config(cfg) -> dict:
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def training_precision(t, bf16_supported: bool) -> str:
+    """bf16 | fp16 | fp32 from train.precision: auto is bf16 on a GPU that has it, fp16 on one that
+    has not (V100, T4: DeepSpeed refuses bf16 there), fp32 on CPU. Only fp32 on CPU was run here."""
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if not t.use_gpu:
+        if t.precision not in ("auto", "fp32"):
+            raise ValueError(f"train.precision={t.precision} needs train.use_gpu=true: on CPU the trainer runs in fp32")
+        return "fp32"
+    if t.precision == "auto":
+        return "bf16" if bf16_supported else "fp16"
+    return t.precision
+
+
+def deepspeed_config(cfg, precision: str = "fp32") -> dict:
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -52,16 +73,15 @@ def deepspeed_config(cfg) -> dict:
             **({"offload_optimizer": {"device": "cpu"}} if t.offload_optimizer else {}),
             **({"offload_param": {"device": "cpu"}} if t.offload_params and t.zero_stage == 3 else {}),
         },
-        "bf16": {"enabled": bool(t.use_gpu)},  # bf16 on GPU, fp32 on CPU
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},  # with DeepSpeed's dynamic loss scaling
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
 
 
 def _mean_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return all_reduce_scalar(x) / dist.get_world_size()
 
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -179,6 +199,7 @@ def report_checkpoint(metrics: dict, root: str, step: int, is_main: bool) -> Non
 
 def train_worker(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     cfg = OmegaConf.create(config["cfg"])
     paths = config["paths"]
@@ -197,7 +218,10 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.train.use_gpu else torch.device("cpu")
+    # on GPU: the GPU Ray gave this worker (its index among the visible devices, which need not be the
+    # local rank), made DeepSpeed's device too (below); not run here (no GPU)
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    precision = training_precision(cfg.train, cfg.train.use_gpu and torch.cuda.is_bf16_supported())
     is_main = rank == 0
     import ray
 
@@ -218,7 +242,8 @@ def train_worker(config: dict) -> None:
                          f"{manifest['num_items']}: refusing to start")
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
                                       unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
-                                      injection=cfg.model.injection, user_token=user_token)
+                                      injection=cfg.model.injection, user_token=user_token,
+                                      dtype=TORCH_DTYPES[precision])  # loaded in it: a 7B is 14 GB per worker, not 28
 
     t = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
@@ -232,7 +257,8 @@ def train_worker(config: dict) -> None:
     n_trainable = sum(p.numel() for p in trainable)  # count before ZeRO-3 partitions them to shape (0,)
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, precision),
+        args=SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup)),
     )
     if is_main:
@@ -265,7 +291,6 @@ def train_worker(config: dict) -> None:
         f.write(str(os.getpid()))
     metrics_file = os.path.join(paths["logs"], "metrics.jsonl")
     tb = _tensorboard(paths["logs"]) if is_main else None
-    stop = torch.zeros(1)
     tokens_since = 0
     engine.train()
     signals.training(True)  # from here a SIGTERM to this worker finishes the step and checkpoints
@@ -327,13 +352,12 @@ def train_worker(config: dict) -> None:
                             tb.add_scalar(f"train/{k}", record[k], step)
                 ray.train.report(record)
             # a stop request (signal or STOP file) seen by any rank stops every rank after this step
-            stop[0] = float(signals.requested(paths["output_dir"]))
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if step % t.checkpoint_every == 0 or step == total_steps or stop.item():
+            stop = all_reduce_scalar(float(signals.requested(paths["output_dir"])), op=dist.ReduceOp.MAX)
+            if step % t.checkpoint_every == 0 or step == total_steps or stop:
                 save_checkpoint(engine, paths["checkpoints"], step, trainer_state(), rank, keep_last=0)
                 report_checkpoint(record, paths["checkpoints"], step, is_main)
                 last_saved = step
-            if stop.item():
+            if stop:
                 if is_main:
                     log.info("stop requested: checkpoint %s written at step %d; run again to resume", tag_for(step), step)
                     with open(os.path.join(paths["output_dir"], signals.PREEMPTED_FILE), "w") as f:

@@ -1,5 +1,9 @@
 """Triton kernels of the fused injection (CUDA). Verified here only under Triton's interpreter
-(TRITON_INTERPRET=1) on CPU tensors, against the reference; no GPU was available to this project."""
+(TRITON_INTERPRET=1) on CPU tensors, against the reference; no GPU was available to this project.
+
+The backward sums with float32 atomics: where several positions feed one row (an item repeated in
+a batch; a token's weight gradient) the order of the additions varies, so on CUDA the gradients
+may differ between runs in the last bits (the CPU kernel sums in a fixed order)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,52 @@
+"""Collectives that hold on NCCL as on gloo, and the training precision (its GPU branches are
+checked here as logic only: no GPU was available to this project)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from trainer import collectives
+from trainer.train_loop import deepspeed_config, training_precision
+
+
+def test_one_process_needs_no_process_group():
+    assert collectives.rank_world() == (0, 1)
+    assert collectives.collective_device() == torch.device("cpu")
+    assert collectives.all_reduce_scalar(2.5) == 2.5
+
+
+def test_nccl_collectives_use_the_current_gpu(monkeypatch):
+    """Ray Train's NCCL group reduces CUDA tensors only: the device must be the worker's GPU."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collectives.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collectives.collective_device() == torch.device("cpu")
+
+
+def _train(**kw):
+    return OmegaConf.create({"use_gpu": False, "precision": "auto", **kw})
+
+
+def test_training_precision():
+    assert training_precision(_train(), bf16_supported=True) == "fp32"
+    assert training_precision(_train(precision="fp32"), bf16_supported=True) == "fp32"
+    with pytest.raises(ValueError, match="train.precision=fp16 needs train.use_gpu=true"):
+        training_precision(_train(precision="fp16"), bf16_supported=True)
+    with pytest.raises(ValueError, match="expected one of auto, bf16, fp16, fp32"):
+        training_precision(_train(precision="half"), bf16_supported=True)
+    gpu = dict(use_gpu=True)
+    assert training_precision(_train(**gpu), bf16_supported=True) == "bf16"
+    assert training_precision(_train(**gpu), bf16_supported=False) == "fp16"  # V100, T4
+    assert training_precision(_train(precision="fp32", **gpu), bf16_supported=True) == "fp32"
+
+
+def test_deepspeed_config_follows_the_precision():
+    from trainer.config import load_config
+
+    cfg = load_config(None, [])
+    for precision in ("bf16", "fp16", "fp32"):
+        ds = deepspeed_config(cfg, precision)
+        assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
