@@ -27,7 +27,7 @@ log = logging.getLogger("trainer.eval")
 MODES = ("generate", "score", "ctr")
 
 
-def load_model_for_eval(source: dict, paths: dict, srec_dim: int):
+def load_model_for_eval(source: dict, paths: dict, srec_dim: int, dtype: torch.dtype = torch.float32):
     """(model, hybrid embedding, tokenizer) from {"export": dir}, {"checkpoint": dir, "config": run config}
     or {"zero_shot": True, "config": prepared config} (the base LLM, nothing trained).
 
@@ -39,14 +39,15 @@ def load_model_for_eval(source: dict, paths: dict, srec_dim: int):
 
         with open(os.path.join(source["export"], "export.json")) as f:
             meta = json.load(f)
-        return load_export(source["export"], paths["llm"], srec_dim, meta.get("injection", "fused"))
+        return load_export(source["export"], paths["llm"], srec_dim, meta.get("injection", "fused"), dtype)
 
     from trainer.model.build import build_llara_model, load_tokenizer
 
     cfg = source["config"]
     user_token = bool(cfg["data"].get("user_token", False))
     model, embed = build_llara_model(paths["llm"], srec_dim, cfg["model"]["lora"], unfreeze=cfg["model"]["unfreeze"],
-                                     seed=cfg["seed"], injection=cfg["model"]["injection"], user_token=user_token)
+                                     seed=cfg["seed"], injection=cfg["model"]["injection"], user_token=user_token,
+                                     dtype=dtype)
     if source.get("zero_shot"):  # LoRA starts as the identity; the adapter is its seeded initialisation
         return model.eval(), embed, load_tokenizer(paths["llm"], user_token)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -204,9 +205,9 @@ def eval_worker(config: dict) -> None:
     # the adapter).
     device = ray.train.torch.get_device() if a.get("gpu") else torch.device("cpu")  # the GPU Ray gave it
     srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
-    model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden)
-    if device.type == "cuda":
-        model.to(device, dtype=torch.bfloat16)
+    model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden,
+                                                  torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(device)
     manifest = load_manifest(paths["data"])
     titles = load_items(paths["data"])["titles"]
     samples = split_samples(paths, manifest, a["split"], a["max_samples"])

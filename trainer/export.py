@@ -57,23 +57,25 @@ def export_model(peft_model, tokenizer, out_dir: str, rank: int, meta: dict) -> 
                    **({"user_projector": sorted(user)} if user else {})}, f, indent=1)
 
 
-def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = "fused"):
-    """(peft model, hybrid embedding, tokenizer) from an export, in a process with no DeepSpeed.
+def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = "fused",
+                dtype: torch.dtype = torch.float32):
+    """(peft model, hybrid embedding, tokenizer) from an export, in a process with no DeepSpeed, in
+    `dtype` (bf16 for GPU evaluation: a 7B base is then read as 14 GB, not 28).
     The user-state adapter is rebuilt when the export has one (user_projector.safetensors)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    adapter = Adapter(srec_dim, model.config.hidden_size)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
     adapter.load_state_dict(load_file(os.path.join(export_dir, "projector.safetensors")))
     user_adapter = None
     if os.path.exists(os.path.join(export_dir, "user_projector.safetensors")):
-        user_adapter = Adapter(srec_dim, model.config.hidden_size)
+        user_adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
         user_adapter.load_state_dict(load_file(os.path.join(export_dir, "user_projector.safetensors")))
     model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection, user_adapter))
-    peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"))
+    peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"))  # LoRA kept in fp32 by peft
     base = load_file(os.path.join(export_dir, "trained_base.safetensors"))
     params = dict(peft_model.named_parameters())
     missing = [n for n in base if n not in params]
