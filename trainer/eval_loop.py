@@ -201,8 +201,8 @@ def eval_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     paths, a = config["paths"], config["args"]
     # On GPU (launch/eval.py --gpu; written with the same care, but run only on CPU here): the worker's
-    # GPU, the LLM and adapter in bf16 as in GPU training, the SRec in fp32 (its vectors are cast by
-    # the adapter).
+    # GPU, the LLM and adapter read in bf16 (train.precision auto's choice where the GPU has it; LoRA
+    # stays fp32, as peft keeps it), the SRec in fp32 (its vectors are cast by the adapter).
     device = ray.train.torch.get_device() if a.get("gpu") else torch.device("cpu")  # the GPU Ray gave it
     srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden,
