@@ -41,8 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=int, default=1)
-    p.add_argument("--gpu", action="store_true",
-                   help="one GPU per worker, the model in bf16 there (as training on GPU); default: CPU, fp32")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker; default: CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="what the LLM and adapter are read in, as train.precision: auto is bf16 on a GPU that "
+                        "has it, fp16 on one that has not, fp32 on CPU; bf16/fp16 need --gpu")
     p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -86,6 +88,13 @@ def main(argv=None) -> int:
     if bad or not modes:
         print(f"error: unknown mode(s) {bad}; expected some of {', '.join(MODES)}", file=sys.stderr)
         return 2
+    from trainer.precision import resolve_precision
+
+    try:  # refused here, before Ray starts; the GPU's bf16 support is asked on the workers
+        resolve_precision(a.precision, a.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from trainer.prepare import run_paths
 
     paths = run_paths(a.run)
@@ -104,10 +113,11 @@ def main(argv=None) -> int:
     hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))
     args = {"split": a.split, "modes": modes, "hybrid": hybrid, "max_samples": a.max_samples, "batch_size": a.batch_size,
-            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out, "gpu": a.gpu}
+            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out, "gpu": a.gpu,
+            "precision": a.precision}
     header = (f"Run `{paths['output_dir']}`, {name}, split `{a.split}`, prompts "
               f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers"
-              f"{' (GPU, bf16)' if a.gpu else ' (CPU, fp32)'}.")
+              f"{f' (GPU, precision {a.precision})' if a.gpu else ' (CPU, fp32)'}.")
 
     import ray
     from ray.train import RunConfig, ScalingConfig

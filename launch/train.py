@@ -84,10 +84,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from trainer.train_loop import training_precision
+    from trainer.precision import resolve_precision
 
     try:  # its value now, before anything starts (the GPU's bf16 support is asked on the worker)
-        training_precision(cfg.train, bf16_supported=True)
+        resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

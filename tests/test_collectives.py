@@ -4,10 +4,10 @@ checked here as logic only: no GPU was available to this project)."""
 import pytest
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from trainer import collectives
-from trainer.train_loop import deepspeed_config, training_precision
+from trainer.precision import resolve_precision
+from trainer.train_loop import deepspeed_config
 
 
 def test_one_process_needs_no_process_group():
@@ -26,21 +26,19 @@ def test_nccl_collectives_use_the_current_gpu(monkeypatch):
     assert collectives.collective_device() == torch.device("cpu")
 
 
-def _train(**kw):
-    return OmegaConf.create({"use_gpu": False, "precision": "auto", **kw})
-
-
-def test_training_precision():
-    assert training_precision(_train(), bf16_supported=True) == "fp32"
-    assert training_precision(_train(precision="fp32"), bf16_supported=True) == "fp32"
+def test_resolve_precision():
+    assert resolve_precision("auto", use_gpu=False, bf16_supported=True) == "fp32"
+    assert resolve_precision("fp32", use_gpu=False, bf16_supported=True) == "fp32"
     with pytest.raises(ValueError, match="train.precision=fp16 needs train.use_gpu=true"):
-        training_precision(_train(precision="fp16"), bf16_supported=True)
+        resolve_precision("fp16", use_gpu=False, bf16_supported=True)
     with pytest.raises(ValueError, match="expected one of auto, bf16, fp16, fp32"):
-        training_precision(_train(precision="half"), bf16_supported=True)
-    gpu = dict(use_gpu=True)
-    assert training_precision(_train(**gpu), bf16_supported=True) == "bf16"
-    assert training_precision(_train(**gpu), bf16_supported=False) == "fp16"  # V100, T4
-    assert training_precision(_train(precision="fp32", **gpu), bf16_supported=True) == "fp32"
+        resolve_precision("half", use_gpu=False, bf16_supported=True)
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"  # V100, T4
+    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True) == "fp32"
+    # launch/eval.py names its own options
+    with pytest.raises(ValueError, match="--precision=bf16 needs --gpu"):
+        resolve_precision("bf16", use_gpu=False, bf16_supported=True, option="--precision", gpu_option="--gpu")
 
 
 def test_deepspeed_config_follows_the_precision():

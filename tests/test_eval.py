@@ -56,6 +56,8 @@ def test_bad_arguments_fail_before_ray(run, tmp_path):
     assert r.returncode != 0 and "no complete checkpoint" in r.stderr
     r = _eval(run, "--export", str(tmp_path))
     assert r.returncode != 0 and "is not an export" in r.stderr
+    r = _eval(run, "--precision", "bf16")  # half precision is for GPUs
+    assert r.returncode == 2 and "--precision=bf16 needs --gpu" in r.stderr
 
 
 LLARA_ML = os.path.join(SHARED_DATA, "llara-data", "movielens")

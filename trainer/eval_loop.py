@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.precision import TORCH_DTYPES, resolve_precision
+
 log = logging.getLogger("trainer.eval")
 MODES = ("generate", "score", "ctr")
 
@@ -201,12 +203,14 @@ def eval_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     paths, a = config["paths"], config["args"]
     # On GPU (launch/eval.py --gpu; written with the same care, but run only on CPU here): the worker's
-    # GPU, the LLM and adapter read in bf16 (train.precision auto's choice where the GPU has it; LoRA
-    # stays fp32, as peft keeps it), the SRec in fp32 (its vectors are cast by the adapter).
+    # GPU, the LLM and adapter read in --precision (auto: bf16 where the GPU has it, else fp16, as
+    # training picks; LoRA stays fp32, as peft keeps it), the SRec in fp32 (the adapter casts its vectors).
     device = ray.train.torch.get_device() if a.get("gpu") else torch.device("cpu")  # the GPU Ray gave it
+    on_gpu = device.type == "cuda"
+    precision = resolve_precision(a.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+                                  option="--precision", gpu_option="--gpu")
     srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
-    model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden,
-                                                  torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden, TORCH_DTYPES[precision])
     model.to(device)
     manifest = load_manifest(paths["data"])
     titles = load_items(paths["data"])["titles"]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from trainer.collectives import all_reduce_scalar
+from trainer.precision import TORCH_DTYPES, resolve_precision
 
 log = logging.getLogger("trainer")
 
@@ -42,24 +43,6 @@ def _setup_env(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("ray", "ray.train", "deepspeed", "DeepSpeed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def training_precision(t, bf16_supported: bool) -> str:
-    """bf16 | fp16 | fp32 from train.precision: auto is bf16 on a GPU that has it, fp16 on one that
-    has not (V100, T4: DeepSpeed refuses bf16 there), fp32 on CPU. Only fp32 on CPU was run here."""
-    if t.precision not in PRECISIONS:
-        raise ValueError(f"train.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if not t.use_gpu:
-        if t.precision not in ("auto", "fp32"):
-            raise ValueError(f"train.precision={t.precision} needs train.use_gpu=true: on CPU the trainer runs in fp32")
-        return "fp32"
-    if t.precision == "auto":
-        return "bf16" if bf16_supported else "fp16"
-    return t.precision
 
 
 def deepspeed_config(cfg, precision: str = "fp32") -> dict:
@@ -221,7 +204,8 @@ def train_worker(config: dict) -> None:
     # on GPU: the GPU Ray gave this worker (its index among the visible devices, which need not be the
     # local rank), made DeepSpeed's device too (below); not run here (no GPU)
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    precision = training_precision(cfg.train, cfg.train.use_gpu and torch.cuda.is_bf16_supported())
+    precision = resolve_precision(cfg.train.precision, cfg.train.use_gpu,
+                                  cfg.train.use_gpu and torch.cuda.is_bf16_supported())
     is_main = rank == 0
     import ray
 
