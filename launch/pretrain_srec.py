@@ -43,11 +43,14 @@ def main(argv=None) -> int:
     from trainer.config import ConfigError, load_config, to_dict
     from trainer.srec import save_srec
     from trainer.srec.metrics import Popularity, Random, evaluate, format_table
-    from trainer.srec.pretrain import pretrain
+    from trainer.srec.pretrain import check_pretrain_args, pretrain
 
     try:
         cfg = load_config(a.config, a.overrides)
-    except ConfigError as e:
+        if not (a.import_llara or a.evaluate):  # before the data is read
+            for arch in (a.archs.split(",") if a.archs else [cfg.srec.arch]):
+                check_pretrain_args(**dict(to_dict(cfg.srec), arch=arch))
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     d = to_dict(cfg.data)

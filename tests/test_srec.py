@@ -281,3 +281,18 @@ def test_ctrl_c_in_the_first_epoch_is_a_message_not_a_traceback(tmp_path):
     assert p.returncode == 130, (seen + rest)[-2000:]
     assert "interrupted before sasrec's first epoch finished: nothing saved for it" in rest
     assert "Traceback" not in seen + rest and not (tmp_path / "sasrec").exists()
+
+
+def test_a_bad_srec_choice_is_refused_before_the_data_build(tmp_path):
+    """prepare() trains the SRec after the tokenizer, the tiny LLM and the shards: a typo in srec.*
+    must stop it before those, not minutes later."""
+    from trainer.config import load_config
+    from trainer.prepare import prepare
+
+    out = tmp_path / "run"
+    for bad, message in (("srec.init=kaiming", "srec.init='kaiming'"), ("srec.loss=bpr", "srec.loss='bpr'"),
+                         ("srec.arch=bert4rec", "srec.arch='bert4rec'"),
+                         ("srec.positions=all", "srec.positions=all trains with the SASRec paper's BCE")):
+        with pytest.raises(ValueError, match=message):
+            prepare(load_config(None, [f"output_dir={out}", "data.synthetic.num_users=40", "data.synthetic.num_items=60", bad]))
+        assert not (out / "data").exists() and not (out / "assets").exists()  # refused before any work

@@ -84,11 +84,13 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     from trainer.model.build import load_tokenizer
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
     from trainer.srec import save_srec
-    from trainer.srec.pretrain import pretrain
+    from trainer.srec.pretrain import check_pretrain_args, pretrain
 
     d = to_dict(cfg.data)
     user_token = bool(d["user_token"])
     llara_templates = templates(user_token, d["domain"])  # an unknown data.domain stops here, before any work
+    if not cfg.srec.path:
+        check_pretrain_args(**to_dict(cfg.srec))  # so does a bad srec.* choice (the SRec is trained last)
     items, splits, stats = load_source(d, cfg.seed)
     if cfg.model.base:
         paths["llm"] = os.path.abspath(cfg.model.base)

@@ -68,23 +68,36 @@ def xavier_init(model: SRec) -> None:
             emb.weight[emb.padding_idx].zero_()
 
 
+def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str = "last", init: str = "default",
+                        **_) -> None:
+    """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
+    the data build, so a typo costs seconds, not the build); a ValueError names the key."""
+    from trainer.srec import ARCHS
+
+    if arch not in ARCHS:
+        raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
+    if init not in ("default", "xavier"):
+        raise ValueError(f"srec.init={init!r}: expected default or xavier")
+    if loss not in ("ce", "bce"):
+        raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
+    if positions not in ("last", "all"):
+        raise ValueError(f"srec.positions={positions!r}: expected last or all")
+    if positions == "all" and not hasattr(ARCHS[arch], "sequence_output"):
+        raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
+    if positions == "all" and loss != "bce":
+        raise ValueError("srec.positions=all trains with the SASRec paper's BCE (one negative per position): set srec.loss=bce")
+
+
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
              positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
              progress: bool = False, max_val: int = 5000,
              **model_kwargs) -> tuple[SRec, dict]:
+    check_pretrain_args(arch, loss, positions, init)
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
     if init == "xavier":
         xavier_init(model)
-    elif init != "default":
-        raise ValueError(f"srec.init={init!r}: expected default or xavier")
-    if positions not in ("last", "all"):
-        raise ValueError(f"srec.positions={positions!r}: expected last or all")
-    if positions == "all" and not hasattr(model, "sequence_output"):
-        raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
-    if positions == "all" and loss != "bce":
-        raise ValueError("srec.positions=all trains with the SASRec paper's BCE (one negative per position): set srec.loss=bce")
     train = [s for s in splits["train"] if s["history"]]
     val = [s for s in splits.get("val", []) if s["history"]][:max_val]
     if positions == "all":
@@ -139,8 +152,8 @@ def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss,
             neg_s = (state[:, None] * model.item_vectors(neg)).sum(-1)
             batch_loss = F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
                 F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(neg_s))
-        else:
-            raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
+        else:  # check_pretrain_args refused it before
+            raise AssertionError(loss)
         opt.zero_grad()
         batch_loss.backward()
         opt.step()
