@@ -96,3 +96,13 @@ def test_a_gpu_allocation_makes_one_gpu_worker_per_gpu(tmp_path):
     assert "2 GPU(s) on this node: train.use_gpu=true, one training worker per GPU" in r.stdout
     assert r.returncode != 0
     assert "train.use_gpu=true asks for 2 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("script", ["train_1node.sbatch", "train_multinode.sbatch"])
+def test_a_gpu_count_that_is_not_a_number_is_refused(script, tmp_path):
+    """Not silently a CPU run: the scripts read SLURM_GPUS_ON_NODE as a count or stop (no SLURM needed)."""
+    env = dict(os.environ, SLURM_JOB_ID="0", SLURM_SUBMIT_DIR=REPO, SLURM_GPUS_ON_NODE="a100:2",
+               SLURM_JOB_NODELIST="localhost", LLMREC_HEAD_IP="127.0.0.1", LLMREC_PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm", script), "configs/llara_default.yaml",
+                        str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "SLURM_GPUS_ON_NODE=a100:2 is not a GPU count" in r.stderr
