@@ -9,7 +9,8 @@ valid and of all), score (rank the candidates by the log-likelihood of their tit
 NDCG@5), ctr (P(yes): AUC, log loss, accuracy; on samples with a CTR label). The frozen SRec alone,
 popularity and random are ranked on the same candidates. Writes metrics.json, predictions.csv and
 report.md to --out (default <run>/eval/<checkpoint or export>_<split>/) and prints the report.
-Exit codes: 0 done, 2 bad arguments.
+Exit codes: 0 done; 2 refused before evaluating, with a message (bad arguments, no such
+checkpoint or export, GPUs the cluster does not have); 1 any other failure.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
         tag = find_latest(paths["checkpoints"]) if a.checkpoint == "latest" else a.checkpoint
         ckpt = os.path.join(paths["checkpoints"], tag or "")
         if not tag or not os.path.exists(os.path.join(ckpt, COMPLETE)):
-            raise SystemExit(f"error: no complete checkpoint {a.checkpoint!r} in {paths['checkpoints']}")
+            raise ValueError(f"no complete checkpoint {a.checkpoint!r} in {paths['checkpoints']}")
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             cfg = json.load(f)["config"]
         return {"checkpoint": ckpt, "config": cfg}, cfg, tag
@@ -69,7 +70,7 @@ def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
         return {"zero_shot": True, "config": cfg}, None, "zero_shot"
     export = os.path.abspath(a.export or os.path.join(paths["output_dir"], "export"))
     if not os.path.exists(os.path.join(export, "export.json")):
-        raise SystemExit(f"error: {export} is not an export (no export.json); train first, or pass --checkpoint")
+        raise ValueError(f"{export} is not an export (no export.json); train first, or pass --checkpoint")
     tag = find_latest(paths["checkpoints"])
     cfg = None
     if tag:
@@ -109,7 +110,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    source, run_cfg, name = resolve_source(a, paths)
+    try:
+        source, run_cfg, name = resolve_source(a, paths)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))
     args = {"split": a.split, "modes": modes, "hybrid": hybrid, "max_samples": a.max_samples, "batch_size": a.batch_size,
@@ -133,7 +138,11 @@ def main(argv=None) -> int:
     if a.gpu:
         from trainer.gpus import require_gpus
 
-        require_gpus(a.workers, "--gpu")
+        try:
+            require_gpus(a.workers, "--gpu")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     trainer = TorchTrainer(
         train_loop_per_worker=eval_worker,
         train_loop_config={"paths": paths, "source": source, "args": args, "header": header, "threads": a.cpus_per_worker},

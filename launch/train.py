@@ -6,8 +6,10 @@
 
 Joins the Ray cluster named by ray.address or RAY_ADDRESS (as `ray job submit` sets it), or starts
 a local one. Re-running with the same output_dir resumes from its newest complete checkpoint.
-SIGTERM or SIGUSR1 (to this process; SIGUSR1 also to a worker) finishes the current optimizer step,
-writes a checkpoint and exits with code 75. Exit codes: 0 done, 2 bad config, 75 stopped on request.
+SIGTERM or SIGUSR1 (to this process, or to a worker) finishes the current optimizer step, writes a
+checkpoint and exits with code 75. Exit codes: 0 done; 2 refused before training starts, with a
+message (a bad config key or value, bad raw data or shards, an output folder that is locked or not
+writable, GPUs the cluster does not have); 75 stopped on request; 1 any other failure.
 """
 
 from __future__ import annotations
@@ -53,25 +55,70 @@ def connect_ray(cfg, out: str) -> None:
 
 
 def lock_output_dir(output_dir: str):
-    """Hold an exclusive lock on <output_dir>/.lock for the life of this process, or refuse to start."""
+    """Hold an exclusive lock on <output_dir>/.lock for the life of this process, or a ValueError."""
     import fcntl
 
     try:
         os.makedirs(output_dir, exist_ok=True)
         f = open(os.path.join(output_dir, ".lock"), "a+")
     except OSError as e:
-        raise SystemExit(f"error: output_dir {output_dir} is not writable: {e}") from None
+        raise ValueError(f"output_dir {output_dir} is not writable: {e}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        raise SystemExit(f"error: another run is writing to {output_dir} (it holds {output_dir}/.lock: {f.read().strip()}); "
+        raise ValueError(f"another run is writing to {output_dir} (it holds {output_dir}/.lock: {f.read().strip()}); "
                          "wait for it or use another output_dir") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")
     f.flush()
     return f
+
+
+def check_choices(cfg) -> None:
+    """The choices the workers would refuse only after the data build, refused now (ValueError); the
+    GPU's bf16 support is asked on the workers."""
+    from trainer.curriculum import MODES
+    from trainer.model.hybrid_embedding import INJECTIONS
+    from trainer.precision import resolve_precision
+
+    resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
+    if cfg.train.mode not in MODES:
+        raise ValueError(f"train.mode={cfg.train.mode!r}: expected {', '.join(MODES)}")
+    if cfg.model.injection not in INJECTIONS:
+        raise ValueError(f"model.injection={cfg.model.injection!r}: expected {' or '.join(INJECTIONS)}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage={cfg.train.zero_stage!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO stages)")
+
+
+def prepare_run(cfg):
+    """Lock the output folder, build (or reuse) the data and assets, check the shards: (output folder,
+    run paths, the lock). A GPU run the cluster cannot place is refused before the data build."""
+    from shards.build import check_manifest, load_manifest
+    from shards.ctr import needs_retrieval
+    from trainer import signals
+    from trainer.config import to_dict
+    from trainer.embed_job import embed_on_workers
+    from trainer.prepare import prepare, run_paths
+
+    out = run_paths(cfg.output_dir)["output_dir"]
+    lock = lock_output_dir(out)
+    signals.clear(out)
+    signals.install_driver_handlers(out)
+    if cfg.train.use_gpu:  # not left pending for ever
+        from trainer.gpus import require_gpus
+
+        connect_ray(cfg, out)
+        require_gpus(cfg.train.num_workers, "train.use_gpu=true")
+    embed = None
+    if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
+        connect_ray(cfg, out)
+        embed = functools.partial(embed_on_workers, cfg)
+    paths = prepare(cfg, embed=embed)
+    # shards that do not match their manifest are refused before any worker starts (once, not per rank)
+    check_manifest(paths["data"], load_manifest(paths["data"]), paths["llm"], verify_sha=cfg.data.verify_shards)
+    return out, paths, lock
 
 
 def main(argv=None) -> int:
@@ -84,39 +131,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from trainer.precision import resolve_precision
+    from shards.safe_unpickle import UnsafePickle
 
-    try:  # its value now, before anything starts (the GPU's bf16 support is asked on the worker)
-        resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
-    except ValueError as e:
+    try:  # everything that can be refused is refused here, before the first training step (exit 2)
+        check_choices(cfg)
+        out, paths, _lock = prepare_run(cfg)  # noqa: F841  (the lock is held until exit)
+    except (ValueError, FileNotFoundError, UnsafePickle) as e:
+        log.debug("refused", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from trainer import signals
-    from trainer.prepare import prepare, run_paths
-
-    out = run_paths(cfg.output_dir)["output_dir"]
-    _lock = lock_output_dir(out)  # noqa: F841  (held until exit)
-    signals.clear(out)
-    signals.install_driver_handlers(out)
-    from shards.ctr import needs_retrieval
-    from trainer.embed_job import embed_on_workers
-
-    if cfg.train.use_gpu:  # a GPU run the cluster cannot place is refused before the data build, not left pending
-        from trainer.gpus import require_gpus
-
-        connect_ray(cfg, out)
-        require_gpus(cfg.train.num_workers, "train.use_gpu=true")
-    embed = None
-    if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
-        connect_ray(cfg, out)
-        embed = functools.partial(embed_on_workers, cfg)
-    paths = prepare(cfg, embed=embed)
-    from shards.build import check_manifest, load_manifest
-
-    # refuse shards that do not match their manifest before any worker starts (once, not per rank)
-    check_manifest(paths["data"], load_manifest(paths["data"]), paths["llm"], verify_sha=cfg.data.verify_shards)
-
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -136,6 +159,8 @@ def main(argv=None) -> int:
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last if t.keep_last > 0 else None)),
     )
     trainer.fit()
+    from trainer import signals
+
     if os.path.exists(os.path.join(out, signals.PREEMPTED_FILE)):
         with open(os.path.join(out, signals.PREEMPTED_FILE)) as f:
             print(f"\nstopped on request after checkpoint {f.read().strip()}; run the same command to resume "

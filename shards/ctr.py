@@ -32,7 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
-    """Add `label` (rating >= threshold) to every time-split sample; refuse a split with one class."""
+    """Add `label` (rating >= threshold) to every time-split sample; warn of a split with one class,
+    refuse data whose samples are all one class."""
     out = {}
     for split, rows in splits.items():
         if rows and "rating" not in rows[0]:

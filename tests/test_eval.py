@@ -53,9 +53,9 @@ def test_bad_arguments_fail_before_ray(run, tmp_path):
     r = _eval(tmp_path)
     assert r.returncode == 2 and "not a training run folder" in r.stderr
     r = _eval(run, "--checkpoint", "step_999999")
-    assert r.returncode != 0 and "no complete checkpoint" in r.stderr
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
     r = _eval(run, "--export", str(tmp_path))
-    assert r.returncode != 0 and "is not an export" in r.stderr
+    assert r.returncode == 2 and "is not an export" in r.stderr
     r = _eval(run, "--precision", "bf16")  # half precision is for GPUs
     assert r.returncode == 2 and "--precision=bf16 needs --gpu" in r.stderr
 

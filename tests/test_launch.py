@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
@@ -23,6 +25,18 @@ def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("train.mode=mixed", "train.mode='mixed': expected curriculum, hybrid, text"),
+    ("model.injection=triton", "model.injection='triton': expected fused or reference"),
+    ("train.zero_stage=4", "train.zero_stage=4: expected 0, 1, 2 or 3"),
+    ("srec.loss=bpr", "srec.loss='bpr': expected ce or bce"),  # refused by prepare(), before the data build
+])
+def test_a_bad_choice_exits_2_before_the_data_build(bad, message, tmp_path):
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", bad], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "assets").exists()
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c",
                                "import importlib.util, sys, time\n"
@@ -33,7 +47,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
-        assert r.returncode != 0
+        assert r.returncode == 2
         assert f"another run is writing to {tmp_path}" in r.stderr and f"pid {holder.pid}" in r.stderr
     finally:
         holder.kill()
@@ -44,7 +58,7 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={blocker / 'run'}"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "is not writable" in r.stderr
+    assert r.returncode == 2 and "is not writable" in r.stderr
 
 
 def test_a_corrupt_shard_is_refused_before_any_worker_starts(small_run, tmp_path):
@@ -60,7 +74,7 @@ def test_a_corrupt_shard_is_refused_before_any_worker_starts(small_run, tmp_path
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={out}", *SMALL], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "train-00000.tar does not match its sha256" in r.stderr
     assert "starting a local Ray cluster" not in r.stderr + r.stdout
 
@@ -69,7 +83,7 @@ def test_a_gpu_run_without_gpus_is_refused_before_the_data_build(tmp_path):
     """train.use_gpu on a Ray cluster with no GPU: a clear error, not a job left pending for ever."""
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", "train.use_gpu=true", "train.num_workers=1"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "train.use_gpu=true asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr
     assert not (tmp_path / "data").exists()  # refused before the shards were built
 
@@ -79,5 +93,5 @@ def test_eval_on_gpu_without_gpus_is_refused(small_run, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--run", paths["output_dir"], "--zero-shot",
                         "--gpu", "--workers", "1", "--out", str(tmp_path / "eval")], capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode != 0 and "--gpu asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr
+    assert r.returncode == 2 and "--gpu asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()

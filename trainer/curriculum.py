@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 
+MODES = ("curriculum", "hybrid", "text")  # train.mode
+
+
 def is_hybrid(mode: str, step: int, total_steps: int, seed: int) -> bool:
     if mode == "hybrid":
         return True

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 
 def require_gpus(workers: int, switch: str) -> None:
-    """Raise SystemExit naming `switch` when the connected Ray cluster has fewer GPUs than `workers`."""
+    """A ValueError naming `switch` when the connected Ray cluster has fewer GPUs than `workers` (the
+    launchers print it and exit 2)."""
     import ray
 
     have = int(ray.cluster_resources().get("GPU", 0))
     if have < workers:
-        raise SystemExit(f"error: {switch} asks for {workers} workers with a GPU each, the Ray cluster has {have} "
+        raise ValueError(f"{switch} asks for {workers} workers with a GPU each, the Ray cluster has {have} "
                          f"GPU(s); give fewer workers, add GPU nodes, or run on CPU")

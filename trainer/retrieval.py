@@ -12,7 +12,7 @@ The pipeline, each step a plain function:
 
 and, over a whole catalogue, `topk_similar_items(vecs, k)` (chunked: never an N x N matrix).
 
-Arguments that a config would set (not wired into configs/ yet):
+Arguments, set by data.retrieval.* (configs/llara_default.yaml):
     template     a key of TEMPLATES (movie, book, artist, game, item) or a (head, genre_clause) pair
     pooling      "mean": average of the last hidden states over the text's tokens (ReLLa);
                  "last": the last token's hidden state

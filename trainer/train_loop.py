@@ -7,7 +7,8 @@
       4. for each optimizer step: the curriculum says hybrid or text-only; stream this rank's
          micro-batches, SRec vectors of the batch's unique items -> adapter -> injected embeddings,
          loss on the answer tokens, backward, step
-      5. checkpoint every N steps and at the end; evaluate HR@1 / ValidRatio on the test split
+      5. checkpoint every N steps and at the end; evaluate on eval.split (HR@1 / ValidRatio, or CTR
+         AUC / log loss / accuracy)
 
 A sample's path: shards/build.py wrote it as token ids + placeholder positions; trainer/data.py
 streams and pads it (slot_map says which unique item fills which position); here the SRec gives
