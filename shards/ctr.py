@@ -131,17 +131,18 @@ def build_samples(d: dict, splits: dict, seed: int, item_vecs=None) -> dict:
 
 def cached_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
     """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
-    data.retrieval's template and pooling, else None. model_id: model_fingerprint(llm_dir), if known."""
+    data.retrieval's template, pooling and dtype, else None. model_id: model_fingerprint(llm_dir), if known."""
     from trainer.retrieval import model_fingerprint, read_cached_item_embeddings
 
     r = d["retrieval"]
     return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items,
-                                       pooling=r["pooling"])
+                                       pooling=r["pooling"], dtype=r["dtype"])
 
 
 def item_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
-    """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there.
-    Under torch.distributed every rank calls this and embeds its slice (trainer/retrieval.py)."""
+    """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there with
+    the LLM's weights in data.retrieval.dtype (pooled in float32). Under torch.distributed every rank
+    calls this and embeds its slice (trainer/retrieval.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,9 +150,9 @@ def item_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str 
 
     r = d["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).to(device or "cpu")
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, r["dtype"])).to(device or "cpu")
     return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items, model, tok,
-                                  batch_size=int(r["batch_size"]), pooling=r["pooling"])
+                                  batch_size=int(r["batch_size"]), pooling=r["pooling"], dtype=r["dtype"])
 
 
 def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):

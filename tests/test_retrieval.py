@@ -242,6 +242,26 @@ def test_embedding_cache_round_trip_and_corrupt_files(tiny_llm, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
 
+def test_half_precision_embeddings_have_their_own_cache_entry(tiny_llm, tmp_path):
+    """data.retrieval.dtype: shards/ctr.py item_embeddings loads the LLM in it; the cache keeps the
+    float32 and the bfloat16 embeddings apart, and they are close (pooled in float32)."""
+    from shards.ctr import cached_embeddings, item_embeddings
+
+    folder, _, _ = tiny_llm
+    d = {"retrieval": {"template": "movie", "pooling": "mean", "batch_size": 2, "dtype": "float32"}}
+    full = item_embeddings(d, ITEMS, folder, str(tmp_path))
+    half_d = {"retrieval": dict(d["retrieval"], dtype="bfloat16")}
+    assert cached_embeddings(half_d, ITEMS, folder, str(tmp_path)) is None  # not the float32 entry
+    half = item_embeddings(half_d, ITEMS, folder, str(tmp_path))
+    assert half.dtype == torch.float32 and len(os.listdir(tmp_path)) == 2
+    assert not torch.equal(half, full)  # really computed in bfloat16
+    assert torch.nn.functional.cosine_similarity(half, full).min() > 0.99
+    assert torch.equal(cached_embeddings(half_d, ITEMS, folder, str(tmp_path)), half)
+    assert torch.equal(cached_embeddings(d, ITEMS, folder, str(tmp_path)), full)
+    with pytest.raises(ValueError, match="data.retrieval.dtype='int8': expected one of float32, bfloat16, float16"):
+        cached_embeddings({"retrieval": dict(d["retrieval"], dtype="int8")}, ITEMS, folder, str(tmp_path))
+
+
 _WORKER = """
 import json, sys, types, torch, torch.distributed as dist
 from trainer.retrieval import cached_item_embeddings, embed_items, gather_rows, item_texts

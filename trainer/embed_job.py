@@ -3,7 +3,7 @@
     embed_on_workers(cfg, items, llm_dir, cache_dir)   # launch/train.py, through prepare(cfg, embed=...)
 
 When the cache in cache_dir already holds the embeddings (this LLM, data.retrieval's template and
-pooling, these item texts), nothing starts. Otherwise a short Ray Train job runs `embed_worker` on
+pooling and dtype, these item texts), nothing starts. Otherwise a short Ray Train job runs `embed_worker` on
 train.num_workers workers: each loads the LLM, embeds its contiguous slice of the items
 (trainer/retrieval.py `cached_item_embeddings`: the slices are gathered over the process group Ray
 set up, rank 0 writes the cache file), and rank 0 writes beside it which rank embedded which items
@@ -30,7 +30,7 @@ def report_path(d: dict, items, cache_dir: str, model_id: str) -> str:
     from trainer.retrieval import cache_entry
 
     r = d["retrieval"]
-    path, _, _ = cache_entry(cache_dir, model_id, r["template"], items, r["pooling"])
+    path, _, _ = cache_entry(cache_dir, model_id, r["template"], items, r["pooling"], dtype=r["dtype"])
     return path.removesuffix(".safetensors") + ".workers.json"
 
 

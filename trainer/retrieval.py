@@ -186,10 +186,19 @@ def _content_fingerprint(model_dir: str, name: str, stats: tuple) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_id: str, template, pooling: str, max_length: int, texts: list[str]) -> str:
-    """sha256 of everything the embeddings depend on: model, template, pooling, truncation, texts."""
-    blob = json.dumps({"model": model_id, "template": list(_resolve_template(template)), "pooling": pooling,
-                       "max_length": max_length, "texts": list(texts)}, ensure_ascii=False)
+EMBED_DTYPES = ("float32", "bfloat16", "float16")  # data.retrieval.dtype: the LLM's weights while embedding
+
+
+def cache_key(model_id: str, template, pooling: str, max_length: int, texts: list[str], dtype: str = "float32") -> str:
+    """sha256 of everything the embeddings depend on: model, template, pooling, truncation, texts and
+    the dtype the LLM ran in (only when not float32: the float32 keys are those of before it was asked)."""
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"data.retrieval.dtype={dtype!r}: expected one of {', '.join(EMBED_DTYPES)}")
+    fields = {"model": model_id, "template": list(_resolve_template(template)), "pooling": pooling,
+              "max_length": max_length, "texts": list(texts)}
+    if dtype != "float32":
+        fields["dtype"] = dtype
+    blob = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -229,29 +238,31 @@ def save_cached(path: str, key: str, x: torch.Tensor) -> None:
 
 
 def cache_entry(cache_dir: str, model_id: str, template, items, pooling: str = "mean",
-                max_length: int = 128) -> tuple[str, str, list[str]]:
+                max_length: int = 128, dtype: str = "float32") -> tuple[str, str, list[str]]:
     """(path, key, texts): where the embeddings of these items' texts are cached, under which key."""
     texts = item_texts(items, template)
-    key = cache_key(model_id, template, pooling, max_length, texts)
+    key = cache_key(model_id, template, pooling, max_length, texts, dtype)
     return os.path.join(cache_dir, f"item_emb-{key}.safetensors"), key, texts
 
 
 def read_cached_item_embeddings(cache_dir: str, model_id: str, template, items, *, pooling: str = "mean",
-                                max_length: int = 128) -> torch.Tensor | None:
+                                max_length: int = 128, dtype: str = "float32") -> torch.Tensor | None:
     """The cached [N, H] embeddings `cached_item_embeddings` would return without embedding, or None."""
-    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length)
+    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length, dtype)
     return load_cached(path, key, len(texts))
 
 
 def cached_item_embeddings(cache_dir: str, model_id: str, template, items, model, tokenizer, *,
-                           batch_size: int = 32, pooling: str = "mean", max_length: int = 128) -> torch.Tensor:
+                           batch_size: int = 32, pooling: str = "mean", max_length: int = 128,
+                           dtype: str = "float32") -> torch.Tensor:
     """Every item's embedding [N, H] float32, read from `cache_dir` when a valid file for this exact
-    (model_id, template, pooling, max_length, texts) exists, else computed and written.
+    (model_id, template, pooling, max_length, texts, dtype) exists, else computed and written; `dtype`
+    names what the model's weights are in (the caller loaded it so), as part of the key.
 
     Under torch.distributed every rank must call this: the ranks agree on whether all of them hit
     the cache; if not, each embeds its slice, the slices are gathered, and rank 0 writes the file.
     """
-    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length)
+    path, key, texts = cache_entry(cache_dir, model_id, template, items, pooling, max_length, dtype)
     x = load_cached(path, key, len(texts))
     rank, world = rank_world()
     if world > 1:
