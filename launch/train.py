@@ -20,8 +20,20 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 log = logging.getLogger("launch.train")
+_LOCK = None  # the output folder's lock file, open for the life of the process
+
+
+def raised_at(e: BaseException) -> str:
+    """Where an exception was raised: 'raised at file:line in function', or what the pool worker sent."""
+    cause = e.__cause__
+    if cause is not None and type(cause).__name__ == "RemoteTraceback":  # multiprocessing: the worker's frames
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip().startswith("File ")]
+        return f"raised in a worker process, {lines[-1]}" if lines else "raised in a worker process"
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return f"raised at {os.path.relpath(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def parse_args(argv=None):
@@ -82,6 +94,7 @@ def check_choices(cfg) -> None:
     from trainer.curriculum import MODES
     from trainer.model.hybrid_embedding import INJECTIONS
     from trainer.precision import resolve_precision
+    from trainer.retrieval import EMBED_DTYPES
 
     resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     if cfg.train.mode not in MODES:
@@ -90,6 +103,8 @@ def check_choices(cfg) -> None:
         raise ValueError(f"model.injection={cfg.model.injection!r}: expected {' or '.join(INJECTIONS)}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage={cfg.train.zero_stage!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO stages)")
+    if cfg.data.retrieval.dtype not in EMBED_DTYPES:
+        raise ValueError(f"data.retrieval.dtype={cfg.data.retrieval.dtype!r}: expected one of {', '.join(EMBED_DTYPES)}")
 
 
 def prepare_run(cfg):
@@ -133,12 +148,13 @@ def main(argv=None) -> int:
         return 2
     from shards.safe_unpickle import UnsafePickle
 
+    global _LOCK
     try:  # everything that can be refused is refused here, before the first training step (exit 2)
         check_choices(cfg)
-        out, paths, _lock = prepare_run(cfg)  # noqa: F841  (the lock is held until exit)
+        out, paths, _LOCK = prepare_run(cfg)  # the lock is held until the process exits
     except (ValueError, FileNotFoundError, UnsafePickle) as e:
-        log.debug("refused", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
+        print(f"  ({raised_at(e)})", file=sys.stderr)  # a bug that raises ValueError is found from here
         return 2
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -183,4 +183,6 @@ def manifest_params(d: dict) -> dict:
         out["ctr"] = dict(d["ctr"])
     if needs_retrieval(d):
         out["retrieval"] = dict(d["retrieval"])
+        if out["retrieval"].get("dtype") == "float32":  # as before the key existed: the same config hash
+            del out["retrieval"]["dtype"]
     return out

@@ -29,11 +29,13 @@ def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path)
     ("train.mode=mixed", "train.mode='mixed': expected curriculum, hybrid, text"),
     ("model.injection=triton", "model.injection='triton': expected fused or reference"),
     ("train.zero_stage=4", "train.zero_stage=4: expected 0, 1, 2 or 3"),
+    ("data.retrieval.dtype=bf16", "data.retrieval.dtype='bf16': expected one of float32, bfloat16, float16"),
     ("srec.loss=bpr", "srec.loss='bpr': expected ce or bce"),  # refused by prepare(), before the data build
 ])
 def test_a_bad_choice_exits_2_before_the_data_build(bad, message, tmp_path):
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", bad], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
+    assert "(raised at " in r.stderr  # where: a ValueError from a bug is found from there
     assert not (tmp_path / "data").exists() and not (tmp_path / "assets").exists()
 
 

@@ -11,6 +11,7 @@ model or SRec config in the same output folder is refused: it would not match th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -66,7 +67,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
             for name in parents:
                 node = node.get(name) if isinstance(node, dict) else None
             if isinstance(node, dict):
-                node.setdefault(key, value)
+                node.setdefault(key, copy.deepcopy(value))  # never the constant itself
         old, new = _built_from(old), _built_from(stamp)
         if old != new:
             changed = sorted(k for k in new if old.get(k) != new[k])
