@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             "precision": a.precision}
     header = (f"Run `{paths['output_dir']}`, {name}, split `{a.split}`, prompts "
               f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers"
-              f"{f' (GPU, precision {a.precision})' if a.gpu else ' (CPU, fp32)'}.")
+              f"{' (GPU' if a.gpu else ' (CPU'}, the LLM in {{precision}}).")  # the workers fill in what they chose
 
     import ray
     from ray.train import RunConfig, ScalingConfig

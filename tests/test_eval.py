@@ -38,6 +38,7 @@ def test_eval_of_the_export_and_of_the_checkpoint(run):
     first = lambda s: s.lstrip().split("\n", 1)[0].strip()  # noqa: E731
     assert all(row["generated"] == first(trained[row["key"]]) for row in rows)
     assert "HitRatio@1" in (out / "report.md").read_text() and "baseline: srec" in r.stdout
+    assert "(CPU, the LLM in fp32)" in (out / "report.md").read_text() and m["precision"] == "fp32"
 
     r = _eval(run, "--checkpoint", "latest", "--modes", "score")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -235,6 +235,7 @@ def eval_worker(config: dict) -> None:
         metrics = summarize(rows, baselines, a["modes"])
         metrics["source"] = {k: v for k, v in config["source"].items() if k != "config"}
         metrics["split"], metrics["prompts"] = a["split"], "hybrid" if a["hybrid"] else "text"
-        write_outputs(a["out"], rows, metrics, titles, config["header"])
+        metrics["precision"] = precision
+        write_outputs(a["out"], rows, metrics, titles, config["header"].replace("{precision}", precision))
         log.info("wrote %s", a["out"])
     ray.train.report({"done": True})
