@@ -43,9 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; default: CPU")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="what the LLM and adapter are read in, as train.precision: auto is bf16 on a GPU that "
-                        "has it, fp16 on one that has not, fp32 on CPU; bf16/fp16 need --gpu")
+    p.add_argument("--precision", default="auto",
+                   help="auto | bf16 | fp16 | fp32: what the LLM and adapter are read in, as train.precision: "
+                        "auto is bf16 on a GPU that has it, fp16 on one that has not, fp32 on CPU; bf16/fp16 need --gpu")
     p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -79,39 +79,31 @@ def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
     return {"export": export}, cfg, "export"
 
 
+def check_arguments(a) -> tuple[list[str], dict, tuple]:
+    """(modes, run paths, resolve_source's answer), or a ValueError: everything refused before Ray
+    starts (the GPU's bf16 support is asked on the workers)."""
+    from shards.build import load_manifest
+    from trainer.eval_loop import MODES, check_modes
+    from trainer.precision import resolve_precision
+    from trainer.prepare import run_paths
+
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {bad}; expected some of {', '.join(MODES)}")
+    resolve_precision(a.precision, a.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
+    paths = run_paths(a.run)
+    if not os.path.exists(os.path.join(paths["data"], "manifest.json")):
+        raise ValueError(f"{a.run} is not a training run folder (no data/manifest.json)")
+    check_modes(load_manifest(paths["data"]), modes)
+    return modes, paths, resolve_source(a, paths)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     a = parse_args(argv)
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    from trainer.eval_loop import MODES
-
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        print(f"error: unknown mode(s) {bad}; expected some of {', '.join(MODES)}", file=sys.stderr)
-        return 2
-    from trainer.precision import resolve_precision
-
-    try:  # refused here, before Ray starts; the GPU's bf16 support is asked on the workers
-        resolve_precision(a.precision, a.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from trainer.prepare import run_paths
-
-    paths = run_paths(a.run)
-    if not os.path.exists(os.path.join(paths["data"], "manifest.json")):
-        print(f"error: {a.run} is not a training run folder (no data/manifest.json)", file=sys.stderr)
-        return 2
-    from shards.build import load_manifest
-    from trainer.eval_loop import check_modes
-
     try:
-        check_modes(load_manifest(paths["data"]), modes)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        source, run_cfg, name = resolve_source(a, paths)
+        modes, paths, (source, run_cfg, name) = check_arguments(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

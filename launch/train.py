@@ -94,7 +94,7 @@ def check_choices(cfg) -> None:
     from trainer.curriculum import MODES
     from trainer.model.hybrid_embedding import INJECTIONS
     from trainer.precision import resolve_precision
-    from trainer.retrieval import EMBED_DTYPES
+    from trainer.retrieval import check_embed_dtype
 
     resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     if cfg.train.mode not in MODES:
@@ -103,8 +103,7 @@ def check_choices(cfg) -> None:
         raise ValueError(f"model.injection={cfg.model.injection!r}: expected {' or '.join(INJECTIONS)}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage={cfg.train.zero_stage!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO stages)")
-    if cfg.data.retrieval.dtype not in EMBED_DTYPES:
-        raise ValueError(f"data.retrieval.dtype={cfg.data.retrieval.dtype!r}: expected one of {', '.join(EMBED_DTYPES)}")
+    check_embed_dtype(cfg.data.retrieval.dtype)
 
 
 def prepare_run(cfg):

@@ -207,7 +207,7 @@ def eval_worker(config: dict) -> None:
     # training picks; LoRA stays fp32, as peft keeps it), the SRec in fp32 (the adapter casts its vectors).
     device = ray.train.torch.get_device() if a.get("gpu") else torch.device("cpu")  # the GPU Ray gave it
     on_gpu = device.type == "cuda"
-    precision = resolve_precision(a.get("precision", "auto"), on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+    precision = resolve_precision(a["precision"], on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
                                   option="--precision", gpu_option="--gpu")
     srec = load_srec(paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(config["source"], paths, srec.hidden, TORCH_DTYPES[precision])

@@ -189,11 +189,15 @@ def _content_fingerprint(model_dir: str, name: str, stats: tuple) -> str:
 EMBED_DTYPES = ("float32", "bfloat16", "float16")  # data.retrieval.dtype: the LLM's weights while embedding
 
 
+def check_embed_dtype(dtype: str) -> None:
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"data.retrieval.dtype={dtype!r}: expected one of {', '.join(EMBED_DTYPES)}")
+
+
 def cache_key(model_id: str, template, pooling: str, max_length: int, texts: list[str], dtype: str = "float32") -> str:
     """sha256 of everything the embeddings depend on: model, template, pooling, truncation, texts and
     the dtype the LLM ran in (only when not float32: the float32 keys are those of before it was asked)."""
-    if dtype not in EMBED_DTYPES:
-        raise ValueError(f"data.retrieval.dtype={dtype!r}: expected one of {', '.join(EMBED_DTYPES)}")
+    check_embed_dtype(dtype)
     fields = {"model": model_id, "template": list(_resolve_template(template)), "pooling": pooling,
               "max_length": max_length, "texts": list(texts)}
     if dtype != "float32":
