@@ -96,7 +96,8 @@ def engine_phases(cfg, llm, srec, batches, ph, stage: int, profile: bool = False
     from omegaconf import OmegaConf
 
     from trainer.model.build import build_llara_model
-    from trainer.train_loop import deepspeed_config, step_loss
+    from trainer.ds_config import deepspeed_config
+    from trainer.train_loop import step_loss
 
     if not torch.distributed.is_initialized():
         for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

@@ -92,6 +92,7 @@ def check_choices(cfg) -> None:
     """The choices the workers would refuse only after the data build, refused now (ValueError); the
     GPU's bf16 support is asked on the workers."""
     from trainer.curriculum import MODES
+    from trainer.ds_config import check_deepspeed_overrides
     from trainer.model.hybrid_embedding import INJECTIONS
     from trainer.precision import resolve_precision
     from trainer.retrieval import check_embed_dtype
@@ -104,6 +105,7 @@ def check_choices(cfg) -> None:
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage={cfg.train.zero_stage!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO stages)")
     check_embed_dtype(cfg.data.retrieval.dtype)
+    check_deepspeed_overrides(cfg)
 
 
 def prepare_run(cfg):

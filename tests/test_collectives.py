@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from trainer import collectives
+from trainer.ds_config import deepspeed_config
 from trainer.precision import resolve_precision
-from trainer.train_loop import deepspeed_config
 
 
 def test_one_process_needs_no_process_group():

@@ -24,7 +24,11 @@ def _records(out):
 
 def test_train_checkpoint_evaluate_resume(tmp_path):
     out = tmp_path / "run"
-    r = _train(out, "train.max_steps=30")
+    # with a ZeRO-3 knob passed through to DeepSpeed (train.deepspeed); the resume below runs without it
+    r = _train(out, "train.max_steps=30", "train.deepspeed.zero_optimization.stage3_prefetch_bucket_size=1e6")
+    ds = json.loads((out / "logs" / "deepspeed_config.json").read_text())  # what the engine was given
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 1e6}
+    assert ds["train_micro_batch_size_per_gpu"] == 8
     recs = _records(out)
     assert [x["step"] for x in recs] == list(range(1, 31))
     losses = [x["loss"] for x in recs]
@@ -55,5 +59,6 @@ def test_train_checkpoint_evaluate_resume(tmp_path):
     # the same output folder resumes from its newest checkpoint
     r2 = _train(out, "train.max_steps=40")
     assert "resumed from step_000030" in r2.stdout + r2.stderr
+    assert json.loads((out / "logs" / "deepspeed_config.json").read_text())["zero_optimization"] == {"stage": 3}
     assert [x["step"] for x in _records(out)] == list(range(1, 41))
     assert find_latest(str(out / "checkpoints")) == "step_000040"

@@ -200,20 +200,29 @@ def test_hybrid_embedding_fused_equals_reference(small_run):
 
 def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     """The fused injection under DeepSpeed ZeRO-3 on 2 gloo ranks: the first optimizer steps give the
-    losses of a single plain process on the same global batch."""
+    losses of a single plain process on the same global batch. Twice: with the trainer's DeepSpeed
+    config as built from train.*, and with ZeRO-3 knobs set through train.deepspeed (every parameter
+    partitioned, the small ones too, and modules fetched in groups), which the engine must run with."""
+    import json
+
     _, paths = small_run
     script = os.path.join(REPO, "tests", "scripts", "zero3_steps.py")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, script, paths["llm"], str(tmp_path / "one.json"), "--single"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                           script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert dist.returncode == 0, dist.stderr[-3000:]
-    import json
 
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert len(one) == len(two) == 3 and one[0] != one[2]  # the model trains
-    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    def run(launcher, name, extra):
+        r = subprocess.run([*launcher, script, paths["llm"], str(tmp_path / name), *extra], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((tmp_path / name).read_text())
+
+    one = run([sys.executable], "one.json", ["--single"])["losses"]
+    assert len(one) == 3 and one[0] != one[2]  # the model trains
+    knobs = {"stage3_param_persistence_threshold": 0, "stage3_module_granularity_threshold": 2000}
+    for name, overrides in (("two.json", {}), ("two_knobs.json", knobs)):
+        two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
+                  name, [f"train.deepspeed.zero_optimization.{k}={v}" for k, v in overrides.items()])
+        assert two["losses"] == pytest.approx(one, rel=1e-5, abs=1e-6), name
+        if overrides:
+            assert two["engine"] == {"param_persistence_threshold": 0, "module_granularity_threshold": 2000}
+        else:  # DeepSpeed's defaults
+            assert two["engine"]["param_persistence_threshold"] > 0 and two["engine"]["module_granularity_threshold"] == 0

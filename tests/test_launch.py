@@ -31,6 +31,7 @@ def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path)
     ("train.zero_stage=4", "train.zero_stage=4: expected 0, 1, 2 or 3"),
     ("data.retrieval.dtype=bf16", "data.retrieval.dtype='bf16': expected one of float32, bfloat16, float16"),
     ("srec.loss=bpr", "srec.loss='bpr': expected ce or bce"),  # refused by prepare(), before the data build
+    ("train.deepspeed.zero_optimisation.overlap_comm=true", "train.deepspeed.zero_optimisation: not a key DeepSpeed"),
 ])
 def test_a_bad_choice_exits_2_before_the_data_build(bad, message, tmp_path):
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", bad], capture_output=True, text=True, timeout=120)

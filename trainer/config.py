@@ -1,7 +1,8 @@
 """Configs: an omegaconf YAML in configs/, overridden by `key=value` arguments on the command line.
 
 The config is in struct mode: an override or a YAML key that the defaults do not have is an error
-that names it, instead of being silently ignored.
+that names it, instead of being silently ignored. The one exception is train.deepspeed, DeepSpeed's own
+config merged over the trainer's: its keys are DeepSpeed's, checked by trainer/ds_config.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Load the defaults, merge the YAML at `path` (if any) and then the `key=value` overrides."""
     cfg = OmegaConf.load(DEFAULT)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.train.deepspeed, False)  # DeepSpeed's own config: its keys are checked by trainer/ds_config.py
     layers = []
     if path and os.path.abspath(path) != DEFAULT:
         if not os.path.exists(path):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from trainer.collectives import all_reduce_scalar
+from trainer.ds_config import deepspeed_config
 from trainer.precision import TORCH_DTYPES, resolve_precision
 
 log = logging.getLogger("trainer")
@@ -44,24 +45,6 @@ def _setup_env(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("ray", "ray.train", "deepspeed", "DeepSpeed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def deepspeed_config(cfg, precision: str = "fp32") -> dict:
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {
-            "stage": t.zero_stage,
-            **({"offload_optimizer": {"device": "cpu"}} if t.offload_optimizer else {}),
-            **({"offload_param": {"device": "cpu"}} if t.offload_params and t.zero_stage == 3 else {}),
-        },
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},  # with DeepSpeed's dynamic loss scaling
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-    }
 
 
 def _mean_over_ranks(x: float) -> float:
@@ -241,8 +224,9 @@ def train_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)  # count before ZeRO-3 partitions them to shape (0,)
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    ds_config = deepspeed_config(cfg, precision)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, precision),
+        model=model, optimizer=optimizer, config=ds_config,
         args=SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup)),
     )
@@ -250,6 +234,11 @@ def train_worker(config: dict) -> None:
         log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
                  "ZeRO stage %d; %d trainable parameters", t.micro_batch * t.grad_accum * world, t.micro_batch,
                  t.grad_accum, world, total_steps, steps_per_epoch, t.zero_stage, n_trainable)
+        os.makedirs(paths["logs"], exist_ok=True)
+        with open(os.path.join(paths["logs"], "deepspeed_config.json"), "w") as f:  # what the engine was given
+            json.dump(ds_config, f, indent=1)
+        if cfg.train.get("deepspeed"):
+            log.info("DeepSpeed config with train.deepspeed merged in: %s", json.dumps(ds_config))
 
     # ---- resume
     state = {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0}

@@ -3,6 +3,9 @@ on 2 gloo ranks (run with torch.distributed.run) or in one plain process; writes
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/zero3_steps.py LLM_DIR OUT.json
     python tests/scripts/zero3_steps.py LLM_DIR OUT.json --single
+    ... zero3_steps.py LLM_DIR OUT.json train.deepspeed.zero_optimization.stage3_param_persistence_threshold=0
+
+OUT.json: {"losses": [...], "engine": {the ZeRO-3 thresholds the engine runs with; empty with --single}}.
 
 USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] slot (behaviour rows
 [5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
@@ -42,6 +45,9 @@ def batch(vocab, B=4, T=16, slots=3, seed=0):
 
 def main():
     llm, out, single = sys.argv[1], sys.argv[2], "--single" in sys.argv
+    overrides = [a for a in sys.argv[3:] if "=" in a]
+    from trainer.config import load_config
+    from trainer.ds_config import check_deepspeed_overrides, deepspeed_config
     from trainer.model.build import build_llara_model
     from trainer.train_loop import answer_loss
 
@@ -51,7 +57,7 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)  # SGD: rounding differences stay small (Adam amplifies them on step 1)
     vocab = model.get_input_embeddings().num_embeddings
-    losses = []
+    losses, engine_config = [], {}
     if single:
         for step in range(3):
             ids, slot, labels, vec, users = batch(vocab, seed=step)
@@ -70,9 +76,15 @@ def main():
 
         deepspeed.init_distributed(dist_backend="gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        cfg = {"train_micro_batch_size_per_gpu": 4 // world, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-               "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", 3))}, "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        # the trainer's own DeepSpeed config (trainer/ds_config.py), with the key=value overrides given
+        # after the arguments (train.deepspeed.* among them) and DeepSpeed's leave to use SGD
+        cfg = load_config(None, [f"train.micro_batch={4 // world}", "train.grad_accum=1", "train.grad_clip=1.0",
+                                 f"train.zero_stage={int(os.environ.get('ZERO_STAGE', 3))}",
+                                 "train.deepspeed.zero_allow_untested_optimizer=true", *overrides])
+        check_deepspeed_overrides(cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg))
+        engine_config = {"param_persistence_threshold": engine.zero_param_persistence_threshold(),
+                         "module_granularity_threshold": engine.zero_module_granularity_threshold()}
         for step in range(3):
             ids, slot, labels, vec, users = batch(vocab, seed=step)
             part = slice(rank * 4 // world, (rank + 1) * 4 // world)
@@ -88,7 +100,7 @@ def main():
         if rank != 0:
             return
     with open(out, "w") as f:
-        json.dump(losses, f)
+        json.dump({"losses": losses, "engine": engine_config}, f)
 
 
 if __name__ == "__main__":
