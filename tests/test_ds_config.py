@@ -3,7 +3,7 @@
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.ds_config import OWNED, check_deepspeed_overrides, deepspeed_config
+from trainer.ds_config import GRANULARITY_BROKEN_UP_TO, OWNED, _version, check_deepspeed_overrides, deepspeed_config
 
 
 def test_deepspeed_keys_merge_over_the_trainers_config(tmp_path):
@@ -60,3 +60,17 @@ def test_every_owned_key_is_one_the_trainer_sets():
         for key in rest:
             value = value[key]
         assert value is not None, path
+
+
+def test_module_granularity_threshold_is_refused_where_deepspeed_crashes_with_it():
+    """DeepSpeed up to 0.19.8 (the newest tried) crashes in the first backward once the threshold makes a
+    module a leaf (shown with a LoRA Llama on the CPU): refused up front there, passed on after it."""
+    import deepspeed
+
+    cfg = load_config(None, ["train.deepspeed.zero_optimization.stage3_module_granularity_threshold=5000"])
+    if _version(deepspeed.__version__) <= GRANULARITY_BROKEN_UP_TO:
+        with pytest.raises(ValueError, match="stage3_module_granularity_threshold: DeepSpeed .* fails in the first backward"):
+            check_deepspeed_overrides(cfg)
+    else:
+        check_deepspeed_overrides(cfg)
+    assert _version("0.19.8") == (0, 19, 8) and _version("0.20.0rc1+abc") == (0, 20, 0) and _version("1.0") == (1, 0)

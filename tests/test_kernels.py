@@ -202,7 +202,7 @@ def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     """The fused injection under DeepSpeed ZeRO-3 on 2 gloo ranks: the first optimizer steps give the
     losses of a single plain process on the same global batch. Twice: with the trainer's DeepSpeed
     config as built from train.*, and with ZeRO-3 knobs set through train.deepspeed (every parameter
-    partitioned, the small ones too, and modules fetched in groups), which the engine must run with."""
+    partitioned, the small ones too; no prefetching), which the engine must run with."""
     import json
 
     _, paths = small_run
@@ -217,12 +217,12 @@ def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
 
     one = run([sys.executable], "one.json", ["--single"])["losses"]
     assert len(one) == 3 and one[0] != one[2]  # the model trains
-    knobs = {"stage3_param_persistence_threshold": 0, "stage3_module_granularity_threshold": 2000}
+    knobs = {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}
     for name, overrides in (("two.json", {}), ("two_knobs.json", knobs)):
         two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
                   name, [f"train.deepspeed.zero_optimization.{k}={v}" for k, v in overrides.items()])
         assert two["losses"] == pytest.approx(one, rel=1e-5, abs=1e-6), name
         if overrides:
-            assert two["engine"] == {"param_persistence_threshold": 0, "module_granularity_threshold": 2000}
-        else:  # DeepSpeed's defaults
-            assert two["engine"]["param_persistence_threshold"] > 0 and two["engine"]["module_granularity_threshold"] == 0
+            assert two["engine"] == {"persisted_parameters": 0, "prefetch_bucket_size": 0}
+        else:  # DeepSpeed's defaults: small parameters (norms, LoRA, adapter) kept whole, prefetching on
+            assert two["engine"]["persisted_parameters"] > 0 and two["engine"]["prefetch_bucket_size"] > 0

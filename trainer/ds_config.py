@@ -17,6 +17,7 @@ refuses unknown keys in them).
 from __future__ import annotations
 
 import copy
+import re
 
 # dotted key in DeepSpeed's config -> the train.* setting that sets it
 OWNED = {
@@ -33,6 +34,19 @@ OWNED = {
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
 }
+
+
+# stage3_module_granularity_threshold crashed DeepSpeed's backward with the newest DeepSpeed tried here
+GRANULARITY_BROKEN_UP_TO = (0, 19, 8)
+
+
+def _version(text: str) -> tuple:
+    """'0.19.8' -> (0, 19, 8); a part's leading digits only ('0rc1' -> 0)."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d*", piece).group()
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def base_config(t, precision: str) -> dict:
@@ -123,6 +137,14 @@ def check_deepspeed_overrides(cfg) -> None:
 
     from deepspeed import __version__ as ds_version
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    if zero.get("stage3_module_granularity_threshold") and _version(ds_version) <= GRANULARITY_BROKEN_UP_TO:
+        raise ValueError(
+            f"train.deepspeed.zero_optimization.stage3_module_granularity_threshold: DeepSpeed {ds_version} fails "
+            "in the first backward once it makes a module a leaf (seen here on the CPU with this trainer's LoRA Llama: "
+            "\"output with shape [1] doesn't match the broadcast shape [128, 8]\"; without LoRA: \"unknown parameter "
+            "type\"), and below the smallest module's size it does nothing; refused up to DeepSpeed "
+            f"{'.'.join(map(str, GRANULARITY_BROKEN_UP_TO))}")
 
     config = _ReadKeys(merge(base_config(cfg.train, "fp32"), extra))
     try:

@@ -5,7 +5,8 @@ on 2 gloo ranks (run with torch.distributed.run) or in one plain process; writes
     python tests/scripts/zero3_steps.py LLM_DIR OUT.json --single
     ... zero3_steps.py LLM_DIR OUT.json train.deepspeed.zero_optimization.stage3_param_persistence_threshold=0
 
-OUT.json: {"losses": [...], "engine": {the ZeRO-3 thresholds the engine runs with; empty with --single}}.
+OUT.json: {"losses": [...], "engine": {how many parameters ZeRO-3 keeps whole on every rank, its prefetch
+bucket size; empty with --single}}.
 
 USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] slot (behaviour rows
 [5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
@@ -83,8 +84,9 @@ def main():
                                  "train.deepspeed.zero_allow_untested_optimizer=true", *overrides])
         check_deepspeed_overrides(cfg)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg))
-        engine_config = {"param_persistence_threshold": engine.zero_param_persistence_threshold(),
-                         "module_granularity_threshold": engine.zero_module_granularity_threshold()}
+        # what the engine runs with: parameters ZeRO-3 keeps whole on every rank, prefetching
+        engine_config = {"persisted_parameters": sum(bool(getattr(p, "ds_persist", False)) for p in model.parameters()),
+                         "prefetch_bucket_size": engine.zero_prefetch_bucket_size()}
         for step in range(3):
             ids, slot, labels, vec, users = batch(vocab, seed=step)
             part = slice(rank * 4 // world, (rank + 1) * 4 // world)
