@@ -16,6 +16,30 @@ def test_one_process_needs_no_process_group():
     assert collectives.all_reduce_scalar(2.5) == 2.5
 
 
+def _any_rank_worker(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # rank 0 alone says yes to the first, rank 1 alone to the second, nobody to the third
+        out[rank] = collectives.any_rank(rank == 0, rank == 1, False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_rank_gives_every_rank_the_same_decisions():
+    """The training loop's stop and Ray-report decisions: a flag raised by one rank reaches all (2 gloo ranks)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_any_rank_worker, args=(port, out), nprocs=2, join=True)
+    assert out[0] == out[1] == (True, True, False)
+    assert collectives.any_rank(True, False) == (True, False)  # one process: the flags themselves
+
+
 def test_nccl_collectives_use_the_current_gpu(monkeypatch):
     """Ray Train's NCCL group reduces CUDA tensors only: the device must be the worker's GPU."""
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

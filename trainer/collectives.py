@@ -30,3 +30,13 @@ def all_reduce_scalar(x: float, op=dist.ReduceOp.SUM) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=op)
     return t.item()
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True where any rank passed True: one collective for several yes/no decisions that every
+    rank must take alike."""
+    if rank_world()[1] == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
