@@ -45,6 +45,13 @@ def _setup_env(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("ray", "ray.train", "deepspeed", "DeepSpeed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # some of Ray's loggers are named by their file's path (Ray Train's "Reporting training result ..."
+    # line on every report), so no name above covers them: their info lines are dropped by where they come from
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.pathname.startswith(ray_dir))
 
 
 def _mean_over_ranks(x: float) -> float:
