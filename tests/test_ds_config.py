@@ -31,9 +31,9 @@ def test_an_empty_train_deepspeed_is_the_trainers_config():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.deepspeed.train_micro_batch_size_per_gpu=4", "train.deepspeed.train_micro_batch_size_per_gpu is set by the trainer: use train.micro_batch"),
-    ("train.deepspeed.zero_optimization.stage=2", "train.deepspeed.zero_optimization.stage is set by the trainer: use train.zero_stage"),
-    ("train.deepspeed.bf16.enabled=true", "use train.precision"),
+    ("train.deepspeed.train_micro_batch_size_per_gpu=4", "train.deepspeed.train_micro_batch_size_per_gpu is set by the trainer \\(train.micro_batch\\)"),
+    ("train.deepspeed.zero_optimization.stage=2", "train.deepspeed.zero_optimization.stage is set by the trainer \\(train.zero_stage\\)"),
+    ("train.deepspeed.bf16.enabled=true", "bf16.enabled is set by the trainer \\(train.precision\\)"),
     ("train.deepspeed.optimizer.type=Adam", "train.deepspeed.optimizer is set by the trainer"),
     ("train.deepspeed.zero_optimization.offload_optimizer.pin_memory=true", "needs train.offload_optimizer=true"),
     # a misspelt top-level key, which DeepSpeed itself would ignore without a word

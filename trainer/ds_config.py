@@ -2,8 +2,8 @@
 
 train.deepspeed is DeepSpeed's own JSON config, as a nested mapping (on the command line
 `train.deepspeed.zero_optimization.stage3_prefetch_bucket_size=5e7`, or a `deepspeed:` block under
-`train:` in a YAML): the tuning knobs of ZeRO-3 at scale (bucket sizes, prefetching, persistence and
-module granularity thresholds, overlap_comm), activation checkpointing, monitors. It is merged key by
+`train:` in a YAML): the tuning knobs of ZeRO-3 at scale (bucket sizes, prefetching, the persistence
+threshold, overlap_comm), activation checkpointing, monitors. It is merged key by
 key over what the trainer builds. The keys the trainer builds itself from train.* are refused there,
 so that each setting has one place (the data reader, the logs and the checkpoints read train.*):
 see OWNED.
@@ -19,15 +19,15 @@ from __future__ import annotations
 import copy
 import re
 
-# dotted key in DeepSpeed's config -> the train.* setting that sets it
+# dotted key in DeepSpeed's config -> where the trainer takes it from
 OWNED = {
-    "train_batch_size": "train.micro_batch, train.grad_accum and train.num_workers",
+    "train_batch_size": "train.micro_batch x train.grad_accum x train.num_workers",
     "train_micro_batch_size_per_gpu": "train.micro_batch",
     "gradient_accumulation_steps": "train.grad_accum",
     "gradient_clipping": "train.grad_clip",
-    "optimizer": "train.lr and train.weight_decay (the trainer passes torch's AdamW)",
-    "scheduler": "train.warmup_ratio (the trainer passes its warmup + cosine schedule)",
-    "zero_force_ds_cpu_optimizer": "nothing (the trainer passes torch's AdamW, also with offloading)",
+    "optimizer": "torch's AdamW with train.lr and train.weight_decay",
+    "scheduler": "warmup + cosine with train.warmup_ratio",
+    "zero_force_ds_cpu_optimizer": "always false: the trainer passes torch's AdamW, also when offloading",
     "zero_optimization.stage": "train.zero_stage",
     "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
     "zero_optimization.offload_param.device": "train.offload_params",
@@ -127,7 +127,7 @@ def check_deepspeed_overrides(cfg) -> None:
         return
     for path in _leaves(extra):
         if path in OWNED:
-            raise ValueError(f"train.deepspeed.{path} is set by the trainer: use {OWNED[path]}")
+            raise ValueError(f"train.deepspeed.{path} is set by the trainer ({OWNED[path]})")
     zero = extra.get("zero_optimization") if isinstance(extra.get("zero_optimization"), dict) else {}
     if "offload_optimizer" in zero and not cfg.train.offload_optimizer:
         raise ValueError("train.deepspeed.zero_optimization.offload_optimizer needs train.offload_optimizer=true")
