@@ -74,3 +74,19 @@ def test_module_granularity_threshold_is_refused_where_deepspeed_crashes_with_it
     else:
         check_deepspeed_overrides(cfg)
     assert _version("0.19.8") == (0, 19, 8) and _version("0.20.0rc1+abc") == (0, 20, 0) and _version("1.0") == (1, 0)
+
+
+def test_unread_keys_are_not_guessed_when_deepspeed_reads_a_plain_copy(monkeypatch):
+    """The misspelt-key check records which keys DeepSpeed's parser looks up; a DeepSpeed that parsed a plain
+    copy of the config would leave nothing recorded, and then no valid key may be refused for being unread."""
+    import deepspeed.runtime.config as ds_runtime_config
+
+    seen = []
+
+    def parse_a_copy(config):
+        plain = dict(config)
+        seen.append(plain.get("train_micro_batch_size_per_gpu"))
+
+    monkeypatch.setattr(ds_runtime_config, "DeepSpeedConfig", parse_a_copy)
+    check_deepspeed_overrides(load_config(None, ["train.deepspeed.wall_clock_breakdown=true"]))
+    assert seen == [8]  # the parser ran, on its copy

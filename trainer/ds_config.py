@@ -152,7 +152,9 @@ def check_deepspeed_overrides(cfg) -> None:
     except Exception as e:  # pydantic's ValidationError, AssertionError, ValueError...: DeepSpeed's words
         detail = " ".join(str(e).split())
         raise ValueError(f"train.deepspeed: DeepSpeed {ds_version} refused it: {detail[:600]}") from None
-    unread = sorted(set(extra) - config.read)
+    # nothing recorded at all (the trainer's own keys are always read) means DeepSpeed read a plain copy of
+    # the config, not this dict: then which keys it read is unknown, and none is refused for it
+    unread = sorted(set(extra) - config.read) if config.read else []
     if unread:
         raise ValueError(f"train.deepspeed.{unread[0]}: not a key DeepSpeed {ds_version} reads (misspelt?); "
                          "see https://www.deepspeed.ai/docs/config-json/")
