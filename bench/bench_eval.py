@@ -20,8 +20,7 @@ import time
 import torch
 
 from shards.build import load_items, load_manifest
-from trainer.eval_loop import load_model_for_eval, split_samples
-from trainer.evaluate import generate
+from trainer.evaluation import generate, load_model_for_eval, split_samples
 from trainer.scoring import candidate_logliks
 from trainer.srec import load_srec
 

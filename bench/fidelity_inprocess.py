@@ -35,7 +35,7 @@ def main():
     from test_fidelity import train_and_rank
     from trainer.config import load_config
     from trainer.data import meta
-    from trainer.eval_loop import baseline_ranks, split_samples
+    from trainer.evaluation import baseline_ranks, split_samples
     from trainer.prepare import prepare
     from trainer.scoring import ranking_metrics
     from trainer.srec import load_srec

@@ -4,7 +4,7 @@
     python launch/eval.py --run runs/default --checkpoint latest --split val --modes score
     ray job submit --working-dir . -- python launch/eval.py --run /shared/runs/x --workers 8
 
-Modes (trainer/eval_loop.py): generate (LLaRA's protocol: greedy generation, ValidRatio, HR@1 of
+Modes (trainer/evaluation.py): generate (LLaRA's protocol: greedy generation, ValidRatio, HR@1 of
 valid and of all), score (rank the candidates by the log-likelihood of their titles: HR@1, HR@5,
 NDCG@5), ctr (P(yes): AUC, log loss, accuracy; on samples with a CTR label). The frozen SRec alone,
 popularity and random are ranked on the same candidates. Writes metrics.json, predictions.csv and
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; default: CPU")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster to join (default: RAY_ADDRESS, as ray job submit sets it; else a local one)")
+    p.add_argument("--object-store-mb", type=int, default=512, help="a local cluster's object store (as ray.object_store_mb)")
     p.add_argument("--precision", default="auto",
                    help="auto | bf16 | fp16 | fp32: what the LLM and adapter are read in, as train.precision: "
                         "auto is bf16 on a GPU that has it, fp16 on one that has not, fp32 on CPU; bf16/fp16 need --gpu")
@@ -51,98 +54,82 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve_source(a, paths: dict) -> tuple[dict, dict, str]:
+def resolve_source(args, paths: dict) -> tuple[dict, dict, str]:
     """({"export": dir}, {"checkpoint": dir, "config": ...} or {"zero_shot": True, "config": ...}, the
     run's training config if known, a short name)."""
-    from trainer.checkpoint import COMPLETE, find_latest
+    from trainer.checkpoint import COMPLETE, find_latest, read_trainer_state
+    from trainer.export import EXPORT_META
 
-    if a.checkpoint:
-        tag = find_latest(paths["checkpoints"]) if a.checkpoint == "latest" else a.checkpoint
-        ckpt = os.path.join(paths["checkpoints"], tag or "")
-        if not tag or not os.path.exists(os.path.join(ckpt, COMPLETE)):
-            raise ValueError(f"no complete checkpoint {a.checkpoint!r} in {paths['checkpoints']}")
-        with open(os.path.join(ckpt, "trainer_state.json")) as f:
-            cfg = json.load(f)["config"]
-        return {"checkpoint": ckpt, "config": cfg}, cfg, tag
-    if a.zero_shot:
+    if args.checkpoint:
+        tag = find_latest(paths["checkpoints"]) if args.checkpoint == "latest" else args.checkpoint
+        checkpoint = os.path.join(paths["checkpoints"], tag or "")
+        if not tag or not os.path.exists(os.path.join(checkpoint, COMPLETE)):
+            raise ValueError(f"no complete checkpoint {args.checkpoint!r} in {paths['checkpoints']}")
+        run_cfg = read_trainer_state(checkpoint)["config"]
+        return {"checkpoint": checkpoint, "config": run_cfg}, run_cfg, tag
+    if args.zero_shot:
         with open(paths["stamp"]) as f:  # the run's prepared config: base model, LoRA shape, injection
-            cfg = json.load(f)
-        return {"zero_shot": True, "config": cfg}, None, "zero_shot"
-    export = os.path.abspath(a.export or os.path.join(paths["output_dir"], "export"))
-    if not os.path.exists(os.path.join(export, "export.json")):
-        raise ValueError(f"{export} is not an export (no export.json); train first, or pass --checkpoint")
+            prepared = json.load(f)
+        return {"zero_shot": True, "config": prepared}, None, "zero_shot"
+    export = os.path.abspath(args.export or paths["export"])
+    if not os.path.exists(os.path.join(export, EXPORT_META)):
+        raise ValueError(f"{export} is not an export (no {EXPORT_META}); train first, or pass --checkpoint")
     tag = find_latest(paths["checkpoints"])
-    cfg = None
-    if tag:
-        with open(os.path.join(paths["checkpoints"], tag, "trainer_state.json")) as f:
-            cfg = json.load(f)["config"]
-    return {"export": export}, cfg, "export"
+    run_cfg = read_trainer_state(os.path.join(paths["checkpoints"], tag))["config"] if tag else None
+    return {"export": export}, run_cfg, "export"
 
 
-def check_arguments(a) -> tuple[list[str], dict, tuple]:
+def check_arguments(args) -> tuple[list[str], dict, tuple]:
     """(modes, run paths, resolve_source's answer), or a ValueError: everything refused before Ray
     starts (the GPU's bf16 support is asked on the workers)."""
-    from shards.build import load_manifest
-    from trainer.eval_loop import MODES, check_modes
+    from shards.build import MANIFEST, load_manifest
+    from trainer.evaluation import MODES, check_modes
     from trainer.precision import resolve_precision
-    from trainer.prepare import run_paths
+    from trainer.prepare import prepared_paths
 
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"unknown mode(s) {bad}; expected some of {', '.join(MODES)}")
-    resolve_precision(a.precision, a.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
-    paths = run_paths(a.run)
-    if not os.path.exists(os.path.join(paths["data"], "manifest.json")):
-        raise ValueError(f"{a.run} is not a training run folder (no data/manifest.json)")
+    resolve_precision(args.precision, args.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
+    paths = prepared_paths(args.run)
+    if not os.path.exists(os.path.join(paths["data"], MANIFEST)):
+        raise ValueError(f"{args.run} is not a training run folder (no data/{MANIFEST})")
     check_modes(load_manifest(paths["data"]), modes)
-    return modes, paths, resolve_source(a, paths)
+    return modes, paths, resolve_source(args, paths)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    a = parse_args(argv)
+    args = parse_args(argv)
     try:
-        modes, paths, (source, run_cfg, name) = check_arguments(a)
+        modes, paths, (source, run_cfg, name) = check_arguments(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    hybrid = (a.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
-    out = os.path.abspath(a.out or os.path.join(paths["eval"], f"{name}_{a.split}"))
-    args = {"split": a.split, "modes": modes, "hybrid": hybrid, "max_samples": a.max_samples, "batch_size": a.batch_size,
-            "max_new_tokens": a.max_new_tokens, "seed": a.seed, "out": out, "gpu": a.gpu,
-            "precision": a.precision}
-    header = (f"Run `{paths['output_dir']}`, {name}, split `{a.split}`, prompts "
-              f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {a.workers} workers"
-              f"{' (GPU' if a.gpu else ' (CPU'}, the LLM in {{precision}}).")  # the workers fill in what they chose
+    if not args.gpu:  # the driver imports DeepSpeed too (through transformers): no accelerator probe
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from trainer.evaluation import EvalJob, eval_worker
+    from trainer.gpus import require_gpus
+    from trainer.ray_cluster import connect, run_on_workers
 
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainer.eval_loop import eval_worker
-
-    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **({} if a.gpu else {"DS_ACCELERATOR": "cpu"})}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env)
-    else:
-        ray.init(num_cpus=a.workers * a.cpus_per_worker, runtime_env=env)
-    if a.gpu:
-        from trainer.gpus import require_gpus
-
+    hybrid = (args.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
+    out = os.path.abspath(args.out or os.path.join(paths["eval"], f"{name}_{args.split}"))
+    header = (f"Run `{paths['output_dir']}`, {name}, split `{args.split}`, prompts "
+              f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {args.workers} workers"
+              f"{' (GPU' if args.gpu else ' (CPU'}, the LLM in {{precision}}).")  # the workers fill in what they chose
+    job = EvalJob(paths=paths, source=source, split=args.split, modes=modes, hybrid=hybrid, max_samples=args.max_samples,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed, out=out, gpu=args.gpu,
+                  precision=args.precision, threads=args.cpus_per_worker, header=header)
+    connect(args.ray_address, args.workers * args.cpus_per_worker, args.object_store_mb, args.gpu)
+    if args.gpu:
         try:
-            require_gpus(a.workers, "--gpu")
+            require_gpus(args.workers, "--gpu")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    trainer = TorchTrainer(
-        train_loop_per_worker=eval_worker,
-        train_loop_config={"paths": paths, "source": source, "args": args, "header": header, "threads": a.cpus_per_worker},
-        scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=a.gpu,
-                                     resources_per_worker={"CPU": a.cpus_per_worker, **({"GPU": 1} if a.gpu else {})}),
-        run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="eval"),
-    )
-    trainer.fit()
+    run_on_workers(eval_worker, {"job": job}, args.workers, args.cpus_per_worker, args.gpu,
+                   storage_path=os.path.join(out, "ray"), name="eval")
     with open(os.path.join(out, "report.md")) as f:
         print("\n" + f.read())
     print(f"written: {out}/metrics.json, predictions.csv, report.md")

@@ -21,12 +21,7 @@ import os
 import sys
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("trainer.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
-    import signal
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C / kill -INT works even when started with `&`
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True)
@@ -36,75 +31,107 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("trainer.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C / kill -INT works even when started with `&`
+    args = parse_args(argv)
     from shards.build import load_source
     from shards.samples import sample_candidates
     from trainer.config import ConfigError, load_config, to_dict
-    from trainer.srec import save_srec
-    from trainer.srec.metrics import Popularity, Random, evaluate, format_table
-    from trainer.srec.pretrain import check_pretrain_args, pretrain
+    from trainer.srec.metrics import evaluate, format_table
+    from trainer.srec.pretrain import check_pretrain_args
 
     try:
-        cfg = load_config(a.config, a.overrides)
-        if not (a.import_llara or a.evaluate):  # before the data is read
-            for arch in (a.archs.split(",") if a.archs else [cfg.srec.arch]):
+        cfg = load_config(args.config, args.overrides)
+        if not (args.import_llara or args.evaluate):  # before the data is read
+            for arch in (args.archs.split(",") if args.archs else [cfg.srec.arch]):
                 check_pretrain_args(**dict(to_dict(cfg.srec), arch=arch))
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    d = to_dict(cfg.data)
-    items, splits, _stats = load_source(d, cfg.seed)
+    data_cfg = to_dict(cfg.data)
+    items, splits, _stats = load_source(data_cfg, cfg.seed)
     num_items = len(items)
-    test = [s for s in splits.get(a.split, []) if s["history"]]
-    cands = [sample_candidates(s, num_items, d["num_candidates"], cfg.seed, a.split) for s in test]
+    test = [s for s in splits.get(args.split, []) if s["history"]]
+    cands = [sample_candidates(s, num_items, data_cfg["num_candidates"], cfg.seed, args.split) for s in test]
+    os.makedirs(args.out, exist_ok=True)
     rows = {}
-    os.makedirs(a.out, exist_ok=True)
-    if a.import_llara:
-        from trainer.srec.llara_import import load_llara_sasrec
-
-        model = load_llara_sasrec(a.import_llara)
-        if model.num_items != num_items:
-            print(f"error: {a.import_llara} knows {model.num_items} items, the data has {num_items}", file=sys.stderr)
-            return 2
-        save_srec(model, os.path.join(a.out, "llara_sasrec"))
-        rows["llara_sasrec (imported)"] = evaluate(model, test, num_items, cands, seed=cfg.seed)
-    elif a.evaluate:
-        from trainer.srec import load_srec
-
-        for folder in a.evaluate.split(","):
-            model = load_srec(folder).eval()
-            if model.num_items != num_items:
-                print(f"error: {folder} knows {model.num_items} items, the data has {num_items}", file=sys.stderr)
-                return 2
-            rows[os.path.basename(os.path.normpath(folder))] = evaluate(model, test, num_items, cands, seed=cfg.seed)
-    else:
-        s = to_dict(cfg.srec)
-        s.pop("path")
-        for arch in (a.archs.split(",") if a.archs else [s["arch"]]):
-            s["arch"] = arch
-            try:
-                model, report = pretrain(splits, num_items, max_len=d["history_len"], seed=cfg.seed, progress=True, **s)
-            except KeyboardInterrupt:  # after an epoch, pretrain keeps the best one; before, there is nothing
-                print(f"\ninterrupted before {arch}'s first epoch finished: nothing saved for it", file=sys.stderr)
-                return 130
-            save_srec(model, os.path.join(a.out, arch))
-            with open(os.path.join(a.out, arch, "pretrain_report.json"), "w") as f:
-                json.dump(report, f, indent=1)
-            rows[arch] = evaluate(model, test, num_items, cands, seed=cfg.seed)
-    if not a.no_baselines:
-        if splits.get("train"):
-            rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=cfg.seed)
-        else:  # e.g. LLaRA's MovieLens/Steam folders ship no train_data.df
-            print("no train split in this data: the popularity baseline is left out", file=sys.stderr)
-        rows["random"] = evaluate(Random(num_items, cfg.seed), test, num_items, cands, seed=cfg.seed)
+    try:
+        for name, model in srec_models(args, cfg, splits, num_items):
+            rows[name] = evaluate(model, test, num_items, cands, seed=cfg.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # after an epoch, pretrain keeps the best one; before, there is nothing
+        arch = e.args[0] if e.args else "the model"
+        print(f"\ninterrupted before {arch}'s first epoch finished: nothing saved for it", file=sys.stderr)
+        return 130
+    if not args.no_baselines:
+        rows.update(baseline_rows(splits, test, num_items, cands, cfg.seed))
     table = format_table(rows)
-    print(f"\n{a.split} split, {len(test)} samples, {num_items} items\n{table}")
-    with open(os.path.join(a.out, f"eval_{a.split}.json"), "w") as f:
+    print(f"\n{args.split} split, {len(test)} samples, {num_items} items\n{table}")
+    with open(os.path.join(args.out, f"eval_{args.split}.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(a.out, f"eval_{a.split}.md"), "w") as f:
+    with open(os.path.join(args.out, f"eval_{args.split}.md"), "w") as f:
         f.write(table + "\n")
     return 0
+
+
+def srec_models(args, cfg, splits: dict, num_items: int):
+    """(name, model) for each SRec to evaluate: LLaRA's imported, saved folders, or pretrained here
+    (each saved to <out>/<arch>/ with its report). A model for another item count is a ValueError."""
+    from trainer.config import to_dict
+    from trainer.srec import load_srec, save_srec
+    from trainer.srec.pretrain import pretrain
+
+    def checked(model, source: str):
+        if model.num_items != num_items:
+            raise ValueError(f"{source} knows {model.num_items} items, the data has {num_items}")
+        return model
+
+    if args.import_llara:
+        from trainer.srec.llara_import import load_llara_sasrec
+
+        model = checked(load_llara_sasrec(args.import_llara), args.import_llara)
+        save_srec(model, os.path.join(args.out, "llara_sasrec"))
+        yield "llara_sasrec (imported)", model
+        return
+    if args.evaluate:
+        for folder in args.evaluate.split(","):
+            yield os.path.basename(os.path.normpath(folder)), checked(load_srec(folder).eval(), folder)
+        return
+    srec_args = to_dict(cfg.srec)
+    srec_args.pop("path")
+    for arch in (args.archs.split(",") if args.archs else [srec_args["arch"]]):
+        srec_args["arch"] = arch
+        try:
+            model, report = pretrain(splits, num_items, max_len=cfg.data.history_len, seed=cfg.seed, progress=True,
+                                     **srec_args)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(arch) from None  # main says which model has nothing saved
+        save_srec(model, os.path.join(args.out, arch))
+        with open(os.path.join(args.out, arch, "pretrain_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        yield arch, model
+
+
+def baseline_rows(splits: dict, test: list, num_items: int, cands: list, seed: int) -> dict:
+    """Popularity (training targets; left out when the data has no training split) and random."""
+    from trainer.srec.metrics import Popularity, Random, evaluate
+
+    rows = {}
+    if splits.get("train"):
+        rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=seed)
+    else:  # e.g. LLaRA's MovieLens/Steam folders ship no train_data.df
+        print("no train split in this data: the popularity baseline is left out", file=sys.stderr)
+    rows["random"] = evaluate(Random(num_items, seed), test, num_items, cands, seed=seed)
+    return rows
 
 
 if __name__ == "__main__":

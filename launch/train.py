@@ -44,25 +44,12 @@ def parse_args(argv=None):
 
 
 def connect_ray(cfg, out: str) -> None:
-    """Join the cluster (ray.address or RAY_ADDRESS) or start a local one; once: a second call does nothing."""
-    import ray
-
+    """Join or start Ray (trainer/ray_cluster.py), then take SIGTERM/SIGUSR1 back from it."""
     from trainer import signals
+    from trainer.ray_cluster import connect
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # each worker process installs its SIGUSR1 handler at start (trainer/signals.py)
-    env = {"worker_process_setup_hook": "trainer.signals.install_worker_handlers"}
-    if not cfg.train.use_gpu:
-        env["env_vars"] = {"DS_ACCELERATOR": "cpu"}
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=env)
-    else:
-        cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-        log.info("starting a local Ray cluster with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, runtime_env=env)
+    connect(cfg.ray.address, cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.ray.object_store_mb,
+            cfg.train.use_gpu)
     signals.install_driver_handlers(out)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
 
 
@@ -89,22 +76,13 @@ def lock_output_dir(output_dir: str):
 
 
 def check_choices(cfg) -> None:
-    """The choices the workers would refuse only after the data build, refused now (ValueError); the
-    GPU's bf16 support is asked on the workers."""
-    from trainer.curriculum import MODES
+    """What the workers would refuse only after the data build and load_config's checks of single
+    keys (trainer/config.py) do not cover, refused now (ValueError): half precision on CPU and
+    train.deepspeed's keys. The GPU's bf16 support is asked on the workers."""
     from trainer.ds_config import check_deepspeed_overrides
-    from trainer.model.hybrid_embedding import INJECTIONS
     from trainer.precision import resolve_precision
-    from trainer.retrieval import check_embed_dtype
 
     resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
-    if cfg.train.mode not in MODES:
-        raise ValueError(f"train.mode={cfg.train.mode!r}: expected {', '.join(MODES)}")
-    if cfg.model.injection not in INJECTIONS:
-        raise ValueError(f"model.injection={cfg.model.injection!r}: expected {' or '.join(INJECTIONS)}")
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage={cfg.train.zero_stage!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO stages)")
-    check_embed_dtype(cfg.data.retrieval.dtype)
     check_deepspeed_overrides(cfg)
 
 
@@ -131,9 +109,17 @@ def prepare_run(cfg):
     if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
         connect_ray(cfg, out)
         embed = functools.partial(embed_on_workers, cfg)
+    if cfg.model.injection == "fused":  # built once here, under a lock that dies with its holder, before the workers need it
+        from trainer.kernels.build import NoCompiler
+        from trainer.kernels.cpu import load_library
+
+        try:
+            load_library()
+        except NoCompiler as e:
+            raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
-    check_manifest(paths["data"], load_manifest(paths["data"]), paths["llm"], verify_sha=cfg.data.verify_shards)
+    check_manifest(paths["data"], load_manifest(paths["data"]), paths["tokenizer"], verify_sha=cfg.data.verify_shards)
     return out, paths, lock
 
 
@@ -149,6 +135,11 @@ def main(argv=None) -> int:
         return 2
     from shards.safe_unpickle import UnsafePickle
 
+    if not cfg.train.use_gpu:  # the driver imports DeepSpeed too (through transformers): no accelerator probe
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars while the assets are built
     global _LOCK
     try:  # everything that can be refused is refused here, before the first training step (exit 2)
         check_choices(cfg)
@@ -157,33 +148,28 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print(f"  ({raised_at(e)})", file=sys.stderr)  # a bug that raises ValueError is found from here
         return 2
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from trainer.ray_cluster import run_on_workers
     from trainer.train_loop import train_worker
 
     connect_ray(cfg, out)
-    t = cfg.train
-    trainer = TorchTrainer(
-        train_loop_per_worker=train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "paths": paths},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        # checkpoints are written by the workers into <output_dir>/checkpoints and reported to Ray in place
-        # Ray deletes all but the newest train.keep_last of them (so its run snapshot stays true)
-        run_config=RunConfig(storage_path=os.path.abspath(paths["output_dir"]), name="checkpoints",
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last if t.keep_last > 0 else None)),
-    )
-    trainer.fit()
+    # checkpoints are written by the workers into <output_dir>/checkpoints and reported to Ray in place;
+    # Ray deletes all but the newest train.keep_last of them (so its run snapshot stays true)
+    run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, cfg.train.num_workers,
+                   cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["output_dir"], name="checkpoints",
+                   max_failures=cfg.train.max_failures, keep_last=cfg.train.keep_last)
+    return print_outcome(cfg, paths)
+
+
+def print_outcome(cfg, paths: dict) -> int:
+    """The run's last lines on the console, and the exit code: stopped on request, or the evaluation."""
     from trainer import signals
 
-    if os.path.exists(os.path.join(out, signals.PREEMPTED_FILE)):
-        with open(os.path.join(out, signals.PREEMPTED_FILE)) as f:
+    preempted = os.path.join(paths["output_dir"], signals.PREEMPTED_FILE)
+    if os.path.exists(preempted):
+        with open(preempted) as f:
             print(f"\nstopped on request after checkpoint {f.read().strip()}; run the same command to resume "
                   f"(exit code {signals.EXIT_PREEMPTED})")
         return signals.EXIT_PREEMPTED
-
     metrics_path = os.path.join(paths["eval"], f"{cfg.eval.split}_metrics.json")
     with open(metrics_path) as f:
         m = json.load(f)

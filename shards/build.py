@@ -33,7 +33,8 @@ import os
 import numpy as np
 import webdataset as wds
 
-from shards.prompts import CTR_TEMPLATES, check_domain, templates, tokenize_ctr, tokenize_llara
+from shards.prompts import (CTR_TEMPLATES, check_domain, check_placeholder_tokens, templates, tokenize_ctr,
+                            tokenize_llara)
 from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
 MANIFEST = "manifest.json"
@@ -73,9 +74,9 @@ def _write_shard(path: str, records: list[dict]) -> None:
 def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     """Read the configured raw data and split it. Returns (items, splits, stats)."""
     from shards import readers
-    from shards.samples import global_time_split, kcore_filter, leave_one_out, user_split, user_sequences
+    from shards.samples import SPLIT_SCHEMES, global_time_split, kcore_filter, leave_one_out, user_split, user_sequences
 
-    src, path = data_cfg["source"], data_cfg.get("path")
+    src, path = data_cfg["source"], data_cfg["path"]
     if src == "llara":
         items, splits = readers.read_llara_processed(path)
         return items, splits, {"source": src}
@@ -93,23 +94,22 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         elif src in read:
             raw = read[src](path)
         else:
-            raise ValueError(f"data.source={src!r}: expected one of synthetic, ml-100k, ml-1m, lastfm, sequences, "
-                             "llara, generic")
+            raise ValueError(f"data.source={src!r}: expected one of {', '.join(readers.SOURCES)}")
         interactions, items = raw.interactions, raw.items
     n_raw = len(interactions)
-    interactions = kcore_filter(interactions, int(data_cfg.get("kcore") or 0))
+    interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
     from shards.ctr import pool_len
 
     h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
-    split = data_cfg.get("split", "loo")
+    split = data_cfg["split"]
     if split == "time":
         splits = global_time_split(interactions, vocab["dense"], h)
     else:
         seqs = user_sequences(interactions, vocab["dense"])
         splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed) if split == "sliding" else None
         if splits is None:
-            raise ValueError(f"data.split={split!r}: expected loo, sliding or time")
+            raise ValueError(f"data.split={split!r}: expected one of {', '.join(SPLIT_SCHEMES)}")
     items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
     stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
              "users": len({r[0] for r in interactions}), "raw_item_ids": vocab["raw_item_ids"]}
@@ -195,6 +195,9 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         "config_hash": hashlib.sha256(json.dumps({**params, "data": digest}, sort_keys=True).encode()).hexdigest(),
         "params": params, "stats": {**stats, "items": num_items}, "shards": [],
     }
+    from transformers import AutoTokenizer
+
+    check_placeholder_tokens(AutoTokenizer.from_pretrained(tokenizer_dir), user_token, tokenizer_dir)
     workers = workers or os.cpu_count() or 1
     pool = None
     if workers > 1:
@@ -264,7 +267,7 @@ def check_manifest(data_dir: str, manifest: dict, tokenizer_dir: str, verify_sha
 
 
 def main(argv=None) -> None:
-    from trainer.config import load_config, to_dict
+    from trainer.config import ConfigError, load_config, to_dict
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML merged over configs/llara_default.yaml (its data: section is used)")
@@ -272,21 +275,26 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = every core)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. data.source=ml-100k data.path=../shared/data/ml-100k")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
-    d = to_dict(cfg.data)
-    items, splits, stats = load_source(d, cfg.seed)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.exit(2, f"error: {e}\n")
+    data_cfg = to_dict(cfg.data)
+    items, splits, stats = load_source(data_cfg, cfg.seed)
     from shards.ctr import make_samples, manifest_params
     from shards.readers import read_profiles
 
     # SUBR (data.ctr.retrieval=subr, ReiT, data.retrieval.hybrid) embeds items with the LLM at --tokenizer
-    splits = make_samples(d, splits, items, cfg.seed, a.tokenizer, os.path.join(a.out, "item_emb"))
-    profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
-    m = write_shards(items, splits, a.tokenizer, a.out, num_candidates=d["num_candidates"], max_len=d["max_len"],
-                     samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=a.workers, stats=stats, progress=True,
-                     user_token=bool(d["user_token"]), task=d["task"], profiles=profiles, extra_params=manifest_params(d),
-                     domain=d["domain"])
-    print(json.dumps(m["stats"], indent=1))
+    splits = make_samples(data_cfg, splits, items, cfg.seed, args.tokenizer, os.path.join(args.out, "item_emb"))
+    wants_profiles = data_cfg["task"] == "ctr" and data_cfg["ctr"]["profile"]
+    profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
+    manifest = write_shards(items, splits, args.tokenizer, args.out, num_candidates=data_cfg["num_candidates"],
+                            max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
+                            workers=args.workers, stats=stats, progress=True, user_token=data_cfg["user_token"],
+                            task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
+                            domain=data_cfg["domain"])
+    print(json.dumps(manifest["stats"], indent=1))
 
 
 if __name__ == "__main__":

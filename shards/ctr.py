@@ -31,6 +31,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+TASKS = ("llara", "ctr")  # data.task
+CTR_RETRIEVALS = ("none", "subr")  # data.ctr.retrieval
+
+
 def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
     """Add `label` (rating >= threshold) to every time-split sample; warn of a split with one class,
     refuse data whose samples are all one class."""
@@ -91,55 +95,56 @@ def few_shot(rows: list[dict], n: int, seed: int) -> list[dict]:
     return [rows[i] for i in pick]
 
 
-def needs_retrieval(d: dict) -> bool:
-    return d.get("task", "llara") == "ctr" and (d["ctr"]["retrieval"] == "subr" or d["ctr"]["reit"]) \
-        or bool(d.get("retrieval", {}).get("hybrid", False))
+def needs_retrieval(data_cfg: dict) -> bool:
+    ctr = data_cfg["ctr"]
+    return bool(data_cfg["task"] == "ctr" and (ctr["retrieval"] == "subr" or ctr["reit"])
+                or data_cfg["retrieval"]["hybrid"])
 
 
-def pool_len(d: dict) -> int:
+def pool_len(data_cfg: dict) -> int:
     """History length the split keeps before the prompt's K are chosen."""
-    return max(d["history_len"], int(d["retrieval"]["pool_len"])) if needs_retrieval(d) else d["history_len"]
+    k = data_cfg["history_len"]
+    return max(k, int(data_cfg["retrieval"]["pool_len"])) if needs_retrieval(data_cfg) else k
 
 
-def build_samples(d: dict, splits: dict, seed: int, item_vecs=None) -> dict:
-    """The prompt samples of every split from the source's splits (histories up to pool_len(d))."""
-    k, task = d["history_len"], d.get("task", "llara")
-    r = d.get("retrieval", {})
+def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> dict:
+    """The prompt samples of every split from the source's splits (histories up to pool_len(data_cfg))."""
+    k, task, retrieval = data_cfg["history_len"], data_cfg["task"], data_cfg["retrieval"]
     if task == "llara":
-        if not r.get("hybrid"):
+        if not retrieval["hybrid"]:
             return splits
-        return {s: retrieve_histories([x for x in rows if x["history"]], item_vecs, k, r["order"], query="last")
+        return {s: retrieve_histories([x for x in rows if x["history"]], item_vecs, k, retrieval["order"], query="last")
                 for s, rows in splits.items()}
-    if task != "ctr":
+    if task not in TASKS:
         raise ValueError(f"data.task={task!r}: expected llara or ctr")
-    c = d["ctr"]
-    if c["retrieval"] not in ("none", "subr"):
-        raise ValueError(f"data.ctr.retrieval={c['retrieval']!r}: expected none or subr")
-    subr = c["retrieval"] == "subr" or bool(r.get("hybrid"))
-    labelled = label_samples(splits, float(c["threshold"]), k)
+    ctr = data_cfg["ctr"]
+    if ctr["retrieval"] not in CTR_RETRIEVALS:
+        raise ValueError(f"data.ctr.retrieval={ctr['retrieval']!r}: expected none or subr")
+    subr = ctr["retrieval"] == "subr" or retrieval["hybrid"]
+    labelled = label_samples(splits, float(ctr["threshold"]), k)
     out = {}
     for split, rows in labelled.items():
         if split == "train":
-            rows = few_shot(rows, int(c["few_shot"]), seed)
-            if c["reit"]:
-                rec, ret = [recent(s, k) for s in rows], retrieve_histories(rows, item_vecs, k, r["order"])
+            rows = few_shot(rows, int(ctr["few_shot"]), seed)
+            if ctr["reit"]:
+                rec, ret = [recent(s, k) for s in rows], retrieve_histories(rows, item_vecs, k, retrieval["order"])
                 out[split] = [x for pair in zip(rec, ret) for x in pair]
                 continue
-        out[split] = retrieve_histories(rows, item_vecs, k, r["order"]) if subr else [recent(s, k) for s in rows]
+        out[split] = retrieve_histories(rows, item_vecs, k, retrieval["order"]) if subr else [recent(s, k) for s in rows]
     return out
 
 
-def cached_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
+def cached_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
     """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
     data.retrieval's template, pooling and dtype, else None. model_id: model_fingerprint(llm_dir), if known."""
     from trainer.retrieval import model_fingerprint, read_cached_item_embeddings
 
-    r = d["retrieval"]
-    return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items,
-                                       pooling=r["pooling"], dtype=r["dtype"])
+    retrieval = data_cfg["retrieval"]
+    return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items,
+                                       pooling=retrieval["pooling"], dtype=retrieval["dtype"])
 
 
-def item_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
+def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
     """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there with
     the LLM's weights in data.retrieval.dtype (pooled in float32). Under torch.distributed every rank
     calls this and embeds its slice (trainer/retrieval.py)."""
@@ -148,41 +153,42 @@ def item_embeddings(d: dict, items, llm_dir: str, cache_dir: str, model_id: str 
 
     from trainer.retrieval import cached_item_embeddings, model_fingerprint
 
-    r = d["retrieval"]
+    retrieval = data_cfg["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, r["dtype"])).to(device or "cpu")
-    return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), r["template"], items, model, tok,
-                                  batch_size=int(r["batch_size"]), pooling=r["pooling"], dtype=r["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, retrieval["dtype"])).to(device or "cpu")
+    return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items, model,
+                                  tok, batch_size=int(retrieval["batch_size"]), pooling=retrieval["pooling"],
+                                  dtype=retrieval["dtype"])
 
 
-def item_vectors(d: dict, items, llm_dir: str, cache_dir: str):
+def item_vectors(data_cfg: dict, items, llm_dir: str, cache_dir: str):
     """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir; the LLM is
     loaded only when the cache misses)."""
     from trainer.retrieval import l2_normalize, model_fingerprint, pca
 
     model_id = model_fingerprint(llm_dir)
-    emb = cached_embeddings(d, items, llm_dir, cache_dir, model_id)
+    emb = cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)
     if emb is None:
-        emb = item_embeddings(d, items, llm_dir, cache_dir, model_id)
-    dim = int(d["retrieval"]["pca_dim"])
+        emb = item_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)
+    dim = int(data_cfg["retrieval"]["pca_dim"])
     log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, dim)
     return l2_normalize(pca(emb, dim))
 
 
-def make_samples(d: dict, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:
+def make_samples(data_cfg: dict, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:
     """build_samples with the item vectors computed (or read from cache) only when retrieval is on."""
-    vecs = item_vectors(d, items, llm_dir, os.path.abspath(cache_dir)) if needs_retrieval(d) else None
-    return build_samples(d, splits, seed, vecs)
+    vecs = item_vectors(data_cfg, items, llm_dir, os.path.abspath(cache_dir)) if needs_retrieval(data_cfg) else None
+    return build_samples(data_cfg, splits, seed, vecs)
 
 
-def manifest_params(d: dict) -> dict:
+def manifest_params(data_cfg: dict) -> dict:
     """What the manifest records about CTR sampling and retrieval; {} for the default (LLaRA, no
     retrieval), so its manifest and config hash stay as they were."""
     out = {}
-    if d.get("task", "llara") == "ctr":
-        out["ctr"] = dict(d["ctr"])
-    if needs_retrieval(d):
-        out["retrieval"] = dict(d["retrieval"])
-        if out["retrieval"].get("dtype") == "float32":  # as before the key existed: the same config hash
+    if data_cfg["task"] == "ctr":
+        out["ctr"] = dict(data_cfg["ctr"])
+    if needs_retrieval(data_cfg):
+        out["retrieval"] = dict(data_cfg["retrieval"])
+        if out["retrieval"]["dtype"] == "float32":  # as before the key existed: the same config hash
             del out["retrieval"]["dtype"]
     return out

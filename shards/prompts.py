@@ -95,12 +95,25 @@ class PromptTooLong(ValueError):
     pass
 
 
+def check_placeholder_tokens(tokenizer, user_token: bool = False, where: str = "") -> None:
+    """Every placeholder must be a token of its own. A stock model folder's tokenizer as downloaded
+    splits "[HistoryEmb]" into pieces, and then no sample finds its slots: say so, naming the pieces."""
+    wanted = [*PLACEHOLDERS, USER_EMB] if user_token else list(PLACEHOLDERS)
+    for token in wanted:
+        pieces = tokenizer.tokenize(token)
+        if len(pieces) != 1 or tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer{' in ' + where if where else ''} has no {token} token (it splits it "
+                             f"into {pieces}); launch/train.py adds LLaRA's tokens to a model.base tokenizer "
+                             "(trainer/model/build.py prepare_tokenizer): build shards with the run's tokenizer")
+
+
 def tokenize_prompt_answer(prompt: str, answer: str, tokenizer, max_len: int, sample: dict, kind: str):
-    """[bos] prompt answer [eos] as int32 ids, the label mask (1 on answer and eos), and the answer's
+    """[bos] prompt answer [eos] as int32 ids (bos where the tokenizer has one), the label mask (1 on answer and eos), and the answer's
     length in tokens; longer than max_len is PromptTooLong naming the sample."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = np.asarray([tokenizer.bos_token_id] + prompt_ids + answer_ids, dtype=np.int32)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]  # Qwen2 has no bos token
+    ids = np.asarray(bos + prompt_ids + answer_ids, dtype=np.int32)
     if len(ids) > max_len:
         raise PromptTooLong(
             f"user {sample['user']} (target {sample['target']}): {kind} + answer is {len(ids)} tokens, "

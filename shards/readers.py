@@ -22,6 +22,11 @@ import os
 from dataclasses import dataclass, field
 
 
+# data.source's values (shards/build.py load_source reads each): synthetic is generated (shards/synthetic.py),
+# the others are read here
+SOURCES = ("synthetic", "ml-100k", "ml-1m", "lastfm", "sequences", "llara", "generic")
+
+
 class MalformedRecord(ValueError):
     pass
 

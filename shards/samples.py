@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+SPLIT_SCHEMES = ("loo", "sliding", "time")  # data.split: leave_one_out, user_split, global_time_split
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 
 

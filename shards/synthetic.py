@@ -39,6 +39,8 @@ NOUNS = (
     "Horizon Orchard Canyon Lantern Compass Meadow Tower Circus Harvest Tide Frontier Echo Valley Storm"
 ).split()
 GENRES = "Action Adventure Comedy Drama Fantasy Horror Mystery Romance Sci-Fi Thriller Western".split()
+PATTERNS = ("taste", "chain")  # data.synthetic.pattern
+TITLE_KINDS = ("unique", "pairs")  # data.synthetic.titles
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ def make_titles(num_items: int, rng: np.random.Generator) -> list[str]:
 
 def generate(cfg: SyntheticConfig) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, str, str]]]:
     """Return (interactions, items). interactions: (user, item, rating, timestamp), time-ordered per user."""
-    if cfg.pattern not in ("taste", "chain"):
+    if cfg.pattern not in PATTERNS:
         raise ValueError(f"data.synthetic.pattern={cfg.pattern!r}: expected taste or chain")
-    if cfg.titles not in ("unique", "pairs"):
+    if cfg.titles not in TITLE_KINDS:
         raise ValueError(f"data.synthetic.titles={cfg.titles!r}: expected unique or pairs")
     rng = np.random.default_rng(cfg.seed)
     titles = make_unique_titles(cfg.num_items, rng) if cfg.titles == "unique" else make_titles(cfg.num_items, rng)

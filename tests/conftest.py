@@ -37,3 +37,11 @@ def trained_run(tmp_path_factory):
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need a Ray training are slow (pytest.ini): every test using `trained_run`, directly or
+    through another fixture. Other slow tests carry @pytest.mark.slow or a module-level `pytestmark`."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

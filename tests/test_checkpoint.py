@@ -26,7 +26,7 @@ def test_resume_tag_prefers_the_checkpoint_reported_to_ray_when_complete(tmp_pat
     from ray.train import Checkpoint
 
     from trainer.checkpoint import COMPLETE
-    from trainer.train_loop import resume_tag
+    from trainer.checkpoint import resume_tag
 
     root = tmp_path / "checkpoints"
     for step, complete in ((4, True), (8, True), (12, False)):

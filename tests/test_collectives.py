@@ -25,6 +25,7 @@ def _any_rank_worker(rank, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes (torch.multiprocessing.spawn)
 def test_any_rank_gives_every_rank_the_same_decisions():
     """The training loop's stop and Ray-report decisions: a flag raised by one rank reaches all (2 gloo ranks)."""
     import socket

@@ -1,9 +1,18 @@
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+import time
+from typing import List
 
 import pytest
 from conftest import REPO, SHARED_DATA
+from omegaconf import OmegaConf
 
 from trainer.config import CONFIG_DIR, ConfigError, load_config
+
+TRAIN = os.path.join(REPO, "launch", "train.py")
 
 
 def test_defaults_and_overrides():
@@ -65,3 +74,142 @@ def test_llara_lastfm_preset_data_fit_its_srec():
     srec = load_llara_sasrec(os.path.join(REPO, cfg.srec.path))
     assert len(items) == srec.num_items == 4606 and len(splits["train"]) > 0
     assert cfg.data.num_candidates == 20 and cfg.train.micro_batch * cfg.train.grad_accum == 128
+
+
+# ---- the typed schema (trainer/config.py): types on merge, ranges and choices right after
+
+
+def _schema_paths(cls, prefix=""):
+    from trainer.config import schema_keys
+
+    for name, (kind, _) in schema_keys(cls).items():
+        if dataclasses.is_dataclass(kind):
+            yield from _schema_paths(kind, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def _yaml_paths(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, dict) and value and prefix + name != "train.deepspeed":
+            yield from _yaml_paths(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_every_default_key_has_a_schema_field_and_every_field_a_default():
+    from trainer.config import DEFAULT, Config
+
+    defaults = set(_yaml_paths(OmegaConf.to_container(OmegaConf.load(DEFAULT))))
+    fields = set(_schema_paths(Config))
+    assert defaults - fields == set(), "keys of llara_default.yaml without a schema field"
+    assert fields - defaults == set(), "schema fields without a default in llara_default.yaml"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_schema_loads_every_preset_and_keeps_its_dict_form(preset):
+    """The typed config gives the dict the untyped merge gave (same values, same int/float types, same
+    order): the stamps of runs prepared before the schema (trainer/prepare.py) still match."""
+    from trainer.config import DEFAULT, Config, Train, to_dict
+
+    path = os.path.join(CONFIG_DIR, preset)
+    cfg = load_config(path)
+    assert OmegaConf.get_type(cfg) is Config and OmegaConf.get_type(cfg.train) is Train
+    untyped = OmegaConf.merge(OmegaConf.load(DEFAULT), OmegaConf.load(path))
+    assert json.dumps(to_dict(cfg)) == json.dumps(OmegaConf.to_container(untyped, resolve=True))
+
+
+def test_types_are_converted_on_merge():
+    from trainer.config import to_dict
+
+    cfg = load_config(None, ["data.ctr.threshold=4", "train.lr=1", "train.micro_batch=4", "data.path=null",
+                             "model.unfreeze=[]", "train.use_gpu=false", "train.deepspeed.zero_optimization.overlap_comm=true"])
+    plain = to_dict(cfg)
+    assert plain["data"]["ctr"]["threshold"] == 4.0 and isinstance(plain["data"]["ctr"]["threshold"], float)
+    assert isinstance(plain["train"]["lr"], float) and isinstance(plain["train"]["micro_batch"], int)
+    assert plain["data"]["path"] is None and plain["model"]["unfreeze"] == [] and plain["train"]["use_gpu"] is False
+    assert type(plain["train"]["deepspeed"]) is dict and plain["train"]["deepspeed"]["zero_optimization"]["overlap_comm"] is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "train.lr='abc': expected a float > 0"),
+    ("train.lr=0", "train.lr=0.0: expected a float > 0"),
+    ("train.lr=null", "train.lr=None: expected a float > 0"),
+    ("train.micro_batch=0", "train.micro_batch=0: expected an integer >= 1"),
+    ("train.micro_batch=2.5", "train.micro_batch=2.5: expected an integer >= 1"),
+    ("train.num_workers=-1", "train.num_workers=-1: expected an integer >= 1"),
+    ("train.max_steps=0", "train.max_steps=0: expected -1 or an integer >= 1"),
+    ("train.warmup_ratio=1", "train.warmup_ratio=1.0: expected a float in [0, 1)"),
+    ("train.keep_last=-1", "train.keep_last=-1: expected an integer >= 0"),
+    ("train.use_gpu=maybe", "train.use_gpu='maybe': expected true or false"),
+    ("train.zero_stage=5", "train.zero_stage=5: expected one of 0, 1, 2, 3"),
+    ("train.mode=mixed", "train.mode='mixed': expected one of curriculum, hybrid, text"),
+    ("train.deepspeed=5", "train.deepspeed=5: expected a mapping"),
+    ("model.lora.dropout=1.5", "model.lora.dropout=1.5: expected a float in [0, 1)"),
+    ("model.unfreeze=embed_tokens", "model.unfreeze='embed_tokens': expected a list of strings"),
+    ("model.unfreeze=[[a]]", "model.unfreeze=[['a']]: expected a list of strings"),
+    ("model.injection=triton", "model.injection='triton': expected one of fused, reference"),
+    ("data.num_candidates=1", "data.num_candidates=1: expected an integer >= 2"),
+    ("data.synthetic.p_follow=1.5", "data.synthetic.p_follow=1.5: expected a float in [0, 1]"),
+    ("data.ctr.few_shot=0", "data.ctr.few_shot=0: expected -1 or an integer >= 1"),
+    ("data.path=[a]", "data.path=['a']: expected a string or null"),
+    ("data.source=foo", "data.source='foo': expected one of synthetic, ml-100k, ml-1m, lastfm, sequences, llara, generic"),
+    ("data.retrieval.dtype=bf16", "data.retrieval.dtype='bf16': expected one of float32, bfloat16, float16"),
+    ("eval.max_samples=0", "eval.max_samples=0: expected -1 or an integer >= 1"),
+    ("eval.split=valid", "eval.split='valid': expected one of train, val, test"),
+    ("srec.arch=bert", "srec.arch='bert': expected one of sasrec, gru4rec, caser, llara_sasrec"),
+    ("ray.object_store_mb=0", "ray.object_store_mb=0: expected an integer >= 1"),
+    ("seed=-1", "seed=-1: expected an integer >= 0"),
+    ("train=5", "train=5: expected a section of keys"),
+])
+def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_a_bad_value_in_a_yaml_is_named(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  micro_batch: eight\n")
+    with pytest.raises(ConfigError, match=r"^train.micro_batch='eight': expected an integer >= 1$"):
+        load_config(str(p))
+
+
+def test_a_malformed_yaml_or_override_is_one_line(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"x.yaml is not a mapping of config keys$"):
+        load_config(str(p))
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=["])
+    assert str(e.value).startswith("override 'train.lr=[' is not valid YAML: ") and "\n" not in str(e.value)
+
+
+def test_the_choices_are_the_owners_constants():
+    """One owner per list of choices: the schema reads the constants of the modules that act on them."""
+    from shards.readers import SOURCES
+    from trainer.config import schema_of
+    from trainer.curriculum import MODES
+    from trainer.srec import ARCHS
+
+    assert schema_of("train.mode")[1].values() == MODES
+    assert schema_of("srec.arch")[1].values() == tuple(ARCHS)
+    assert schema_of("data.source")[1].values() == SOURCES
+    assert schema_of("model.lora.target_modules[0]")[0] == List[str]
+
+
+@pytest.mark.slow  # runs launch/train.py in a subprocess (pytest.ini), though it takes about a second
+def test_launch_refuses_a_bad_type_with_exit_2_before_ray_or_the_output_folder(tmp_path):
+    """The script as `python launch/train.py train.lr=abc output_dir=...` runs it (runpy, as __main__), with
+    an exit hook that reports whether Ray was even imported."""
+    out = tmp_path / "run"
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('ray imported:', 'ray' in sys.modules))\n"
+            f"sys.argv = [{TRAIN!r}, 'train.lr=abc', {f'output_dir={out}'!r}]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')\n")
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and time.monotonic() - start < 30
+    assert r.stderr.splitlines() == ["error: train.lr='abc': expected a float > 0"]
+    assert r.stdout.strip() == "ray imported: False"
+    assert not out.exists()

@@ -144,6 +144,7 @@ def _run(args, timeout):
     return p
 
 
+@pytest.mark.slow  # launch/train.py and launch/eval.py in subprocesses
 def test_ctr_end_to_end_on_the_embedded_default(tmp_path):
     """data.task=ctr on the synthetic default with SUBR + ReiT + few-shot: train, then eval --modes ctr on the
     export and zero-shot; both give AUC / log loss / accuracy; generate/score are refused for CTR shards."""

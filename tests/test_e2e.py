@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, SMALL
 from trainer.checkpoint import find_latest
+
+pytestmark = pytest.mark.slow  # launch/train.py in a subprocess: 2 Ray workers, ZeRO-3 training
 
 
 def _train(out, *extra):

@@ -11,6 +11,9 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 
+pytestmark = pytest.mark.slow  # launch/eval.py in subprocesses on conftest's trained_run (a Ray training)
+
+
 @pytest.fixture(scope="module")
 def run(trained_run):
     """conftest's trained run: 24 steps, checkpoints every 6, its own evaluation of 16 test samples."""
@@ -74,7 +77,7 @@ def test_llaras_test_set_with_llaras_sasrec_as_the_srec(tmp_path):
     from trainer.prepare import prepare
     from trainer.srec import load_srec
     from trainer.srec.metrics import evaluate
-    from trainer.eval_loop import split_samples
+    from trainer.evaluation import split_samples
     from trainer.data import meta
     from shards.build import load_manifest
 

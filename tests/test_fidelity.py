@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # three model trainings (600-1200 steps each) in spawned processes
+
 # a CI-sized task: the default data (500 users, 300 items in 10 clusters) with a history of 5 and 10
 # candidates (LLaRA: 10 and 20), 600 steps of hybrid training. (At 300 or 400 steps the model is still
 # in the middle of learning to use the tokens and the margin depends on the seed: 0.56, 0.38, 0.29 were
@@ -53,7 +55,7 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     from shards.build import load_items, load_manifest
     from trainer.curriculum import is_hybrid, warmup_cosine
     from trainer.data import SplitReader, collate
-    from trainer.eval_loop import model_rows, split_samples
+    from trainer.evaluation import model_rows, rank_batches, split_samples
     from trainer.model.build import build_llara_model, load_tokenizer
     from trainer.scoring import ranking_metrics
     from trainer.srec import load_srec
@@ -97,7 +99,8 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     readings = ("hybrid", "text", "rolled") if mode == "hybrid" and broken is None else ("hybrid", "text")
     for prompts in readings:  # launch/eval.py's candidate scoring ("score" mode)
         embed.inject = rolled(inject) if prompts == "rolled" else inject
-        rows = model_rows(model, embed, srec, tokenizer, titles, test, ["score"], prompts != "text", 32, 0, "cpu")
+        rows = model_rows(model, embed, srec, tokenizer, titles, rank_batches(test, 0, 1, 32, synced=False), ["score"],
+                          prompts != "text", 0, "cpu")
         out[prompts] = ranking_metrics(torch.as_tensor([r["score_rank"] for r in rows]))["hr@1"]
     print(f"trained {mode}{' (broken: ' + broken + ')' if broken else ''}, {steps} steps in {train_seconds:.0f} s: "
           f"HR@1 with hybrid prompts {out['hybrid']:.3f}, with text-only prompts {out['text']:.3f}"
@@ -126,7 +129,7 @@ def trained(fidelity_run):
 def test_srec_alone_beats_random(fidelity_run):
     from shards.build import load_manifest
     from trainer.data import meta
-    from trainer.eval_loop import baseline_ranks, split_samples
+    from trainer.evaluation import baseline_ranks, split_samples
     from trainer.scoring import ranking_metrics
     from trainer.srec import load_srec
 

@@ -112,18 +112,29 @@ def test_gradcheck_float64_and_frozen_weight():
     assert frozen.grad is None and torch.equal(b.grad[2], torch.full((6,), 3.0, dtype=torch.float64))
 
 
-def test_opcheck_and_torch_compile():
+def _op_inputs():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 20, (2, 5), generator=g)
     w = torch.randn(20, 6, generator=g, requires_grad=True)
     b = torch.randn(3, 6, generator=g, requires_grad=True)
     slot = torch.full((2, 5), -1)
     slot[0, 1], slot[1, 4] = 2, 0
+    return g, ids, w, slot, b
+
+
+def test_opcheck():
+    g, ids, w, slot, b = _op_inputs()
     load()
     torch.library.opcheck(torch.ops.llmrec.inject.default, (ids, w, slot, b, -1))
     grad = torch.randn(2, 5, 6, generator=g)
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.llmrec.inject_backward.default, (grad, ids, slot, 3, 20, 0, weight_grad))
+
+
+@pytest.mark.slow  # torch.compile: Inductor's compile-worker subprocesses and g++ (5 s cached, ~20 s cold)
+def test_torch_compile():
+    _, ids, w, slot, b = _op_inputs()
+    load()
     compiled = torch.compile(lambda i, w, s, b: inject_fused(i, w, s, b) * 2, fullgraph=True)
     assert torch.equal(compiled(ids, w, slot, b), inject_fused(ids, w, slot, b) * 2)
 
@@ -172,11 +183,71 @@ print("TRITON OK")
 """
 
 
+@pytest.mark.slow  # a Python subprocess under Triton's interpreter
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "TRITON OK" in r.stdout, r.stderr[-3000:]
+
+
+BAD_ROWS = [  # (token ids, slot_map) of 1 x 4 with V=10, S=2: each a row the CPU kernel refuses
+    ([0, 12, 1, 2], [-1, -1, -1, -1]), ([0, -1, 1, 2], [-1, -1, -1, -1]), ([0, 10, 1, 2], [-1, -1, -1, -1]),
+    ([0, 1, 1, 2], [-1, 5, -1, -1]), ([0, 99, 1, 2], [-1, -1, 7, -1]),  # the first bad row is reported
+    ([0, 1, 99, 2], [-1, 3, -1, -1]),
+]
+
+TRITON_IDS_SCRIPT = r"""
+import json, os, sys
+import torch
+from trainer.kernels.inject import inject_backward_reference
+from trainer.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
+bad = json.loads(sys.argv[1])
+w, b = torch.randn(10, 4), torch.randn(2, 4)
+errors = []
+for ids, slot in bad:
+    try:
+        inject_forward_triton(torch.tensor([ids]), w, torch.tensor([slot]), b)
+        errors.append(None)
+    except RuntimeError as e:
+        errors.append(str(e))
+# an id out of range at a slot position is not read (the behaviour row is): no error, as on CPU
+ok = inject_forward_triton(torch.tensor([[99, 1]]), w, torch.tensor([[1, -1]]), b)
+assert torch.equal(ok[0], torch.stack([b[1], w[1]]))
+# without the check (LLMREC_INJECT_CHECK_IDS=0) nothing is read or written out of bounds: the bad row is zeros,
+# and the backward drops its gradient
+os.environ["LLMREC_INJECT_CHECK_IDS"] = "0"
+ids, slot = torch.tensor([[3, 12, -5, 4]]), torch.tensor([[-1, -1, -1, 9]])
+out = inject_forward_triton(ids, w, slot, b)
+assert torch.equal(out[0, 0], w[3]) and not out[0, 1:].any()
+grad = torch.randn(1, 4, 4)
+gw, gb = inject_backward_triton(grad, ids, slot, 2, 10, -1, True)
+rw, rb = inject_backward_reference(grad[:, :1], ids[:, :1], slot[:, :1], 2, 10, -1, True)
+assert torch.allclose(gw, rw) and torch.allclose(gb, rb)
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow  # a Python subprocess under Triton's interpreter
+def test_triton_forward_refuses_bad_ids_as_the_cpu_kernel_does():
+    """The Triton forward used to read any row an id named (out of bounds on GPU, silently); now it raises
+    the CPU kernel's RuntimeError, word for word, for every row the CPU kernel refuses."""
+    import json
+
+    pytest.importorskip("triton")
+    cpu = []
+    w, b = torch.randn(10, 4), torch.randn(2, 4)
+    for ids, slot in BAD_ROWS:
+        with pytest.raises(RuntimeError) as e:
+            inject_fused(torch.tensor([ids]), w, torch.tensor([slot]), b)
+        cpu.append(str(e.value).splitlines()[0])
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", TRITON_IDS_SCRIPT, json.dumps(BAD_ROWS)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == cpu
+    assert cpu[0] == "inject: token id 12 out of range [0, 10)"
+    assert cpu[3] == "inject: slot_map names behaviour row 5, only 2 rows given"
 
 
 def test_hybrid_embedding_fused_equals_reference(small_run):
@@ -198,6 +269,7 @@ def test_hybrid_embedding_fused_equals_reference(small_run):
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
 
 
+@pytest.mark.slow  # torchrun subprocesses (2 gloo ranks, ZeRO-3)
 def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     """The fused injection under DeepSpeed ZeRO-3 on 2 gloo ranks: the first optimizer steps give the
     losses of a single plain process on the same global batch. Twice: with the trainer's DeepSpeed

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # every test runs launch/train.py or launch/eval.py in a subprocess
+
 TRAIN = os.path.join(REPO, "launch", "train.py")
 
 
@@ -26,11 +28,22 @@ def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path)
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("train.mode=mixed", "train.mode='mixed': expected curriculum, hybrid, text"),
-    ("model.injection=triton", "model.injection='triton': expected fused or reference"),
-    ("train.zero_stage=4", "train.zero_stage=4: expected 0, 1, 2 or 3"),
+    ("train.mode=mixed", "train.mode='mixed': expected one of curriculum, hybrid, text"),
+    ("model.injection=triton", "model.injection='triton': expected one of fused, reference"),
+    ("train.zero_stage=4", "train.zero_stage=4: expected one of 0, 1, 2, 3"),
     ("data.retrieval.dtype=bf16", "data.retrieval.dtype='bf16': expected one of float32, bfloat16, float16"),
-    ("srec.loss=bpr", "srec.loss='bpr': expected ce or bce"),  # refused by prepare(), before the data build
+    ("srec.loss=bpr", "srec.loss='bpr': expected one of ce, bce"),
+])
+def test_a_bad_config_value_exits_2_before_the_output_folder_is_made(bad, message, tmp_path):
+    """Refused by load_config (trainer/config.py): one line, nothing locked or written."""
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path / 'run'}", bad], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("srec.positions=all", "srec.positions=all trains with the SASRec paper's BCE"),  # two keys: refused by prepare()
     ("train.deepspeed.zero_optimisation.overlap_comm=true", "train.deepspeed.zero_optimisation: not a key DeepSpeed"),
 ])
 def test_a_bad_choice_exits_2_before_the_data_build(bad, message, tmp_path):

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, SMALL
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster (ray start) and submits a training job
+
 
 def _free_port():
     with socket.socket() as s:

@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS
 from trainer.checkpoint import find_latest
 
+pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
+
 STEPS, ARGS = TRAINED_STEPS, TRAINED_ARGS
 
 

@@ -289,6 +289,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two Python subprocesses (gloo ranks)
 def test_embedding_spread_over_two_gloo_ranks(tmp_path):
     """Two processes: each embeds its slice, the slices are gathered, rank 0 alone writes the cache."""
     with socket.socket() as s:
@@ -310,6 +311,7 @@ def test_embedding_spread_over_two_gloo_ranks(tmp_path):
     assert torch.allclose(cached_item_embeddings(cache, "stub", "movie", ITEMS, None, _must_not_embed), want, atol=1e-5)
 
 
+@pytest.mark.slow  # starts Ray
 def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeypatch):
     """launch/train.py's embedding job (trainer/embed_job.py): two Ray workers each embed a disjoint slice,
     the cached matrix is the single-process `embed_items` result, and a second call starts no job."""

@@ -15,7 +15,10 @@ SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, 
 
 
 def _build(tok_dir, out, seed=5, workers=1, **kw):
-    data = {"source": "synthetic", "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
+    from trainer.config import load_config, to_dict
+
+    # the default data section (load_source reads a full one), a small synthetic set
+    data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
     items, splits, stats = load_source(data, seed)
     params = dict(num_candidates=20, max_len=400, samples_per_shard=200, seed=seed, workers=workers, stats=stats)
     params.update(kw)
@@ -137,6 +140,7 @@ def test_empty_history_is_dropped_and_counted(small_run, tmp_path):
     assert m["stats"]["train_dropped_empty_history"] == 1 and m["stats"]["train_samples"] == 1
 
 
+@pytest.mark.slow  # a spawned pool of 2 build workers (new interpreters)
 def test_parallel_build_equals_serial(small_run, tmp_path):
     _, paths = small_run
     a = _build(paths["llm"], tmp_path / "a", workers=1)

@@ -13,6 +13,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, SMALL
 
+pytestmark = pytest.mark.slow  # runs the sbatch scripts (bash subprocesses) and starts SLURM daemons
+
 ARGS = [*SMALL, "train.max_steps=30", "train.checkpoint_every=10", "train.log_every=5", "eval.max_samples=8",
         "eval.batch_size=8"]
 

@@ -15,6 +15,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, SMALL
 
+pytestmark = pytest.mark.slow  # starts SLURM daemons and trains on a two-node Ray cluster
+
 ARGS = [*SMALL, "train.max_steps=8", "train.checkpoint_every=4", "train.log_every=2", "eval.max_samples=8",
         "eval.batch_size=8"]
 

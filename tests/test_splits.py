@@ -55,6 +55,7 @@ def test_candidates_are_seeded_per_sample():
         sample_candidates({"user": 1, "history": list(range(9)), "target": 9, "position": 9}, 15, 20, 0, "test")
 
 
+@pytest.mark.slow  # python -m shards.build in a subprocess
 def test_build_cli_on_movielens_100k(small_run, tmp_path):
     folder = os.path.join(SHARED_DATA, "ml-100k")
     if not os.path.exists(folder):

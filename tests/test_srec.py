@@ -50,6 +50,7 @@ def test_padding_does_not_change_the_state(arch):
     assert not torch.allclose(m.user_state(x, lengths), m.user_state(*m.pad([[5, 6, 8]])))
 
 
+@pytest.mark.slow  # trains three SRecs for 5 epochs each to a quality bar
 @pytest.mark.parametrize("arch", TRAINABLE)
 def test_pretrained_models_beat_popularity_and_random(arch, synthetic_splits):
     model, report = pretrain(synthetic_splits, 100, arch=arch, hidden=32, max_len=10, epochs=5, lr=0.005, seed=0)
@@ -63,6 +64,7 @@ def test_pretrained_models_beat_popularity_and_random(arch, synthetic_splits):
     assert report["best_val_ndcg@10"] > 0
 
 
+@pytest.mark.slow  # trains an SRec for 4 epochs to a quality bar
 def test_bce_with_sampled_negatives_learns(synthetic_splits):
     model, _ = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=4, lr=0.005, loss="bce",
                         negatives=4, seed=0)
@@ -205,6 +207,7 @@ def test_ctrl_c_keeps_the_best_epoch_so_far(synthetic_splits, monkeypatch):
     assert not model.training and report["best_val_ndcg@10"] == max(e["val_ndcg@10"] for e in report["epochs"])
 
 
+@pytest.mark.slow  # launch/pretrain_srec.py in subprocesses
 def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
     """launch/pretrain_srec.py trains and saves; --evaluate on the saved folder gives the same table
     row; an SRec for another catalogue is refused with both item counts."""
@@ -232,6 +235,7 @@ def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
     assert r.returncode == 2 and "knows 60 items, the data has 50" in r.stderr
 
 
+@pytest.mark.slow  # launch/pretrain_srec.py in a subprocess
 def test_import_llara_on_a_folder_without_train_split(tmp_path):
     """README's --import-llara command on LLaRA's MovieLens folder, which ships no train_data.df: the
     imported SASRec is evaluated and saved; the popularity baseline (it counts the train split) is left
@@ -256,6 +260,7 @@ def test_import_llara_on_a_folder_without_train_split(tmp_path):
     assert (tmp_path / "llara_sasrec" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # launch/pretrain_srec.py in a subprocess
 def test_ctrl_c_in_the_first_epoch_is_a_message_not_a_traceback(tmp_path):
     """SIGINT before any epoch finished: exit 130 with a line saying nothing was saved (Video's first
     SASRec epoch takes ~30 s here, so the signal lands inside it)."""

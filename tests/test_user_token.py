@@ -40,7 +40,10 @@ GOLDEN_SHARDS = {
 
 
 def _build(tok_dir, out, user_token=False):
-    data = {"source": "synthetic", "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
+    from trainer.config import load_config, to_dict
+
+    # the default data section (load_source reads a full one), a small synthetic set
+    data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
     items, splits, stats = load_source(data, 5)
     return write_shards(items, splits, tok_dir, str(out), num_candidates=20, max_len=400, samples_per_shard=200,
                         seed=5, workers=1, stats=stats, user_token=user_token)
@@ -224,7 +227,7 @@ def test_step_injects_user_adapter_of_user_state_and_grads(user_run):
 
 
 def test_export_round_trip_and_generation(user_run, tmp_path):
-    from trainer.evaluate import generate
+    from trainer.evaluation import generate
     from trainer.export import export_model, load_export
 
     cfg, paths = user_run
@@ -280,6 +283,7 @@ def test_prepare_refuses_a_changed_user_token_and_reads_old_stamps(small_run, us
     shutil.rmtree(out)
 
 
+@pytest.mark.slow  # torchrun subprocesses (2 gloo ranks, ZeRO-3)
 def test_zero3_two_ranks_with_the_user_token_match_one_process(user_run, tmp_path):
     """Optimizer steps hybrid, text-only, hybrid with the user adapter under DeepSpeed ZeRO-3 on 2 gloo
     ranks (no Ray) give the losses of one plain process. A user-adapter gradient left over from step 0

@@ -13,13 +13,14 @@ newest complete one is used instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
@@ -48,7 +49,10 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
+def save_checkpoint(engine, root: str, step: int, state: dict, rank: int) -> str:
+    """Collective: every rank writes its partitions and RNG states; rank 0 then writes the trainer
+    state, COMPLETE and `latest`. Old checkpoints are deleted by Ray Train (train.keep_last), which
+    must know of every folder it deletes (trainer/train_loop.py reports each checkpoint to it)."""
     tag = tag_for(step)
     path = os.path.join(root, tag)
     rng = _rng_states()  # saving must not move the RNG streams: a run that saved here and one
@@ -64,9 +68,6 @@ def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_l
         with open(tmp, "w") as f:
             f.write(tag)
         os.replace(tmp, os.path.join(root, LATEST))
-        complete = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.exists(os.path.join(root, t, COMPLETE)))
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return path
 
@@ -85,6 +86,12 @@ def find_latest(root: str) -> str | None:
     return complete[-1] if complete else None
 
 
+def read_trainer_state(checkpoint_dir: str) -> dict:
+    """A checkpoint's trainer_state.json: step, epoch, reader position, world size, the run's config."""
+    with open(os.path.join(checkpoint_dir, STATE)) as f:
+        return json.load(f)
+
+
 def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     path = os.path.join(root, tag)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -93,5 +100,29 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     rng = os.path.join(path, f"rng_rank{rank}.safetensors")
     if os.path.exists(rng):
         _set_rng_states(load_file(rng))
-    with open(os.path.join(path, STATE)) as f:
-        return json.load(f)
+    return read_trainer_state(path)
+
+
+def resume_tag(reported, root: str) -> tuple[str | None, str]:
+    """The checkpoint to resume from: the one last reported to Ray (what a FailureConfig restart is
+    handed), if it is complete; else the newest complete one in the output folder (a new run of the
+    same command, or a report that never reached Ray). Returns (tag or None, where it came from)."""
+    if reported is not None:
+        path = os.path.realpath(reported.path)
+        if os.path.dirname(path) == os.path.realpath(root) and os.path.exists(os.path.join(path, COMPLETE)):
+            return os.path.basename(path), "the checkpoint reported to Ray"
+        log.warning("the checkpoint Ray handed over (%s) is not a complete checkpoint of %s: ignoring it", reported.path, root)
+    return find_latest(root), "the newest complete checkpoint in the output folder"
+
+
+def report_checkpoint(metrics: dict, root: str, step: int, is_main: bool) -> None:
+    """Register a saved checkpoint with Ray Train (every rank calls this; rank 0 passes the folder).
+    It already lies in the run's storage (RunConfig storage_path=output_dir, name="checkpoints"), so
+    nothing is copied. Ray keeps the newest train.keep_last (CheckpointConfig) and deletes older ones:
+    Ray's run snapshot must never name a folder that is gone, or the next run in this output folder
+    (a resume) would be refused by Ray."""
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(os.path.join(root, tag_for(step))) if is_main else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=tag_for(step),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)

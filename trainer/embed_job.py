@@ -25,12 +25,12 @@ from trainer.config import to_dict
 log = logging.getLogger(__name__)
 
 
-def report_path(d: dict, items, cache_dir: str, model_id: str) -> str:
+def report_path(data_cfg: dict, items, cache_dir: str, model_id: str) -> str:
     """The workers' report beside the cache file of these embeddings."""
     from trainer.retrieval import cache_entry
 
-    r = d["retrieval"]
-    path, _, _ = cache_entry(cache_dir, model_id, r["template"], items, r["pooling"], dtype=r["dtype"])
+    retrieval = data_cfg["retrieval"]
+    path, _, _ = cache_entry(cache_dir, model_id, retrieval["template"], items, retrieval["pooling"], dtype=retrieval["dtype"])
     return path.removesuffix(".safetensors") + ".workers.json"
 
 
@@ -41,24 +41,24 @@ def embed_worker(config: dict) -> None:
     import ray.train.torch
 
     from shards.ctr import item_embeddings
+    from trainer.ray_cluster import setup_worker_process
     from trainer.retrieval import gather_rows, shard_bounds
-    from trainer.train_loop import _setup_env
 
     cfg = OmegaConf.create(config["cfg"])
-    _setup_env(cfg)
+    setup_worker_process(cfg.train.use_gpu, cfg.train.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # this worker's GPU with train.use_gpu (Ray made it the default), else CPU
-    d, items = to_dict(cfg.data), config["items"]
+    data_cfg, items = to_dict(cfg.data), config["items"]
     start = time.time()
-    item_embeddings(d, items, config["llm_dir"], config["cache_dir"], config["model_id"], device)
+    item_embeddings(data_cfg, items, config["llm_dir"], config["cache_dir"], config["model_id"], device)
     lo, hi = shard_bounds(len(items), rank, world)
     mine = torch.tensor([[rank, lo, hi, os.getpid(), round((time.time() - start) * 1000)]])
     every = gather_rows(mine, world)  # [world, 5]: of `world` rows, rank r's slice is row r
     if rank == 0:
         ranks = [{"rank": r, "first": first, "last": end - 1, "items": end - first, "pid": pid, "seconds": ms / 1000}
                  for r, first, end, pid, ms in every.tolist()]
-        with open(report_path(d, items, config["cache_dir"], config["model_id"]), "w") as f:
+        with open(report_path(data_cfg, items, config["cache_dir"], config["model_id"]), "w") as f:
             json.dump({"items": len(items), "workers": world, "model": config["model_id"], "ranks": ranks}, f, indent=1)
 
 
@@ -66,30 +66,22 @@ def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str) -> dict | None:
     """Compute the items' embeddings on train.num_workers Ray workers (train.cpus_per_worker CPUs,
     a GPU each with train.use_gpu) and write them to the cache in cache_dir. Returns the workers'
     report (which rank embedded which items), or None when the cache already held them: no job.
-    Ray must already be connected (launch/train.py connect_ray)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    Ray must already be connected (trainer/ray_cluster.py connect)."""
     from shards.ctr import cached_embeddings
+    from trainer.ray_cluster import run_on_workers
     from trainer.retrieval import model_fingerprint
 
-    d, cache_dir = to_dict(cfg.data), os.path.abspath(cache_dir)
+    data_cfg, cache_dir = to_dict(cfg.data), os.path.abspath(cache_dir)
     model_id = model_fingerprint(llm_dir)
-    if cached_embeddings(d, items, llm_dir, cache_dir, model_id) is not None:
+    if cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id) is not None:
         log.info("item embeddings: found in the cache %s", cache_dir)
         return None
-    t = cfg.train
-    log.info("item embeddings: %d items on %d Ray workers", len(items), t.num_workers)
-    trainer = TorchTrainer(
-        train_loop_per_worker=embed_worker,
-        train_loop_config={"cfg": to_dict(cfg), "items": items, "llm_dir": os.path.abspath(llm_dir),
-                           "cache_dir": cache_dir, "model_id": model_id},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(storage_path=os.path.join(cache_dir, "ray"), name="embed"),
-    )
-    trainer.fit()
-    with open(report_path(d, items, cache_dir, model_id)) as f:
+    train_cfg = cfg.train
+    log.info("item embeddings: %d items on %d Ray workers", len(items), train_cfg.num_workers)
+    run_on_workers(embed_worker, {"cfg": to_dict(cfg), "items": items, "llm_dir": os.path.abspath(llm_dir),
+                                  "cache_dir": cache_dir, "model_id": model_id},
+                   train_cfg.num_workers, train_cfg.cpus_per_worker, train_cfg.use_gpu, storage_path=os.path.join(cache_dir, "ray"), name="embed")
+    with open(report_path(data_cfg, items, cache_dir, model_id)) as f:
         report = json.load(f)
     for w in report["ranks"]:
         log.info("item embeddings: worker %d (pid %d) embedded items %d..%d (%d items) in %.1f s, loading the LLM included",

@@ -20,6 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+EXPORT_META = "export.json"
+
+
+def read_export_meta(export_dir: str) -> dict:
+    """What the export was made from (step, base, srec, injection, the saved names)."""
+    with open(os.path.join(export_dir, EXPORT_META)) as f:
+        return json.load(f)
+
+
 def _gathered(model, names_params):
     """Full copies of the given parameters (ZeRO-3 gathers them; elsewhere they are whole already)."""
     params = [p for _, p in names_params]
@@ -52,7 +61,7 @@ def export_model(peft_model, tokenizer, out_dir: str, rank: int, meta: dict) -> 
         os.remove(user_file)
     save_file({k: v.contiguous() for k, v in base.items()}, os.path.join(out_dir, "trained_base.safetensors"))
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
+    with open(os.path.join(out_dir, EXPORT_META), "w") as f:
         json.dump({**meta, "lora": sorted(lora), "projector": sorted(projector), "trained_base": sorted(base),
                    **({"user_projector": sorted(user)} if user else {})}, f, indent=1)
 
@@ -65,9 +74,12 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainer.model.build import grow_vocab
     from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
 
+    tok = AutoTokenizer.from_pretrained(os.path.join(export_dir, "tokenizer"))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    grow_vocab(model, len(tok))  # LLaRA's tokens, as training added them to a stock folder
     adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
     adapter.load_state_dict(load_file(os.path.join(export_dir, "projector.safetensors")))
     user_adapter = None
@@ -84,5 +96,4 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
     with torch.no_grad():
         for n, t in base.items():
             params[n].copy_(t)
-    tok = AutoTokenizer.from_pretrained(os.path.join(export_dir, "tokenizer"))
     return peft_model.eval(), peft_model.get_input_embeddings(), tok

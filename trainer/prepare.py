@@ -46,105 +46,161 @@ def _built_from(stamp: dict) -> dict:
 
 
 def run_paths(output_dir: str) -> dict:
+    """Every place a run reads or writes under its output folder, named once here. The names inside
+    a folder belong to the module that writes it: shards/build.py (data/), trainer/checkpoint.py
+    (checkpoints/step_N/), trainer/export.py (export/), trainer/signals.py (STOP, PREEMPTED)."""
     out = os.path.abspath(output_dir)
-    return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "srec": os.path.join(out, "assets", "srec"),
+    logs = os.path.join(out, "logs")
+    return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "tokenizer": os.path.join(out, "assets", "llm"),
+            "srec": os.path.join(out, "assets", "srec"),
             "data": os.path.join(out, "data"), "checkpoints": os.path.join(out, "checkpoints"),
-            "logs": os.path.join(out, "logs"), "eval": os.path.join(out, "eval"),
-            "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb")}
+            "logs": logs, "eval": os.path.join(out, "eval"), "export": os.path.join(out, "export"),
+            "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb"),
+            "metrics": os.path.join(logs, "metrics.jsonl"), "tensorboard": os.path.join(logs, "tensorboard"),
+            "loss_plot": os.path.join(logs, "loss.png"), "deepspeed_config": os.path.join(logs, "deepspeed_config.json")}
+
+
+def source_paths(output_dir: str, model_base: str | None, srec_path: str | None) -> dict:
+    """run_paths with the run's sources in place: model.base's folder as the LLM, used where it is
+    (the run's tokenizer, the base's plus LLaRA's tokens, then lives in assets/tokenizer), and an
+    SRec folder given as srec.path (LLaRA's .pt is imported into assets/srec)."""
+    paths = run_paths(output_dir)
+    if model_base:
+        paths["llm"] = os.path.abspath(model_base)
+        paths["tokenizer"] = os.path.join(paths["output_dir"], "assets", "tokenizer")
+    if srec_path and not str(srec_path).endswith(".pt"):
+        paths["srec"] = os.path.abspath(srec_path)
+    return paths
+
+
+def prepared_paths(output_dir: str) -> dict:
+    """The paths of a run prepared before (launch/eval.py): its sources read from its stamp."""
+    paths = run_paths(output_dir)
+    if not os.path.exists(paths["stamp"]):
+        return paths
+    with open(paths["stamp"]) as f:
+        stamp = json.load(f)
+    return source_paths(output_dir, stamp["model"].get("base"), stamp["srec"].get("path"))
 
 
 def prepare(cfg: DictConfig, embed=None) -> dict:
     """Build (or reuse) the run's assets and shards; returns run_paths. embed(items, llm_dir, cache_dir),
     when given, computes SUBR's item embeddings into the cache before the shards need them (launch/train.py
     does it on the Ray workers); without it they are computed here, in this process."""
-    paths = run_paths(cfg.output_dir)
+    from shards.build import load_source
+    from shards.prompts import templates
+    from trainer.srec.pretrain import check_pretrain_args
+
+    paths = source_paths(cfg.output_dir, cfg.model.base, cfg.srec.path)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
     if os.path.exists(paths["stamp"]):
-        with open(paths["stamp"]) as f:
-            old = json.load(f)
-        for (*parents, key), value in _ADDED_KEYS.items():
-            node = old
-            for name in parents:
-                node = node.get(name) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.setdefault(key, copy.deepcopy(value))  # never the constant itself
-        old, new = _built_from(old), _built_from(stamp)
-        if old != new:
-            changed = sorted(k for k in new if old.get(k) != new[k])
-            raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
-                             "use a new output_dir (or the old config) so checkpoints match their data and model")
+        check_stamp(paths, stamp)
         log.info("reusing data and assets in %s", paths["output_dir"])
         return paths
-
-    from transformers import AutoTokenizer
-
-    from shards.build import load_source, write_shards
-    from shards.ctr import make_samples, manifest_params, needs_retrieval, pool_len
-    from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
-    from shards.readers import read_profiles
-    from trainer.model.build import load_tokenizer
-    from trainer.model.tiny import build_tiny_llama, build_tokenizer
-    from trainer.srec import save_srec
-    from trainer.srec.pretrain import check_pretrain_args, pretrain
-
-    d = to_dict(cfg.data)
-    user_token = bool(d["user_token"])
-    llara_templates = templates(user_token, d["domain"])  # an unknown data.domain stops here, before any work
+    data_cfg = to_dict(cfg.data)
+    templates(data_cfg["user_token"], data_cfg["domain"])  # an unknown data.domain stops here, before any work
     if not cfg.srec.path:
         check_pretrain_args(**to_dict(cfg.srec))  # so does a bad srec.* choice (the SRec is trained last)
-    items, splits, stats = load_source(d, cfg.seed)
+    items, splits, stats = load_source(data_cfg, cfg.seed)
+    build_llm(cfg, items, paths)
+    manifest = build_shards(cfg, items, splits, stats, paths, embed)
+    build_srec(cfg, splits, manifest["num_items"], paths)
+    with open(paths["stamp"], "w") as f:
+        json.dump(stamp, f, indent=1)
+    return paths
+
+
+def check_stamp(paths: dict, stamp: dict) -> None:
+    """Refuse an output folder prepared from another data, model or SRec config (a ValueError)."""
+    with open(paths["stamp"]) as f:
+        old = json.load(f)
+    for (*parents, key), value in _ADDED_KEYS.items():
+        node = old
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(key, copy.deepcopy(value))  # never the constant itself
+    old, new = _built_from(old), _built_from(stamp)
+    if old != new:
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
+                         "use a new output_dir (or the old config) so checkpoints match their data and model")
+
+
+def build_llm(cfg: DictConfig, items, paths: dict) -> None:
+    """The run's tokenizer and LLM: model.base's folder with its tokenizer grown by LLaRA's tokens
+    (trainer/model/build.py prepare_tokenizer; the model grows to match when it is loaded), or the
+    tiny Llama and its tokenizer built in assets/llm."""
+    from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
+    from trainer.model.build import prepare_tokenizer
+    from trainer.model.tiny import build_tiny_llama, build_tokenizer
+
+    user_token = cfg.data.user_token
     if cfg.model.base:
-        paths["llm"] = os.path.abspath(cfg.model.base)
-        AutoTokenizer.from_pretrained(paths["llm"])  # fail early if it is not a tokenizer folder
-        if user_token:
-            load_tokenizer(paths["llm"], user_token=True)  # it must know [UserEmb]: an error names it
-    else:
-        log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
-        # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
-        # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
-        # and ReLLa's answers, so that " Yes" and " No" are whole tokens (CTR scoring reads their logits)
-        corpus = [" " + t for _, t, _ in items] + list(llara_templates) + list(CTR_ANSWERS)
-        if d["task"] == "ctr":  # only then: the default tokenizer stays byte-identical
-            corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
-        tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
-        t = cfg.model.tiny
-        build_tiny_llama(tokenizer, paths["llm"], t.hidden_size, t.num_layers, t.num_heads,
-                         t.intermediate_size, t.max_position_embeddings, cfg.seed)
-    srec_splits = splits
-    if pool_len(d) != d["history_len"]:  # the SRec sees the history_len most recent, as the prompts' K
-        srec_splits = {k: [dict(x, history=x["history"][-d["history_len"]:]) for x in v] for k, v in splits.items()}
-    if embed is not None and needs_retrieval(d):
+        tokenizer, added = prepare_tokenizer(paths["llm"], paths["tokenizer"], user_token)
+        log.info("tokenizer of %s with %s added (%d tokens) in %s", paths["llm"], ", ".join(added) or "nothing",
+                 len(tokenizer), paths["tokenizer"])
+        return
+    log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
+    # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
+    # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
+    # and ReLLa's answers, so that " Yes" and " No" are whole tokens (CTR scoring reads their logits)
+    corpus = [" " + t for _, t, _ in items] + list(templates(user_token, cfg.data.domain)) + list(CTR_ANSWERS)
+    if cfg.data.task == "ctr":  # only then: the default tokenizer stays byte-identical
+        corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
+    tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
+    tiny = cfg.model.tiny
+    build_tiny_llama(tokenizer, paths["llm"], tiny.hidden_size, tiny.num_layers, tiny.num_heads,
+                     tiny.intermediate_size, tiny.max_position_embeddings, cfg.seed)
+
+
+def build_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict, embed) -> dict:
+    """Samples -> prompts -> tokenized shards in data/ (SUBR's item embeddings first, if needed); the manifest."""
+    from shards.build import write_shards
+    from shards.ctr import make_samples, manifest_params, needs_retrieval
+    from shards.readers import read_profiles
+
+    data_cfg = to_dict(cfg.data)
+    if embed is not None and needs_retrieval(data_cfg):
         embed(items, paths["llm"], paths["item_emb"])  # make_samples then finds them in the cache
-    prompt_splits = make_samples(d, splits, items, cfg.seed, paths["llm"], paths["item_emb"])
-    profiles = read_profiles(d["source"], d.get("path")) if d["task"] == "ctr" and d["ctr"]["profile"] else {}
+    prompt_splits = make_samples(data_cfg, splits, items, cfg.seed, paths["llm"], paths["item_emb"])
+    wants_profiles = data_cfg["task"] == "ctr" and data_cfg["ctr"]["profile"]
+    profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
     log.info("building shards in %s", paths["data"])
-    manifest = write_shards(items, prompt_splits, paths["llm"], paths["data"], num_candidates=d["num_candidates"],
-                            max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed,
-                            workers=d["build_workers"], stats=stats, user_token=user_token, task=d["task"],
-                            profiles=profiles, extra_params=manifest_params(d), domain=d["domain"])
+    manifest = write_shards(items, prompt_splits, paths["tokenizer"], paths["data"], num_candidates=data_cfg["num_candidates"],
+                            max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
+                            workers=data_cfg["build_workers"], stats=stats, user_token=data_cfg["user_token"],
+                            task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
+                            domain=data_cfg["domain"])
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
-    if cfg.srec.path and not str(cfg.srec.path).endswith(".pt"):
-        paths["srec"] = os.path.abspath(cfg.srec.path)
-    elif cfg.srec.path:
+    return manifest
+
+
+def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> None:
+    """The frozen SRec: srec.path's folder as it is, LLaRA's .pt imported, or one pretrained here on
+    the same splits (on the history_len most recent items, as the prompts' K); its item count checked."""
+    from shards.ctr import pool_len
+    from trainer.srec import load_srec, save_srec
+    from trainer.srec.pretrain import pretrain
+
+    if cfg.srec.path and str(cfg.srec.path).endswith(".pt"):
         from trainer.srec.llara_import import load_llara_sasrec
 
         log.info("importing LLaRA's SASRec from %s", cfg.srec.path)
         save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])
-    else:
-        s = to_dict(cfg.srec)
-        s.pop("path")
-        log.info("pretraining %s (%d epochs at most)", s["arch"], s["epochs"])
-        model, report = pretrain(srec_splits, manifest["num_items"], max_len=cfg.data.history_len, seed=cfg.seed, **s)
+    elif not cfg.srec.path:
+        history_len = cfg.data.history_len
+        if pool_len(to_dict(cfg.data)) != history_len:
+            splits = {name: [dict(x, history=x["history"][-history_len:]) for x in rows] for name, rows in splits.items()}
+        srec_args = to_dict(cfg.srec)
+        srec_args.pop("path")
+        log.info("pretraining %s (%d epochs at most)", srec_args["arch"], srec_args["epochs"])
+        model, report = pretrain(splits, num_items, max_len=history_len, seed=cfg.seed, **srec_args)
         save_srec(model, paths["srec"])
         with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        log.info("%s: best validation NDCG@10 %.4f", s["arch"], report["best_val_ndcg@10"])
-    from trainer.srec import load_srec
-
+        log.info("%s: best validation NDCG@10 %.4f", srec_args["arch"], report["best_val_ndcg@10"])
     n = load_srec(paths["srec"]).num_items
-    if n != manifest["num_items"]:
+    if n != num_items:
         raise ValueError(f"the SRec at {paths['srec']} knows {n} items, the shards' vocabulary has "
-                         f"{manifest['num_items']}; use an SRec trained on this data set")
-    with open(paths["stamp"], "w") as f:
-        json.dump(stamp, f, indent=1)
-    return paths
+                         f"{num_items}; use an SRec trained on this data set")

@@ -49,6 +49,8 @@ TEMPLATES = {
     "game": ("Here is a game. Its title is {title}.", " The game's genre is {genre}."),
     "item": ("Here is an item. Its title is {title}.", " Its category is {genre}."),
 }
+POOLINGS = ("mean", "last")  # data.retrieval.pooling: hidden states -> item embedding
+ORDERS = ("sequential", "similarity")  # data.retrieval.order: of the chosen history items
 
 
 # ----------------------------------------------------------------------------- item texts
@@ -106,7 +108,7 @@ def embed_items(model, tokenizer, texts: list[str], batch_size: int = 32, poolin
     or in a batch, up to float rounding. The model's own last hidden state (after the final norm)
     is used, i.e. what `output_hidden_states=True` returns last, without computing the logits.
     """
-    if pooling not in ("mean", "last"):
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}: expected 'mean' or 'last'")
     lo, hi = shard_bounds(len(texts), rank, world)
     ids = tokenizer(list(texts[lo:hi]), truncation=True, max_length=max_length)["input_ids"] if hi > lo else []
@@ -341,7 +343,7 @@ def retrieve(history, target_ids, item_vecs: torch.Tensor, k: int, order: str = 
     history vectors [b, L, D] and one bmm with the targets (small batches keep that gather in
     cache; on a 2-core CPU 64 was fastest of 16..1024).
     """
-    if order not in ("similarity", "sequential"):
+    if order not in ORDERS:
         raise ValueError(f"order={order!r}: expected 'similarity' or 'sequential'")
     history = pad_histories(history)
     targets = torch.as_tensor(target_ids, dtype=torch.long)

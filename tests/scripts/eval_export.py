@@ -12,7 +12,7 @@ def main():
     out = sys.argv[1]
     from shards.build import load_manifest
     from trainer.data import read_shard
-    from trainer.evaluate import generate
+    from trainer.evaluation import generate
     from trainer.export import load_export
     from trainer.srec import load_srec
 

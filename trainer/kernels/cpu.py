@@ -2,9 +2,14 @@
 definitions (TORCH_LIBRARY), their CPU kernels (at::parallel_for) and their autograd (a C++
 torch::autograd::Function registered under the Autograd key, for every device), so that neither the
 forward nor the backward of a training step goes through Python. Built with torch's extension
-tooling on first use (~40 s with g++, then cached in TORCH_EXTENSIONS_DIR) and loaded into the
+tooling on first use (~40 s with g++, then cached: trainer/kernels/build.py) and loaded into the
 process as a plain shared library (no Python module). trainer/kernels/inject.py adds the fake
 (meta) kernels, the CUDA (Triton) kernels and a default for other devices.
+
+Where it is built and how concurrent or killed builds are handled (an OS lock that dies with its
+holder, never torch's FileBaton left behind by a killed build): trainer/kernels/build.py. Build it
+ahead of time with `python -m trainer.kernels.build`; a machine without a compiler (a GPU node: the
+ops that the CUDA kernels serve are defined here too) loads a library built once elsewhere.
 
 at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this
 library (the kernels ran on one thread until the flag was added), so the build passes -fopenmp
@@ -13,7 +18,8 @@ whenever torch itself uses OpenMP; the library then shares torch's OpenMP runtim
 from __future__ import annotations
 
 import functools
-import shutil
+
+from trainer.kernels.build import NoCompiler  # noqa: F401  (raised by load_library)
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -164,19 +170,13 @@ TORCH_LIBRARY_IMPL(llmrec, Autograd, m) {
 """
 
 
-class NoCompiler(RuntimeError):
-    pass
-
-
 @functools.cache
 def load_library() -> str:
-    """Build (or load the cached build of) the C++ library; it defines the ops when loaded."""
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        raise NoCompiler("the fused injection's CPU kernel needs a C++ compiler (g++), none was found on PATH; "
-                         "install one (apt-get install g++) or set model.injection=reference")
+    """Load the C++ library (it defines the ops when loaded), building it first if there is no complete
+    build for this source and torch; returns its path. Raises NoCompiler if it must be built and cannot."""
     import torch
-    from torch.utils.cpp_extension import load_inline
+
+    from trainer.kernels.build import load
 
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    return load_inline(name="llmrec_inject", cpp_sources=[SOURCE], extra_cflags=["-O3", *openmp],
-                       extra_ldflags=openmp, is_python_module=False, verbose=False)
+    return load(SOURCE, ["-O3", *openmp], openmp)

@@ -16,8 +16,10 @@ it at the non-slot positions, nothing at padding_idx. Kernels:
   TRITON_INTERPRET=1 on CPU;
 - fake (meta), for torch.compile: registered here;
 - any other device: the reference forward and a branch-free index_add backward, registered here.
-The library is built (g++, ~40 s, cached) and the ops registered by `load()`, which the first
-eager `inject_fused` call makes; call it yourself before torch.compile-ing a model that uses it.
+The library is built (g++, ~40 s, once per source and torch; ahead of time with
+`python -m trainer.kernels.build`, see trainer/kernels/build.py) and the ops registered by `load()`,
+which the first eager `inject_fused` call makes; call it yourself before torch.compile-ing a model
+that uses it.
 """
 
 from __future__ import annotations

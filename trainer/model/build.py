@@ -7,29 +7,69 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shards.prompts import PLACEHOLDERS, USER_EMB
+from shards.prompts import PLACEHOLDERS, USER_EMB, check_placeholder_tokens
 from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
 
 
-def load_tokenizer(model_dir: str, user_token: bool = False):
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    needed = [*PLACEHOLDERS, USER_EMB] if user_token else list(PLACEHOLDERS)
-    missing = [t for t in needed if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
-    if missing:
-        raise ValueError(f"tokenizer in {model_dir} lacks the special tokens {missing}")
+PAD = "[PAD]"  # the pad token added to a tokenizer that has none (LLaRA's choice too; why: prepare_tokenizer)
+
+
+def prepare_tokenizer(base_dir: str, out_dir: str, user_token: bool = False):
+    """The run's tokenizer for a stock model folder, saved to out_dir: the base's own, plus LLaRA's
+    placeholders ([PH], [HistoryEmb], [CansEmb], [ItemEmb]; [UserEmb] with data.user_token) as special
+    tokens (never split, never merged with a neighbour) and, when it has none (Llama-2, Mistral), a
+    pad token. The pad is a new "[PAD]", as LLaRA adds, not eos: padded positions are masked out of
+    attention and loss either way, but with pad = eos a collator or a user's code that masks labels by
+    id would also mask the answer's real eos. Tokens the base already has are kept as they are."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    wanted = [*PLACEHOLDERS, USER_EMB] if user_token else list(PLACEHOLDERS)
+    added = [t for t in wanted if t not in tok.get_vocab()]
+    tok.add_tokens(added, special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD})
+        added.append(PAD)
+    tok.save_pretrained(out_dir)
+    return tok, added
+
+
+def load_tokenizer(tokenizer_dir: str, user_token: bool = False):
+    """The run's tokenizer; refused (a ValueError naming the pieces) when it lacks LLaRA's tokens."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_placeholder_tokens(tok, user_token, tokenizer_dir)
     return tok
 
 
+def grow_vocab(model, vocab_size: int) -> int:
+    """Give the tokens the run's tokenizer added rows in the input and output embeddings (tied ones
+    stay tied), each new row the mean of the old rows: a plain `resize_token_embeddings(n,
+    mean_resizing=False)` followed by that mean reproduces it (README, "Export"). Nothing when the
+    embedding already has the rows (Qwen2's is padded past its tokenizer). Returns the rows added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    with torch.no_grad():
+        for weight in weights.values():  # one when tied
+            weight[old:] = weight[:old].mean(0)
+    return vocab_size - old
+
+
 def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
-                      seed: int = 0, injection: str = "fused", user_token: bool = False):
+                      seed: int = 0, injection: str = "fused", user_token: bool = False, vocab_size: int | None = None):
     """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes).
 
     Trainable: the LoRA weights, the adapter, and every parameter whose name contains one of the
     strings in `unfreeze` (e.g. "lm_head"; the embedded default's tiny Llama is untrained, so it
     trains its embeddings, norms and head too; for a real checkpoint leave it empty, as LLaRA does).
-    With user_token, a second adapter for the SRec's user states (trainable too).
+    With user_token, a second adapter for the SRec's user states (trainable too). vocab_size: the run
+    tokenizer's length; the embeddings grow to it (grow_vocab) before anything else sees the model.
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if vocab_size is not None:
+        grow_vocab(model, vocab_size)
     torch.manual_seed(seed)
     adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
     # made after the item adapter, only when on: the default's initial weights stay as they were

@@ -68,6 +68,11 @@ def xavier_init(model: SRec) -> None:
             emb.weight[emb.padding_idx].zero_()
 
 
+LOSSES = ("ce", "bce")  # srec.loss
+POSITIONS = ("last", "all")  # srec.positions
+INITS = ("default", "xavier")  # srec.init
+
+
 def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str = "last", init: str = "default",
                         **_) -> None:
     """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
@@ -76,11 +81,11 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
 
     if arch not in ARCHS:
         raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    if init not in ("default", "xavier"):
+    if init not in INITS:
         raise ValueError(f"srec.init={init!r}: expected default or xavier")
-    if loss not in ("ce", "bce"):
+    if loss not in LOSSES:
         raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
-    if positions not in ("last", "all"):
+    if positions not in POSITIONS:
         raise ValueError(f"srec.positions={positions!r}: expected last or all")
     if positions == "all" and not hasattr(ARCHS[arch], "sequence_output"):
         raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
