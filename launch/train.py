@@ -152,11 +152,11 @@ def main(argv=None) -> int:
     from trainer.train_loop import train_worker
 
     connect_ray(cfg, out)
-    # checkpoints are written by the workers into <output_dir>/checkpoints and reported to Ray in place;
-    # Ray deletes all but the newest train.keep_last of them (so its run snapshot stays true)
+    # the workers write (and prune) their checkpoints in <output_dir>/checkpoints; Ray's own run state
+    # goes to logs/ray (trainer/ray_cluster.py)
     run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, cfg.train.num_workers,
-                   cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["output_dir"], name="checkpoints",
-                   max_failures=cfg.train.max_failures, keep_last=cfg.train.keep_last)
+                   cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["ray"], name="train",
+                   max_failures=cfg.train.max_failures)
     return print_outcome(cfg, paths)
 
 

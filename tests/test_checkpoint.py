@@ -22,23 +22,13 @@ def test_find_latest_skips_torn_checkpoints(tmp_path):
     assert find_latest(str(tmp_path)) == "step_000020"
 
 
-def test_resume_tag_prefers_the_checkpoint_reported_to_ray_when_complete(tmp_path):
-    from ray.train import Checkpoint
+def test_prune_keeps_the_newest_complete_and_drops_torn_older_ones(tmp_path):
+    from trainer.checkpoint import prune, resume_tag
 
-    from trainer.checkpoint import COMPLETE
-    from trainer.checkpoint import resume_tag
-
-    root = tmp_path / "checkpoints"
-    for step, complete in ((4, True), (8, True), (12, False)):
-        (root / f"step_{step:06d}").mkdir(parents=True)
-        if complete:
-            (root / f"step_{step:06d}" / COMPLETE).touch()
-    assert resume_tag(None, str(root)) == ("step_000008", "the newest complete checkpoint in the output folder")
-    reported = Checkpoint.from_directory(str(root / "step_000004"))
-    assert resume_tag(reported, str(root)) == ("step_000004", "the checkpoint reported to Ray")
-    torn = Checkpoint.from_directory(str(root / "step_000012"))  # reported, then torn: not used
-    assert resume_tag(torn, str(root))[0] == "step_000008"
-    elsewhere = tmp_path / "other" / "step_000004"
-    elsewhere.mkdir(parents=True)
-    (elsewhere / COMPLETE).touch()
-    assert resume_tag(Checkpoint.from_directory(str(elsewhere)), str(root))[0] == "step_000008"
+    for step, complete in ((4, True), (8, False), (12, True), (16, True), (20, False)):
+        _ckpt(tmp_path, f"step_{step:06d}", complete)
+    # step 8 torn by a kill, the run fell back to step 4 and went on; step 20 torn by the last kill
+    assert prune(str(tmp_path), keep_last=2) == ["step_000004", "step_000008"]
+    assert sorted(os.listdir(tmp_path)) == ["step_000012", "step_000016", "step_000020"]
+    assert resume_tag(str(tmp_path)) == "step_000016"  # never the torn one
+    assert prune(str(tmp_path), keep_last=0) == []  # 0: keep every complete one

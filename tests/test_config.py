@@ -73,7 +73,29 @@ def test_llara_lastfm_preset_data_fit_its_srec():
     items, splits, _ = load_source({**cfg.data, "path": os.path.join(REPO, cfg.data.path)}, cfg.seed)
     srec = load_llara_sasrec(os.path.join(REPO, cfg.srec.path))
     assert len(items) == srec.num_items == 4606 and len(splits["train"]) > 0
-    assert cfg.data.num_candidates == 20 and cfg.train.micro_batch * cfg.train.grad_accum == 128
+    train = cfg.train
+    assert cfg.data.num_candidates == 20 and train.micro_batch * train.grad_accum * train.num_workers == 128
+
+
+@pytest.mark.parametrize("preset, global_batch", [("llara_movielens.yaml", 128), ("llara_steam.yaml", 128),
+                                                  ("llara_lastfm.yaml", 128), ("rella_ml1m.yaml", 64)])
+def test_presets_keep_their_recipes_global_batch_on_any_worker_count(preset, global_batch):
+    for workers in (1, 2, 4, 8):
+        train = load_config(os.path.join(CONFIG_DIR, preset), [f"train.num_workers={workers}"]).train
+        assert train.micro_batch * train.grad_accum * workers == global_batch, (preset, workers)
+
+
+def test_an_impossible_global_batch_split_is_refused_naming_the_worker_counts_that_work():
+    with pytest.raises(ConfigError, match=r"train.global_batch=128 cannot be split into micro_batch 4 x whole "
+                                          r"accumulation steps x 3 workers; worker counts that work with "
+                                          r"micro_batch 4: 1, 2, 4, 8, 16, 32"):
+        load_config(None, ["train.global_batch=128", "train.micro_batch=4", "train.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"not a multiple of micro_batch 8"):
+        load_config(None, ["train.global_batch=100", "train.num_workers=1"])
+    with pytest.raises(ConfigError, match=r"train.grad_accum=5 but .* needs 4: give one of them"):
+        load_config(None, ["train.global_batch=64", "train.grad_accum=5"])
+    assert load_config(None, ["train.global_batch=64", "train.grad_accum=4"]).train.grad_accum == 4
+    assert load_config(None, ["train.grad_accum=3"]).train.grad_accum == 3  # global_batch -1: as given
 
 
 # ---- the typed schema (trainer/config.py): types on merge, ranges and choices right after
@@ -116,6 +138,8 @@ def test_the_schema_loads_every_preset_and_keeps_its_dict_form(preset):
     cfg = load_config(path)
     assert OmegaConf.get_type(cfg) is Config and OmegaConf.get_type(cfg.train) is Train
     untyped = OmegaConf.merge(OmegaConf.load(DEFAULT), OmegaConf.load(path))
+    if untyped.train.global_batch > 0:  # the one value the typed load derives (derive_accumulation)
+        untyped.train.grad_accum = untyped.train.global_batch // (untyped.train.micro_batch * untyped.train.num_workers)
     assert json.dumps(to_dict(cfg)) == json.dumps(OmegaConf.to_container(untyped, resolve=True))
 
 

@@ -7,7 +7,10 @@
     <output_dir>/checkpoints/latest         the newest complete tag, replaced atomically, written last
 
 A checkpoint whose COMPLETE marker is missing (the run died while writing it) is never loaded; the
-newest complete one is used instead.
+newest complete one is used instead, and the torn folder is written again from scratch when the run
+gets there. After each save the newest train.keep_last complete checkpoints are kept (prune). This
+module alone decides which checkpoints exist: Ray Train is told of none (its run snapshot would
+otherwise name folders deleted here or by a kill, and refuse the next run in the folder).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -49,14 +53,20 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(engine, root: str, step: int, state: dict, rank: int) -> str:
+def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
     """Collective: every rank writes its partitions and RNG states; rank 0 then writes the trainer
-    state, COMPLETE and `latest`. Old checkpoints are deleted by Ray Train (train.keep_last), which
-    must know of every folder it deletes (trainer/train_loop.py reports each checkpoint to it)."""
+    state, COMPLETE and `latest`, and only then deletes what is no longer needed (prune). This module
+    is the one owner of the checkpoint folder: Ray Train is never told of checkpoints, so no run
+    snapshot of Ray's can name a folder that is gone."""
     tag = tag_for(step)
     path = os.path.join(root, tag)
+    if rank == 0 and os.path.exists(path):  # a torn one from before a fallback to an older checkpoint:
+        shutil.rmtree(path)  # written again from scratch, no stale file of it left beside the new ones
+    _barrier()
     rng = _rng_states()  # saving must not move the RNG streams: a run that saved here and one
-    engine.save_checkpoint(root, tag=tag, save_latest=False)  # that did not must draw the same numbers next
+    # only what training changes: the frozen base (13.5 GB for a 7B in bf16) is the model folder's, read again on resume
+    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True)  # that did not must
+    # draw the same numbers next
     _set_rng_states(rng)
     save_file(rng, os.path.join(path, f"rng_rank{rank}.safetensors"))
     _barrier()
@@ -68,8 +78,24 @@ def save_checkpoint(engine, root: str, step: int, state: dict, rank: int) -> str
         with open(tmp, "w") as f:
             f.write(tag)
         os.replace(tmp, os.path.join(root, LATEST))
+        prune(root, keep_last)
     _barrier()
     return path
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Delete all but the newest keep_last complete checkpoints (0: keep all), and every torn one
+    older than the newest complete (a torn newer one is left: the run that tore it may be this one's
+    future, about to write it again). Returns the tags deleted."""
+    steps = sorted(t for t in os.listdir(root) if t.startswith("step_"))
+    complete = [t for t in steps if os.path.exists(os.path.join(root, t, COMPLETE))]
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    doomed += [t for t in steps if t not in complete and complete and t < complete[-1]]
+    for tag in doomed:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+    if doomed:
+        log.info("checkpoints deleted (train.keep_last=%d, or torn): %s", keep_last, ", ".join(sorted(doomed)))
+    return sorted(doomed)
 
 
 def find_latest(root: str) -> str | None:
@@ -86,6 +112,16 @@ def find_latest(root: str) -> str | None:
     return complete[-1] if complete else None
 
 
+def _load_trained(src: dict, dst) -> None:
+    """DeepSpeed's module load for a checkpoint that holds only the trained parameters (older ones hold
+    the frozen base too): every trainable parameter must be there; the frozen ones are the base's."""
+    result = dst.load_state_dict(src, strict=False)
+    lost = sorted(set(result.missing_keys) & {n for n, p in dst.named_parameters() if p.requires_grad})
+    if lost or result.unexpected_keys:
+        raise RuntimeError(f"the checkpoint does not match the model: trained parameters missing {lost[:3]}, "
+                           f"unknown {result.unexpected_keys[:3]}")
+
+
 def read_trainer_state(checkpoint_dir: str) -> dict:
     """A checkpoint's trainer_state.json: step, epoch, reader position, world size, the run's config."""
     with open(os.path.join(checkpoint_dir, STATE)) as f:
@@ -94,7 +130,8 @@ def read_trainer_state(checkpoint_dir: str) -> dict:
 
 def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     path = os.path.join(root, tag)
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          custom_load_fn=_load_trained)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     rng = os.path.join(path, f"rng_rank{rank}.safetensors")
@@ -103,26 +140,7 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     return read_trainer_state(path)
 
 
-def resume_tag(reported, root: str) -> tuple[str | None, str]:
-    """The checkpoint to resume from: the one last reported to Ray (what a FailureConfig restart is
-    handed), if it is complete; else the newest complete one in the output folder (a new run of the
-    same command, or a report that never reached Ray). Returns (tag or None, where it came from)."""
-    if reported is not None:
-        path = os.path.realpath(reported.path)
-        if os.path.dirname(path) == os.path.realpath(root) and os.path.exists(os.path.join(path, COMPLETE)):
-            return os.path.basename(path), "the checkpoint reported to Ray"
-        log.warning("the checkpoint Ray handed over (%s) is not a complete checkpoint of %s: ignoring it", reported.path, root)
-    return find_latest(root), "the newest complete checkpoint in the output folder"
-
-
-def report_checkpoint(metrics: dict, root: str, step: int, is_main: bool) -> None:
-    """Register a saved checkpoint with Ray Train (every rank calls this; rank 0 passes the folder).
-    It already lies in the run's storage (RunConfig storage_path=output_dir, name="checkpoints"), so
-    nothing is copied. Ray keeps the newest train.keep_last (CheckpointConfig) and deletes older ones:
-    Ray's run snapshot must never name a folder that is gone, or the next run in this output folder
-    (a resume) would be refused by Ray."""
-    import ray.train
-
-    ckpt = ray.train.Checkpoint.from_directory(os.path.join(root, tag_for(step))) if is_main else None
-    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=tag_for(step),
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+def resume_tag(root: str) -> str | None:
+    """The checkpoint a run resumes from: the newest complete one in its folder (a restart by Ray's
+    FailureConfig and a new run of the same command alike; Ray is never told of checkpoints)."""
+    return find_latest(root)

@@ -245,6 +245,7 @@ class Train:
     max_failures: int = key(Range(0, minus_one=True))  # -1: Ray restarts the workers without limit
     micro_batch: int = at_least(1)
     grad_accum: int = at_least(1)
+    global_batch: int = all_or_count()  # > 0: grad_accum is derived from it (derive_accumulation)
     epochs: int = at_least(1)
     max_steps: int = all_or_count()
     lr: float = above(0)
@@ -404,7 +405,29 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for source, layer in layers:
         cfg = _merge(cfg, layer, source)
     check_values(cfg)
+    derive_accumulation(cfg.train)
     return cfg
+
+
+def derive_accumulation(train: DictConfig) -> None:
+    """train.global_batch > 0 fixes micro_batch x grad_accum x num_workers: grad_accum is set to the
+    quotient (so a preset keeps its recipe's global batch on any GPU count). A split that is not whole,
+    or a grad_accum given besides that disagrees, is a ConfigError naming the worker counts that work."""
+    if train.global_batch <= 0:
+        return
+    per_micro_step = train.micro_batch * train.num_workers
+    if train.global_batch % per_micro_step:
+        per_worker = train.global_batch // train.micro_batch if train.global_batch % train.micro_batch == 0 else 0
+        works = [w for w in range(1, per_worker + 1) if per_worker % w == 0]
+        hint = (f"worker counts that work with micro_batch {train.micro_batch}: {', '.join(map(str, works))}" if works
+                else f"it is not a multiple of micro_batch {train.micro_batch}")
+        raise ConfigError(f"train.global_batch={train.global_batch} cannot be split into micro_batch "
+                          f"{train.micro_batch} x whole accumulation steps x {train.num_workers} workers; {hint}")
+    derived = train.global_batch // per_micro_step
+    if train.grad_accum not in (1, derived):
+        raise ConfigError(f"train.grad_accum={train.grad_accum} but train.global_batch={train.global_batch} with micro_batch "
+                          f"{train.micro_batch} and {train.num_workers} workers needs {derived}: give one of them")
+    train.grad_accum = derived
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -57,7 +57,8 @@ def run_paths(output_dir: str) -> dict:
             "logs": logs, "eval": os.path.join(out, "eval"), "export": os.path.join(out, "export"),
             "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb"),
             "metrics": os.path.join(logs, "metrics.jsonl"), "tensorboard": os.path.join(logs, "tensorboard"),
-            "loss_plot": os.path.join(logs, "loss.png"), "deepspeed_config": os.path.join(logs, "deepspeed_config.json")}
+            "loss_plot": os.path.join(logs, "loss.png"), "deepspeed_config": os.path.join(logs, "deepspeed_config.json"),
+            "ray": os.path.join(logs, "ray")}
 
 
 def source_paths(output_dir: str, model_base: str | None, srec_path: str | None) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,13 @@ def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: b
 
 
 def run_on_workers(fn, config: dict, workers: int, cpus_per_worker: int, use_gpu: bool, storage_path: str,
-                   name: str, max_failures: int = 0, keep_last: int = 0):
-    """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them.
-    Ray Train keeps its run state (and the checkpoints reported to it) in storage_path/name; it
-    restarts the workers up to max_failures times, and deletes all but the newest keep_last reported
-    checkpoints (0: keep all). Ray must be connected (connect)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                   name: str, max_failures: int = 0):
+    """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them; Ray
+    restarts them up to max_failures times (-1: without limit). Ray Train keeps its run state in
+    storage_path/name, a folder of its own per call (name made unique with the time and this process):
+    no job's state, nor Ray's bookkeeping of checkpoints, is ever read back by another. The jobs keep
+    their checkpoints themselves (trainer/checkpoint.py). Ray must be connected (connect)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.console import quiet_known_noise
@@ -62,9 +64,9 @@ def run_on_workers(fn, config: dict, workers: int, cpus_per_worker: int, use_gpu
         train_loop_per_worker=fn,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=os.path.abspath(storage_path), name=name,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_last if keep_last > 0 else None)),
+        run_config=RunConfig(storage_path=os.path.abspath(storage_path),
+                             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
 

@@ -14,7 +14,7 @@
       finish           the last checkpoint, the loss plot, the export, then evaluate (eval.split)
 
 What it does not do: build data or assets (trainer/prepare.py, on the driver, before the workers
-start), start Ray (trainer/ray_cluster.py), delete old checkpoints (Ray Train does, train.keep_last).
+start), start Ray (trainer/ray_cluster.py).
 
 A sample's path: shards/build.py wrote it as token ids + placeholder positions; trainer/data.py
 streams and pads it (slot_map says which unique item fills which position); here the SRec gives
@@ -69,6 +69,7 @@ class Run:
     total_steps: int
     progress: dict = field(default_factory=lambda: {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0})
     last_saved: int = -1        # the step of the newest checkpoint written or resumed from
+    partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +93,8 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     import ray.train.torch
 
     from trainer.data import SplitReader
-    from trainer.model.build import build_llara_model
+    from trainer.ds_config import deepspeed_config
+    from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.precision import TORCH_DTYPES, resolve_precision
 
     setup_worker_process(cfg.train.use_gpu, cfg.train.cpus_per_worker)
@@ -107,6 +109,8 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     log.info("rank %d of %d on Ray node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), os.uname().nodename)
 
     manifest, tokenizer, srec = load_inputs(cfg, paths, device)
+    ds_config = deepspeed_config(cfg, precision)
+    loading = partitioned_loading(ds_config)  # ZeRO-3: each worker loads only its partition of the LLM
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
                                      injection=cfg.model.injection, user_token=cfg.data.user_token,
@@ -119,14 +123,15 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
         raise ValueError(f"no training samples in {paths['data']}")
     steps_per_epoch = reader.batches_per_epoch() // train_cfg.grad_accum
     total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * steps_per_epoch
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-    engine = build_engine(cfg, model, precision, device, total_steps, paths["deepspeed_config"] if rank == 0 else None)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    engine = build_engine(cfg, model, ds_config, device, total_steps, paths["deepspeed_config"] if rank == 0 else None)
     if rank == 0:
         log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
                  "ZeRO stage %d; %d trainable parameters", train_cfg.micro_batch * train_cfg.grad_accum * world,
                  train_cfg.micro_batch, train_cfg.grad_accum, world, total_steps, steps_per_epoch,
                  train_cfg.zero_stage, n_trainable)
-    return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps)
+    return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
+               partitioned_loading=loading)
 
 
 def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
@@ -149,19 +154,17 @@ def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
     return manifest, tokenizer, srec
 
 
-def build_engine(cfg: DictConfig, model, precision: str, device, total_steps: int, config_file: str | None):
+def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: int, config_file: str | None):
     """DeepSpeed's engine: AdamW on the trainable parameters, warm-up + cosine per optimizer step,
-    the config from train.* with train.deepspeed merged in (written to config_file when given)."""
+    ds_config (train.* with train.deepspeed merged in; written to config_file when given)."""
     import deepspeed
 
     from trainer.curriculum import warmup_cosine
-    from trainer.ds_config import deepspeed_config
 
     train_cfg = cfg.train
     warmup = max(1, int(train_cfg.warmup_ratio * total_steps))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
                                   weight_decay=train_cfg.weight_decay)
-    ds_config = deepspeed_config(cfg, precision)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         args=SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None,
@@ -179,11 +182,9 @@ def build_engine(cfg: DictConfig, model, precision: str, device, total_steps: in
 # ---- resume
 
 def resume(run: Run) -> None:
-    """Continue from the checkpoint Ray handed over or the newest complete one; nothing if none."""
-    import ray.train
-
+    """Continue from the newest complete checkpoint in the run's folder; nothing if there is none."""
     root = run.paths["checkpoints"]
-    tag, source = ckpt.resume_tag(ray.train.get_checkpoint(), root)
+    tag = ckpt.resume_tag(root)
     if not tag:
         return
     saved_world = ckpt.read_trainer_state(os.path.join(root, tag))["world_size"]
@@ -194,7 +195,7 @@ def resume(run: Run) -> None:
     run.progress = {key: saved[key] for key in run.progress}
     run.last_saved = run.progress["global_step"]
     if run.is_main:
-        log.info("resumed from %s (%s): step %d, epoch %d, position %d", tag, source, run.progress["global_step"],
+        log.info("resumed from %s: step %d, epoch %d, position %d", tag, run.progress["global_step"],
                  run.progress["epoch"], run.progress["position"])
         _truncate_metrics(run.paths["metrics"], run.progress["global_step"])
 
@@ -303,9 +304,8 @@ def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
     # rank 0's clock says whether a metrics report is due, shared with the stop flag in one collective
     stop, report_due = any_rank(signals.requested(run.paths["output_dir"]), step_log.report_due(record))
     if step % run.cfg.train.checkpoint_every == 0 or step == run.total_steps or stop:
-        save_checkpoint(run, record)  # its report to Ray carries the record
-        step_log.reported()
-    elif report_due:
+        save_checkpoint(run)
+    if report_due:
         step_log.report(record)
     if stop and run.is_main:
         log.info("stop requested: checkpoint %s written at step %d; run again to resume", ckpt.tag_for(step), step)
@@ -413,9 +413,6 @@ class StepLog:
         import ray.train
 
         ray.train.report(record)
-        self.reported()
-
-    def reported(self) -> None:
         self.last_report = time.monotonic()
 
     def close(self) -> None:
@@ -434,11 +431,10 @@ def _tensorboard(log_dir: str):
 
 # ---- checkpoints
 
-def save_checkpoint(run: Run, record: dict) -> None:
-    """Write the checkpoint of the current step (collective) and register it with Ray Train."""
+def save_checkpoint(run: Run) -> None:
+    """Write the checkpoint of the current step (collective); keep the newest train.keep_last."""
     step = run.progress["global_step"]
-    ckpt.save_checkpoint(run.engine, run.paths["checkpoints"], step, trainer_state(run), run.rank)
-    ckpt.report_checkpoint(record, run.paths["checkpoints"], step, run.is_main)
+    ckpt.save_checkpoint(run.engine, run.paths["checkpoints"], step, trainer_state(run), run.rank, run.cfg.train.keep_last)
     run.last_saved = step
 
 
@@ -463,7 +459,7 @@ def finish(run: Run) -> None:
 
     step = run.progress["global_step"]
     if run.last_saved != step:
-        save_checkpoint(run, {"step": step})
+        save_checkpoint(run)
     if run.is_main:
         _plot_losses(run.paths["metrics"], run.paths["loss_plot"])
     export_model(run.engine.module, run.tokenizer, run.paths["export"], run.rank,

@@ -3,9 +3,11 @@ and wrap it with peft LoRA. The adapter stays trainable next to the LoRA weights
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from shards.prompts import PLACEHOLDERS, USER_EMB, check_placeholder_tokens
 from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
@@ -41,23 +43,45 @@ def load_tokenizer(tokenizer_dir: str, user_token: bool = False):
     return tok
 
 
+def partitioned_loading(ds_config: dict):
+    """For ZeRO stage 3: an object that, while it lives, makes transformers' from_pretrained build the
+    model under deepspeed.zero.Init and load it partition by partition (rank 0 reads the weight files,
+    memory-mapped, one module at a time; the other ranks read only shapes), so that no worker ever
+    holds the whole model in host memory. None for other stages (each rank then holds the model)."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _whole(params):
+    """Within the block the parameters are whole, and what rank 0 writes reaches every rank's partition
+    (ZeRO-3, deepspeed.zero.GatheredParameters); elsewhere nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 def grow_vocab(model, vocab_size: int) -> int:
     """Give the tokens the run's tokenizer added rows in the input and output embeddings (tied ones
     stay tied), each new row the mean of the old rows: a plain `resize_token_embeddings(n,
     mean_resizing=False)` followed by that mean reproduces it (README, "Export"). Nothing when the
     embedding already has the rows (Qwen2's is padded past its tokenizer). Returns the rows added."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().num_embeddings  # the weight's shape is (0,) when partitioned
     if vocab_size <= old:
         return 0
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)  # gathers and re-partitions under ZeRO-3
     weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-    with torch.no_grad():
+    with _whole(weights.values()), torch.no_grad():
         for weight in weights.values():  # one when tied
             weight[old:] = weight[:old].mean(0)
     return vocab_size - old
 
 
-def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
+def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
                       seed: int = 0, injection: str = "fused", user_token: bool = False, vocab_size: int | None = None):
     """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes).
 
@@ -66,8 +90,13 @@ def build_llara_model(model_dir: str, srec_dim: int, lora_cfg: dict, unfreeze=()
     trains its embeddings, norms and head too; for a real checkpoint leave it empty, as LLaRA does).
     With user_token, a second adapter for the SRec's user states (trainable too). vocab_size: the run
     tokenizer's length; the embeddings grow to it (grow_vocab) before anything else sees the model.
+    model_dir may also be a transformers config: the model is then built from it with random weights
+    (e.g. under `with torch.device("meta")`, a 7B's shape without its memory).
     """
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if isinstance(model_dir, PretrainedConfig):
+        model = AutoModelForCausalLM.from_config(model_dir, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if vocab_size is not None:
         grow_vocab(model, vocab_size)
     torch.manual_seed(seed)
