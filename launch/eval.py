@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--max-samples", type=int, default=-1, help="the first N samples of the split (-1: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--candidates-per-pass", type=int, default=5,
+                   help="score: candidates scored together after one prompt forward (each holds a copy of the "
+                        "prompt's KV cache; as eval.candidates_per_pass)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; default: CPU")
@@ -91,6 +94,11 @@ def check_arguments(args) -> tuple[list[str], dict, tuple]:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"unknown mode(s) {bad}; expected some of {', '.join(MODES)}")
+    for option in ("batch_size", "max_new_tokens", "candidates_per_pass", "workers", "cpus_per_worker", "object_store_mb"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')}={getattr(args, option)}: expected an integer >= 1")
+    if args.max_samples == 0 or args.max_samples < -1:
+        raise ValueError(f"--max-samples={args.max_samples}: expected -1 (all) or an integer >= 1")
     resolve_precision(args.precision, args.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
     paths = prepared_paths(args.run)
     if not os.path.exists(os.path.join(paths["data"], MANIFEST)):
@@ -119,7 +127,8 @@ def main(argv=None) -> int:
               f"{'hybrid (behaviour tokens)' if hybrid else 'text-only'}, {args.workers} workers"
               f"{' (GPU' if args.gpu else ' (CPU'}, the LLM in {{precision}}).")  # the workers fill in what they chose
     job = EvalJob(paths=paths, source=source, split=args.split, modes=modes, hybrid=hybrid, max_samples=args.max_samples,
-                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed, out=out, gpu=args.gpu,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  candidates_per_pass=args.candidates_per_pass, seed=args.seed, out=out, gpu=args.gpu,
                   precision=args.precision, threads=args.cpus_per_worker, header=header)
     connect(args.ray_address, args.workers * args.cpus_per_worker, args.object_store_mb, args.gpu)
     if args.gpu:

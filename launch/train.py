@@ -78,12 +78,22 @@ def lock_output_dir(output_dir: str):
 def check_choices(cfg) -> None:
     """What the workers would refuse only after the data build and load_config's checks of single
     keys (trainer/config.py) do not cover, refused now (ValueError): half precision on CPU and
-    train.deepspeed's keys. The GPU's bf16 support is asked on the workers."""
+    train.deepspeed's keys, flash-attention without a GPU or its package. The GPU's bf16 support is asked on
+    the workers."""
     from trainer.ds_config import check_deepspeed_overrides
     from trainer.precision import resolve_precision
 
     resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     check_deepspeed_overrides(cfg)
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not cfg.train.use_gpu:
+            raise ValueError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true (flash-attn runs on "
+                             "CUDA only); use sdpa on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package on every node "
+                             "(pip install flash-attn); or use sdpa")
 
 
 def prepare_run(cfg):

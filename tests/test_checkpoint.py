@@ -32,3 +32,21 @@ def test_prune_keeps_the_newest_complete_and_drops_torn_older_ones(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step_000012", "step_000016", "step_000020"]
     assert resume_tag(str(tmp_path)) == "step_000016"  # never the torn one
     assert prune(str(tmp_path), keep_last=0) == []  # 0: keep every complete one
+
+
+def test_a_mid_epoch_resume_with_another_sample_order_is_refused():
+    """Mid-epoch the rest of the order depends on data.length_grouping, micro_batch and grad_accum."""
+    import pytest
+
+    from trainer.config import load_config, to_dict
+    from trainer.train_loop import check_epoch_order
+
+    old = to_dict(load_config(None, []))
+    old["data"].pop("length_grouping")  # a checkpoint from before the key: read as 0 (off)
+    grouped = load_config(None, ["data.length_grouping=8"])
+    with pytest.raises(ValueError, match=r"mid-epoch and was written with data.length_grouping=0 \(now 8\)"):
+        check_epoch_order(grouped, {"position": 160, "config": old}, "step_000010")
+    check_epoch_order(grouped, {"position": 0, "config": old}, "step_000010")  # an epoch boundary: any order
+    check_epoch_order(load_config(None, []), {"position": 160, "config": old}, "step_000010")  # unchanged
+    with pytest.raises(ValueError, match=r"train.micro_batch=8 \(now 4\)"):
+        check_epoch_order(load_config(None, ["train.micro_batch=4"]), {"position": 160, "config": old}, "step_000010")

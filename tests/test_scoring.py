@@ -60,6 +60,18 @@ def test_candidate_logliks_match_one_forward_per_candidate(setup, hybrid):
             assert abs(got[b, c].item() - want) < 1e-3, (b, c, got[b, c].item(), want)
 
 
+@pytest.mark.parametrize("per_pass", [1, 3, 7])
+def test_candidates_scored_a_few_at_a_time_give_the_scores_of_all_at_once(setup, per_pass):
+    """Bounded memory (at most per_pass copies of the prompt's cache) and the same scores as one pass
+    over every candidate (float rounding apart: other batch shapes)."""
+    model, embed, srec, tok, samples, titles = setup
+    C = len(meta(samples[0])["candidates"])
+    every = candidate_logliks(model, embed, srec, samples, tok, titles, True, "cpu", candidates_per_pass=C)
+    got = candidate_logliks(model, embed, srec, samples, tok, titles, True, "cpu", candidates_per_pass=per_pass)
+    assert torch.allclose(got, every, rtol=0, atol=1e-4), (got - every).abs().max()
+    assert torch.equal(got.argsort(1, descending=True)[:, :1], every.argsort(1, descending=True)[:, :1])
+
+
 def test_yes_probability_is_the_softmax_of_the_two_logits(setup):
     model, embed, srec, tok, samples, _ = setup
     p = yes_probability(model, embed, srec, samples[:1], tok, True, "cpu")

@@ -172,6 +172,7 @@ class Data:
     build_workers: int = at_least(0)
     verify_shards: bool = key()
     loader_workers: int = at_least(0)
+    length_grouping: int = at_least(0)  # 0 = off; N: windows of N global batches (trainer/data.py)
     synthetic: Synthetic = section(Synthetic)
     history_len: int = at_least(1)
     domain: str = choice("shards.prompts.DOMAINS")
@@ -209,6 +210,7 @@ class Model:
     lora: Lora = section(Lora)
     unfreeze: List[str] = key()
     injection: str = choice("trainer.model.hybrid_embedding.INJECTIONS")
+    attn_implementation: str = choice("trainer.model.build.ATTENTIONS")
 
 
 @dataclass
@@ -242,6 +244,8 @@ class Train:
     zero_stage: int = choice((0, 1, 2, 3))  # DeepSpeed's ZeRO stages
     offload_optimizer: bool = key()
     offload_params: bool = key()
+    activation_checkpointing: bool = key()
+    peak_tflops: float = at_least(0)  # 0: a known GPU's peak (trainer/flops.py), none on CPU
     max_failures: int = key(Range(0, minus_one=True))  # -1: Ray restarts the workers without limit
     micro_batch: int = at_least(1)
     grad_accum: int = at_least(1)
@@ -264,6 +268,7 @@ class Eval:
     max_samples: int = all_or_count()
     batch_size: int = at_least(1)
     max_new_tokens: int = at_least(1)
+    candidates_per_pass: int = at_least(1)
     compare: bool = key()
 
 

@@ -21,6 +21,21 @@ uninterrupted run. Because the global order does not depend on the world size, a
 different number of ranks re-splits the remainder correctly (the reader supports it; the trainer
 itself refuses a world-size change, see trainer/train_loop.py).
 
+Length grouping (data.length_grouping = N > 0; 0 = off: the order above, exactly). The order above is
+cut into windows of N global batches. Inside a window the samples are sorted by token count (stable:
+ties keep the order above) and cut into micro-steps of W x micro_batch samples (one micro-batch of
+every rank); a micro-step is laid out so that each rank's micro-batch is a contiguous run of the sorted
+lengths (rank r takes every W-th sample, so the sorted samples r x micro ... go to r, r + W, ...;
+interleaved, every rank would span the whole run). The micro-steps are then shuffled by a generator
+seeded by (seed, epoch, window), so lengths do not rise through the window and an optimizer step still
+mixes lengths; the epoch's last, partial micro-step stays last, before the fillers. That is again one
+global order per epoch, a function of (seed, epoch, the samples' lengths, N, W x micro_batch, global
+batch) and not of the rank or the start position, so exactly once, equal steps and the resume above
+hold as they are (a resume must keep N, micro_batch, W and grad_accum; the trainer keeps W). The
+lengths are the records' first int32 (T), read when a window's shards are read, which the epoch does
+anyway: no extra pass. A window's records (N x global batch samples) are held in memory; a resume
+skips whole windows without reading them.
+
 Loader workers. With k DataLoader workers, worker w decodes and collates the micro-batches
 b = w, w + k, ... of its rank; the DataLoader returns them round-robin, i.e. in order.
 Every rank reads every shard's bytes, but decodes only its own samples.
@@ -28,6 +43,7 @@ Every rank reads every shard's bytes, but decodes only its own samples.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import dataclass
@@ -86,6 +102,18 @@ def _raw_records(path: str):
         yield rec
 
 
+_GROUPING = 0x6C656E67  # tags the window generator's seed apart from the shards' (seed, epoch, shard)
+
+
+def record_length(rec: dict, path: str = "") -> int:
+    """A raw record's token count T (the first int32 of its llara.bin) without decoding it."""
+    try:
+        return int.from_bytes(rec["llara.bin"][:4], "little", signed=True)
+    except KeyError:
+        raise RuntimeError(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} "
+                           "has no llara.bin") from None
+
+
 def decode(rec: dict, path: str = "") -> dict:
     """A record's `llara.bin` (int32: T, S, prompt_len, input_ids[T], label_mask[T], slot_pos[S],
     slot_item[S] [, user_pos, history_len]) as arrays; `meta.json` is kept as bytes and parsed on
@@ -140,6 +168,11 @@ class SplitReader:
     seed: int
     shuffle: bool
     grad_accum: int = 1
+    length_grouping: int = 0  # 0: off; N: sort by length inside windows of N global batches (module docstring)
+
+    def __post_init__(self):
+        if self.length_grouping < 0:
+            raise ValueError(f"length_grouping={self.length_grouping}: expected 0 (off) or a number of global batches")
 
     @property
     def num_samples(self) -> int:
@@ -162,29 +195,85 @@ class SplitReader:
             return list(range(len(self.shards)))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
 
+    def _shard_records(self, epoch: int, s: int) -> tuple[list[dict], str]:
+        """Shard s's raw records in the epoch's order inside the shard, and its path."""
+        count = self.shards[s]["count"]
+        path = os.path.join(self.data_dir, self.shards[s]["name"])
+        records = list(_raw_records(path))
+        if len(records) != count:
+            raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {len(records)} samples, "
+                               f"the manifest says {count}")
+        inner = np.random.default_rng([self.seed, epoch, s]).permutation(count).tolist() if self.shuffle else range(count)
+        return [records[i] for i in inner], path
+
     def global_records(self, epoch: int, start: int = 0):
         """Yield (global index, raw record, shard path) of the epoch from `start` on, fillers at the end."""
+        if self.length_grouping:
+            yield from self._grouped_records(epoch, start)
+            return
         g = 0
         first = None
         for s in self._order(epoch):
             count = self.shards[s]["count"]
-            path = os.path.join(self.data_dir, self.shards[s]["name"])
             if g + count <= start and first is not None:  # skip a whole shard without reading it
                 g += count
                 continue
-            records = list(_raw_records(path))
-            if len(records) != count:
-                raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {len(records)} samples, "
-                                   f"the manifest says {count}")
-            inner = np.random.default_rng([self.seed, epoch, s]).permutation(count).tolist() if self.shuffle else range(count)
-            for i in inner:
+            records, path = self._shard_records(epoch, s)
+            for rec in records:
                 if first is None:
-                    first = (records[i], path)
+                    first = (rec, path)
                 if g >= start:
-                    yield g, records[i], path
+                    yield g, rec, path
                 g += 1
         for g in range(max(g, start), self.padded_length()):
             yield g, {**first[0], "__filler__": True}, first[1]
+
+    def _grouped_records(self, epoch: int, start: int):
+        """global_records with length grouping: the same samples and fillers, grouped window by window."""
+        order = self._order(epoch)
+        counts = [self.shards[s]["count"] for s in order]
+        ends = np.cumsum(counts).tolist()  # where the k-th shard of the order ends in the ungrouped order
+        n, window, step = self.num_samples, self.length_grouping * self.global_batch, self.world_size * self.micro_batch
+        loaded: dict[int, tuple[list[dict], str]] = {}  # k -> the k-th shard's records (the current window's)
+
+        def shard(k: int) -> tuple[list[dict], str]:
+            if k not in loaded:
+                loaded[k] = self._shard_records(epoch, order[k])
+            return loaded[k]
+
+        for w0 in range(start // window * window, n, window):  # a resume skips whole windows unread
+            w1 = min(w0 + window, n)
+            k0, k1 = bisect.bisect_right(ends, w0), bisect.bisect_left(ends, w1)
+            for k in [k for k in loaded if k < k0]:
+                del loaded[k]
+            items = []  # (record, path) of the window in the ungrouped order
+            for k in range(k0, k1 + 1):
+                records, path = shard(k)
+                begin = ends[k] - counts[k]
+                items += [(rec, path) for rec in records[max(w0, begin) - begin:min(w1, ends[k]) - begin]]
+            ranked = np.argsort([record_length(rec, path) for rec, path in items], kind="stable")
+            full = len(ranked) // step  # whole micro-steps; a partial one (the epoch's end) stays last
+            blocks = (np.random.default_rng([self.seed, epoch, w0 // window, _GROUPING]).permutation(full)
+                      if self.shuffle else range(full))
+            grouped = [i for b in blocks for i in self._deal(ranked[b * step:(b + 1) * step])]
+            grouped += self._deal(ranked[full * step:])
+            for i in range(max(start - w0, 0), len(grouped)):
+                yield (w0 + i, *items[grouped[i]])
+        if max(n, start) < self.padded_length():
+            records, path = shard(next(k for k, c in enumerate(counts) if c))  # the filler: the epoch's first
+            for g in range(max(n, start), self.padded_length()):               # sample, as when off
+                yield g, {**records[0], "__filler__": True}, path
+
+    def _deal(self, run: np.ndarray) -> list[int]:
+        """Lay a length-sorted run of one micro-step (W x micro samples, fewer at the epoch's end) out so
+        that each rank's micro-batch is a contiguous part of it: rank r takes the positions r, r + W, ...,
+        so the sorted samples r x micro ... go there (interleaved, every rank would span the whole run)."""
+        W = self.world_size
+        slots = [i * W + r for r in range(W) for i in range(len(run)) if i * W + r < len(run)]
+        out = [0] * len(run)
+        for slot, i in zip(slots, run.tolist()):
+            out[slot] = i
+        return out
 
     def rank_batches(self, epoch: int, start: int = 0, worker: int = 0, num_workers: int = 1):
         """Yield this rank's micro-batches (lists of decoded samples) from global position `start`.

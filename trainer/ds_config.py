@@ -33,6 +33,7 @@ OWNED = {
     "zero_optimization.offload_param.device": "train.offload_params",
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
+    "activation_checkpointing": "train.activation_checkpointing (DeepSpeed's section does not reach a Hugging Face model)",
 }
 
 

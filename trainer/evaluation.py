@@ -112,7 +112,7 @@ def rank_batches(samples: list[dict], rank: int, world: int, batch_size: int, sy
 
 
 def model_rows(model, embed, srec, tokenizer, titles, batches, modes, hybrid: bool, max_new_tokens: int, device,
-               synced_gpus: bool = False, compare: bool = False) -> list[dict]:
+               synced_gpus: bool = False, compare: bool = False, candidates_per_pass: int = 5) -> list[dict]:
     """One row per real sample of `batches` with what each mode gave; with `compare`, also the target's
     rank among the candidates by likelihood with hybrid and with text-only prompts (score_rank_hybrid,
     score_rank_text), whatever `hybrid` says."""
@@ -133,7 +133,7 @@ def model_rows(model, embed, srec, tokenizer, titles, batches, modes, hybrid: bo
         scorings = ([("score_rank", hybrid)] if "score" in modes else []) + \
             ([("score_rank_hybrid", True), ("score_rank_text", False)] if compare else [])
         for key, prompts in scorings:
-            ll = candidate_logliks(model, embed, srec, chunk, tokenizer, titles, prompts, device)
+            ll = candidate_logliks(model, embed, srec, chunk, tokenizer, titles, prompts, device, candidates_per_pass)
             for r, rank, row, m in zip(part, target_ranks(ll, target_positions(ms)).tolist(), ll, ms):
                 r[key] = rank
                 if key == "score_rank":
@@ -222,7 +222,8 @@ def evaluate_trained(engine, embed, srec, tokenizer, paths: dict, manifest: dict
     engine.eval()
     batches = rank_batches(samples, rank, world, cfg.eval.batch_size, synced=True)
     rows = model_rows(engine.module, embed, srec, tokenizer, titles, batches, ("ctr",) if ctr else ("generate",),
-                      hybrid, cfg.eval.max_new_tokens, device, synced_gpus=world > 1, compare=compare)
+                      hybrid, cfg.eval.max_new_tokens, device, synced_gpus=world > 1, compare=compare,
+                      candidates_per_pass=cfg.eval.candidates_per_pass)
     rows = gather_rows(rows, world)
     if rows is None:
         return {}
@@ -254,6 +255,7 @@ class EvalJob:
     max_samples: int
     batch_size: int
     max_new_tokens: int
+    candidates_per_pass: int
     seed: int
     out: str
     gpu: bool
@@ -339,7 +341,7 @@ def eval_worker(config: dict) -> None:
     check_modes(manifest, job.modes)
     batches = rank_batches(samples, rank, world, job.batch_size, synced=False)  # a whole model per worker
     rows = gather_rows(model_rows(model, embed, srec, tokenizer, titles, batches, job.modes, job.hybrid,
-                                  job.max_new_tokens, device), world)
+                                  job.max_new_tokens, device, candidates_per_pass=job.candidates_per_pass), world)
     if rows is not None:
         assert len(rows) == len(samples)  # each sample exactly once
         # CTR samples have no candidates to rank: no ranking baselines

@@ -30,10 +30,11 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                                        "pooling": "mean", "pca_dim": 512, "batch_size": 32},
                ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs",
                ("data", "domain"): "movie", ("srec", "adam_beta2"): 0.999, ("srec", "init"): "default",
-               ("data", "synthetic", "zipf_a"): 1.2, ("data", "retrieval", "dtype"): "float32"}
+               ("data", "synthetic", "zipf_a"): 1.2, ("data", "retrieval", "dtype"): "float32",
+               ("model", "attn_implementation"): "sdpa", ("data", "length_grouping"): 0}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder
 _RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
-                 ("model", "injection"))
+                 ("model", "injection"), ("model", "attn_implementation"), ("data", "length_grouping"))
 
 
 def _built_from(stamp: dict) -> dict:

@@ -1,8 +1,9 @@
 """Scoring instead of generating: two evaluation modes that read the model's probabilities.
 
 - Candidate scoring (LLaRA's task): rank a sample's candidates by the log-likelihood of
-  " <title>\\n" after the prompt. The prompt runs once; its KV cache is repeated for the candidates,
-  which run together in one more forward. Every answer is valid; HR@1, HR@5 and NDCG@5 follow.
+  " <title>\\n" after the prompt. The prompt runs once; its KV cache is repeated for a few candidates
+  at a time (eval.candidates_per_pass), which run together in one more forward. Every answer is
+  valid; HR@1, HR@5 and NDCG@5 follow.
 - CTR (ReLLa): P(yes) = softmax over the "Yes" and "No" logits at the answer position.
 
 Both see the prompt as training does: behaviour tokens injected (hybrid) or placeholders as [PH].
@@ -13,6 +14,7 @@ candidates, with the same tie rule.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import numpy as np
@@ -41,14 +43,44 @@ def _positions(attention: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def candidate_logliks(model, embed, srec, samples: list[dict], tokenizer, titles: list[str], hybrid: bool,
-                      device) -> torch.Tensor:
-    """[B, C] summed log-probabilities of each candidate's " <title>\\n" after the sample's prompt."""
+                      device, candidates_per_pass: int = 5) -> torch.Tensor:
+    """[B, C] summed log-probabilities of each candidate's " <title>\\n" after the sample's prompt.
+
+    The prompt runs once; its KV cache is then copied for candidates_per_pass candidates at a time,
+    so at most that many copies of a long prompt's cache exist at once (all C at once held tens of
+    GB at 7B: 16 prompts x 20 candidates x 400 tokens)."""
     batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
     ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
     attn = batch["attention_mask"].to(device)
     with ctx:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=True)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=True,
+                    logits_to_keep=1)  # the LM head at the last prompt position only
     first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the first answer token
+    cand_ids, cand_mask = _candidate_tokens(samples, tokenizer, titles)  # [B, C, L]
+    B, C, L = cand_ids.shape
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+    cache_name = "cache" if "cache" in out else "past_key_values"
+    scores = torch.empty(B, C)
+    for lo in range(0, C, candidates_per_pass):
+        k = min(candidates_per_pass, C - lo)
+        ids_k = cand_ids[:, lo:lo + k].reshape(B * k, L).to(device)
+        mask_k = cand_mask[:, lo:lo + k].reshape(B * k, L).to(device)
+        cache = copy.deepcopy(out[cache_name]) if lo + k < C else out[cache_name]  # the last pass takes the original
+        cache.batch_repeat_interleave(k)  # the prompt's keys and values, once per candidate of this pass
+        full_mask = torch.cat([attn.repeat_interleave(k, 0), mask_k], 1)
+        pos = attn.sum(1).repeat_interleave(k, 0)[:, None] + torch.arange(L, device=device)[None]
+        logits = model(input_ids=ids_k, attention_mask=full_mask, position_ids=pos, **{cache_name: cache}).logits
+        logp = logits.float().log_softmax(-1)  # [B*k, L, V]: token j+1 given the prompt and tokens <= j
+        lp = torch.empty(ids_k.shape, device=device)
+        lp[:, 0] = first.repeat_interleave(k, 0).gather(1, ids_k[:, :1]).squeeze(1)
+        if L > 1:
+            lp[:, 1:] = logp[:, :-1].gather(2, ids_k[:, 1:, None]).squeeze(2)
+        scores[:, lo:lo + k] = (lp * mask_k).sum(1).view(B, k).cpu()
+    return scores
+
+
+def _candidate_tokens(samples: list[dict], tokenizer, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, C, L] ids of each candidate's " <title>\\n", right-padded; the same shape's mask)."""
     cands = [meta(s)["candidates"] for s in samples]
     C = len(cands[0])
     if any(len(c) != C for c in cands):
@@ -60,21 +92,7 @@ def candidate_logliks(model, embed, srec, samples: list[dict], tokenizer, titles
     for i, t in enumerate(toks):
         cand_ids[i, :len(t)] = torch.as_tensor(t)
         cand_mask[i, :len(t)] = 1
-    cand_ids, cand_mask = cand_ids.to(device), cand_mask.to(device)
-    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
-    cache_name = "cache" if "cache" in out else "past_key_values"
-    cache = out[cache_name]
-    cache.batch_repeat_interleave(C)  # the prompt's keys and values, once per candidate
-    full_mask = torch.cat([attn.repeat_interleave(C, 0), cand_mask], 1)
-    start = attn.sum(1).repeat_interleave(C, 0)[:, None]
-    pos = start + torch.arange(L, device=device)[None]
-    logits = model(input_ids=cand_ids, attention_mask=full_mask, position_ids=pos, **{cache_name: cache}).logits
-    logp = logits.float().log_softmax(-1)  # [B*C, L, V]: token j+1 given the prompt and tokens <= j
-    lp = torch.empty(cand_ids.shape, device=device)
-    lp[:, 0] = first.repeat_interleave(C, 0).gather(1, cand_ids[:, :1]).squeeze(1)
-    if L > 1:
-        lp[:, 1:] = logp[:, :-1].gather(2, cand_ids[:, 1:, None]).squeeze(2)
-    return (lp * cand_mask).sum(1).view(len(samples), C).cpu()
+    return cand_ids.view(len(samples), C, L), cand_mask.view(len(samples), C, L)
 
 
 @torch.no_grad()
@@ -93,7 +111,8 @@ def yes_probability(model, embed, srec, samples: list[dict], tokenizer, hybrid: 
     ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
     attn = batch["attention_mask"].to(device)
     with ctx:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn)).logits[:, -1].float()
+        out = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), logits_to_keep=1)
+    logits = out.logits[:, -1].float()
     return logits[:, [yes, no]].softmax(-1)[:, 0].cpu()
 
 

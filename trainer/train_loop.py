@@ -70,6 +70,8 @@ class Run:
     progress: dict = field(default_factory=lambda: {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0})
     last_saved: int = -1        # the step of the newest checkpoint written or resumed from
     partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
+    flops_shape: dict = field(default_factory=dict)  # params, trained, layers, hidden: trainer/flops.py
+    peak_flops: float | None = None  # one device's peak FLOP/s (None on CPU: no MFU)
 
     @property
     def is_main(self) -> bool:
@@ -94,6 +96,7 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
 
     from trainer.data import SplitReader
     from trainer.ds_config import deepspeed_config
+    from trainer.flops import peak_flops
     from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.precision import TORCH_DTYPES, resolve_precision
 
@@ -115,23 +118,30 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
                                      injection=cfg.model.injection, user_token=cfg.data.user_token,
                                      dtype=TORCH_DTYPES[precision],  # loaded in it: a 7B is 14 GB per worker, not 28
-                                     vocab_size=len(tokenizer))  # a stock folder grows by LLaRA's tokens
+                                     vocab_size=len(tokenizer),  # a stock folder grows by LLaRA's tokens
+                                     attn_implementation=cfg.model.attn_implementation,
+                                     activation_checkpointing=cfg.train.activation_checkpointing)
     train_cfg = cfg.train
     reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
-                         train_cfg.micro_batch, cfg.seed, shuffle=True, grad_accum=train_cfg.grad_accum)
+                         train_cfg.micro_batch, cfg.seed, shuffle=True, grad_accum=train_cfg.grad_accum,
+                         length_grouping=cfg.data.length_grouping)
     if reader.num_samples == 0:
         raise ValueError(f"no training samples in {paths['data']}")
     steps_per_epoch = reader.batches_per_epoch() // train_cfg.grad_accum
     total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * steps_per_epoch
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    llm_config = model.get_base_model().config
+    flops_shape = {"params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()), "trained": n_trainable,
+                   "layers": llm_config.num_hidden_layers, "hidden": llm_config.hidden_size}
     engine = build_engine(cfg, model, ds_config, device, total_steps, paths["deepspeed_config"] if rank == 0 else None)
     if rank == 0:
         log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
                  "ZeRO stage %d; %d trainable parameters", train_cfg.micro_batch * train_cfg.grad_accum * world,
                  train_cfg.micro_batch, train_cfg.grad_accum, world, total_steps, steps_per_epoch,
                  train_cfg.zero_stage, n_trainable)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train_cfg.peak_tflops)
     return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
-               partitioned_loading=loading)
+               partitioned_loading=loading, flops_shape=flops_shape, peak_flops=peak)
 
 
 def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
@@ -187,10 +197,12 @@ def resume(run: Run) -> None:
     tag = ckpt.resume_tag(root)
     if not tag:
         return
-    saved_world = ckpt.read_trainer_state(os.path.join(root, tag))["world_size"]
+    state = ckpt.read_trainer_state(os.path.join(root, tag))
+    saved_world = state["world_size"]
     if saved_world != run.world:  # checked before DeepSpeed reads partitions made for another world size
         raise ValueError(f"checkpoint {tag} was written by {saved_world} workers, this run has {run.world}; "
                          f"resume with train.num_workers={saved_world}")
+    check_epoch_order(run.cfg, state, tag)
     saved = ckpt.load_checkpoint(run.engine, root, tag, run.rank)
     run.progress = {key: saved[key] for key in run.progress}
     run.last_saved = run.progress["global_step"]
@@ -198,6 +210,21 @@ def resume(run: Run) -> None:
         log.info("resumed from %s: step %d, epoch %d, position %d", tag, run.progress["global_step"],
                  run.progress["epoch"], run.progress["position"])
         _truncate_metrics(run.paths["metrics"], run.progress["global_step"])
+
+
+def check_epoch_order(cfg: DictConfig, state: dict, tag: str) -> None:
+    """Mid-epoch, the rest of the epoch's sample order depends on data.length_grouping, micro_batch and
+    grad_accum (trainer/data.py): refuse to resume there with other values (samples would be lost or
+    seen twice). At an epoch boundary any may change."""
+    if state["position"] == 0:
+        return
+    saved = state["config"]
+    keys = (("data", "length_grouping", 0), ("train", "micro_batch", None), ("train", "grad_accum", None))
+    changed = [f"{section}.{key}={saved[section].get(key, old_default)} (now {cfg[section][key]})"
+               for section, key, old_default in keys if saved[section].get(key, old_default) != cfg[section][key]]
+    if changed:
+        raise ValueError(f"checkpoint {tag} is mid-epoch and was written with {', '.join(changed)}: the rest of the "
+                         f"epoch's order depends on them; resume with the checkpoint's values")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -263,11 +290,15 @@ def train(run: Run) -> str:
 
 
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
-    """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere)."""
+    """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere). The LM head
+    runs at the positions that predict an answer token only (logits_to_keep): no [B, T, V] logits."""
     from trainer.data import user_states
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
     attention = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    positions = answer_positions(labels)
+    forward = dict(attention_mask=attention, logits_to_keep=positions, use_cache=False)
     if not hybrid:
         # Text-only: placeholders become the plain [PH] token and no behaviour row is written. The
         # adapter still runs on one zero row that no position uses, so its gradient is an exact
@@ -279,22 +310,31 @@ def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device
         text_ids = torch.where(slot_map >= 0, torch.full_like(ids, ph_id), ids)
         zero = torch.zeros(1, srec.hidden, device=device)
         with embed.inject(torch.full_like(ids, -1), zero, zero if embed.user_adapter is not None else None):
-            logits = engine(input_ids=text_ids, attention_mask=attention).logits
+            logits = engine(input_ids=text_ids, **forward).logits
     else:
         with torch.no_grad():
             vectors = srec.item_vectors(batch["unique_items"].to(device))  # one call per batch, unique items
             users = user_states(srec, batch, device) if embed.user_adapter is not None else None  # one call per batch
         with embed.inject(slot_map, vectors, users):
-            logits = engine(input_ids=ids, attention_mask=attention).logits
-    return answer_loss(logits, batch["labels"].to(device))
+            logits = engine(input_ids=ids, **forward).logits
+    return answer_loss(logits, labels, positions)
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the answer tokens (labels != -100). A micro-batch of only
-    fillers has no answer token: its loss is 0 and still carries a graph, so every rank runs backward."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits the loss reads: t where any sample's token t+1 is an answer token
+    (LLaRA's answer is a title, ~5-15 of ~300-500 tokens; the samples' answers end where their
+    prompts do, so the union over the batch stays small)."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (labels != -100). logits: [B, T, V] of
+    every position, or [B, K, V] of `positions` only (answer_positions; the same loss). A micro-batch of
+    only fillers has no answer token: its loss is 0 and still carries a graph, so every rank runs backward."""
+    targets = labels[:, 1:] if positions is None else labels[:, positions + 1]
+    logits = (logits[:, :-1] if positions is None else logits).float()
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
@@ -386,23 +426,38 @@ class StepLog:
         self.steps_since_summary += 1
         if self.logging_step(step):
             record.update(meter.summary(self.steps_since_summary))
+            record.update(self.utilisation(record))
             self.steps_since_summary = 0
         if self.run.is_main:
             self.write(record)
         return record
+
+    def utilisation(self, record: dict) -> dict:
+        """MFU over the window (None without a known peak: CPU) and peak memory (trainer/flops.py)."""
+        from trainer.flops import peak_memory_gib, training_flops_per_token
+
+        run, seq_len = self.run, record["tokens_per_s"] / max(record["samples_per_s"], 1e-9)
+        flops = training_flops_per_token(**run.flops_shape, seq_len=seq_len) * record["tokens_per_s"]
+        memory, kind = peak_memory_gib(run.device)
+        mfu = flops / (run.peak_flops * run.world) if run.peak_flops else None
+        return {"tflops_per_s": flops / 1e12, "mfu": mfu, "peak_memory_gib": round(memory, 3), "memory": kind}
 
     def write(self, record: dict) -> None:
         with open(self.run.paths["metrics"], "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.logging_step(record["step"]):
             return
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | hybrid %.0f%% | "
-                 "ms/step: data %.1f, fwd %.1f, bwd %.1f, optim %.1f, other %.1f", record["step"], self.run.total_steps,
-                 record["loss"], record["lr"], record["samples_per_s"], record["tokens_per_s"],
-                 100 * record["hybrid_share"], *(record[f"{k}_ms"] for k in (*PHASES, "other")))
+        mfu = f"MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else f"{record['tflops_per_s']:.2f} TFLOP/s"
+        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | %s | peak %s %.2f GiB | "
+                 "hybrid %.0f%% | ms/step: data %.1f, fwd %.1f, bwd %.1f, optim %.1f, other %.1f", record["step"],
+                 self.run.total_steps, record["loss"], record["lr"], record["samples_per_s"], record["tokens_per_s"], mfu,
+                 record["memory"].replace("_", " "), record["peak_memory_gib"], 100 * record["hybrid_share"],
+                 *(record[f"{k}_ms"] for k in (*PHASES, "other")))
         if self.tensorboard:
-            for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s"):
-                self.tensorboard.add_scalar(f"train/{k}", record[k], record["step"])
+            for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu",
+                      "peak_memory_gib"):
+                if record[k] is not None:
+                    self.tensorboard.add_scalar(f"train/{k}", record[k], record["step"])
 
     def report_due(self, record: dict) -> bool:
         """Rank 0's answer to whether a metrics report to Ray is due (other ranks: False)."""

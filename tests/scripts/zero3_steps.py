@@ -11,6 +11,7 @@ bucket size; empty with --single}}.
 USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] slot (behaviour rows
 [5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
 TEXT_ONLY=1: every step text-only (no slots); TEXT_STEPS=1,2: those steps only.
+ACTIVATION_CHECKPOINTING=1: the decoder layers recomputed in backward (train.activation_checkpointing).
 """
 
 import json
@@ -54,7 +55,9 @@ def main():
 
     lora = {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     model, embed = build_llara_model(llm, 64, lora, unfreeze=os.environ.get("UNFREEZE", "lm_head").split(","), seed=0,
-                                     injection=os.environ.get("INJECTION", "fused"), user_token=USER)
+                                     injection=os.environ.get("INJECTION", "fused"), user_token=USER,
+                                     activation_checkpointing=bool(os.environ.get("ACTIVATION_CHECKPOINTING")))
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)  # SGD: rounding differences stay small (Adam amplifies them on step 1)
     vocab = model.get_input_embeddings().num_embeddings

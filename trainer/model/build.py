@@ -13,6 +13,7 @@ from shards.prompts import PLACEHOLDERS, USER_EMB, check_placeholder_tokens
 from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
 
 
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")  # transformers' attention kernels, model.attn_implementation
 PAD = "[PAD]"  # the pad token added to a tokenizer that has none (LLaRA's choice too; why: prepare_tokenizer)
 
 
@@ -82,7 +83,8 @@ def grow_vocab(model, vocab_size: int) -> int:
 
 
 def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dtype: torch.dtype = torch.float32,
-                      seed: int = 0, injection: str = "fused", user_token: bool = False, vocab_size: int | None = None):
+                      seed: int = 0, injection: str = "fused", user_token: bool = False, vocab_size: int | None = None,
+                      attn_implementation: str = "sdpa", activation_checkpointing: bool = False):
     """Return (peft model, hybrid embedding). Build it outside deepspeed.zero.Init (see notes).
 
     Trainable: the LoRA weights, the adapter, and every parameter whose name contains one of the
@@ -91,12 +93,21 @@ def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dty
     With user_token, a second adapter for the SRec's user states (trainable too). vocab_size: the run
     tokenizer's length; the embeddings grow to it (grow_vocab) before anything else sees the model.
     model_dir may also be a transformers config: the model is then built from it with random weights
-    (e.g. under `with torch.device("meta")`, a 7B's shape without its memory).
+    (e.g. under `with torch.device("meta")`, a 7B's shape without its memory). attn_implementation:
+    transformers' attention kernel (model.attn_implementation). activation_checkpointing: the decoder
+    layers' activations are recomputed in backward (non-reentrant: works with frozen inputs, LoRA and
+    ZeRO-3's parameter hooks; the injection runs before the first layer, outside the recomputation).
     """
     if isinstance(model_dir, PretrainedConfig):
-        model = AutoModelForCausalLM.from_config(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    if activation_checkpointing:
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     if vocab_size is not None:
         grow_vocab(model, vocab_size)
     torch.manual_seed(seed)
