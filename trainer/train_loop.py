@@ -196,6 +196,8 @@ def resume(run: Run) -> None:
     root = run.paths["checkpoints"]
     tag = ckpt.resume_tag(root)
     if not tag:
+        if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
+            _truncate_metrics(run.paths["metrics"], 0)
         return
     state = ckpt.read_trainer_state(os.path.join(root, tag))
     saved_world = state["world_size"]
