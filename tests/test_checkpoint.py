@@ -23,14 +23,14 @@ def test_find_latest_skips_torn_checkpoints(tmp_path):
 
 
 def test_prune_keeps_the_newest_complete_and_drops_torn_older_ones(tmp_path):
-    from trainer.checkpoint import prune, resume_tag
+    from trainer.checkpoint import prune
 
     for step, complete in ((4, True), (8, False), (12, True), (16, True), (20, False)):
         _ckpt(tmp_path, f"step_{step:06d}", complete)
     # step 8 torn by a kill, the run fell back to step 4 and went on; step 20 torn by the last kill
     assert prune(str(tmp_path), keep_last=2) == ["step_000004", "step_000008"]
     assert sorted(os.listdir(tmp_path)) == ["step_000012", "step_000016", "step_000020"]
-    assert resume_tag(str(tmp_path)) == "step_000016"  # never the torn one
+    assert find_latest(str(tmp_path)) == "step_000016"  # never the torn one
     assert prune(str(tmp_path), keep_last=0) == []  # 0: keep every complete one
 
 

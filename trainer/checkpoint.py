@@ -88,7 +88,7 @@ def prune(root: str, keep_last: int) -> list[str]:
     older than the newest complete (a torn newer one is left: the run that tore it may be this one's
     future, about to write it again). Returns the tags deleted."""
     steps = sorted(t for t in os.listdir(root) if t.startswith("step_"))
-    complete = [t for t in steps if os.path.exists(os.path.join(root, t, COMPLETE))]
+    complete = _complete(root, steps)
     doomed = complete[:-keep_last] if keep_last > 0 else []
     doomed += [t for t in steps if t not in complete and complete and t < complete[-1]]
     for tag in doomed:
@@ -99,7 +99,8 @@ def prune(root: str, keep_last: int) -> list[str]:
 
 
 def find_latest(root: str) -> str | None:
-    """The newest complete checkpoint tag under root, or None."""
+    """The newest complete checkpoint tag under root, or None: what a run resumes from (a restart by
+    Ray's FailureConfig and a new run of the same command alike; Ray is never told of checkpoints)."""
     if not os.path.isdir(root):
         return None
     marker = os.path.join(root, LATEST)
@@ -108,8 +109,13 @@ def find_latest(root: str) -> str | None:
             tag = f.read().strip()
         if os.path.exists(os.path.join(root, tag, COMPLETE)):
             return tag
-    complete = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.exists(os.path.join(root, t, COMPLETE)))
+    complete = _complete(root, sorted(t for t in os.listdir(root) if t.startswith("step_")))
     return complete[-1] if complete else None
+
+
+def _complete(root: str, tags: list[str]) -> list[str]:
+    """The tags (in their order) whose folder has COMPLETE: written by every rank."""
+    return [t for t in tags if os.path.exists(os.path.join(root, t, COMPLETE))]
 
 
 def _load_trained(src: dict, dst) -> None:
@@ -139,8 +145,3 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
         _set_rng_states(load_file(rng))
     return read_trainer_state(path)
 
-
-def resume_tag(root: str) -> str | None:
-    """The checkpoint a run resumes from: the newest complete one in its folder (a restart by Ray's
-    FailureConfig and a new run of the same command alike; Ray is never told of checkpoints)."""
-    return find_latest(root)

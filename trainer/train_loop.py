@@ -194,7 +194,7 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
 def resume(run: Run) -> None:
     """Continue from the newest complete checkpoint in the run's folder; nothing if there is none."""
     root = run.paths["checkpoints"]
-    tag = ckpt.resume_tag(root)
+    tag = ckpt.find_latest(root)
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
             _truncate_metrics(run.paths["metrics"], 0)
