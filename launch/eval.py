@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; default: CPU")
     p.add_argument("--ray-address", default=None,
                    help="a running Ray cluster to join (default: RAY_ADDRESS, as ray job submit sets it; else a local one)")
+    p.add_argument("--ray-auth", choices=("token", "disabled"), default="token",
+                   help="Ray's token authentication, as ray.auth (disabled: unsafe on a shared network)")
     p.add_argument("--object-store-mb", type=int, default=512, help="a local cluster's object store (as ray.object_store_mb)")
     p.add_argument("--precision", default="auto",
                    help="auto | bf16 | fp16 | fp32: what the LLM and adapter are read in, as train.precision: "
@@ -130,13 +132,13 @@ def main(argv=None) -> int:
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   candidates_per_pass=args.candidates_per_pass, seed=args.seed, out=out, gpu=args.gpu,
                   precision=args.precision, threads=args.cpus_per_worker, header=header)
-    connect(args.ray_address, args.workers * args.cpus_per_worker, args.object_store_mb, args.gpu)
-    if args.gpu:
-        try:
+    try:
+        connect(args.ray_address, args.workers * args.cpus_per_worker, args.object_store_mb, args.gpu, args.ray_auth)
+        if args.gpu:
             require_gpus(args.workers, "--gpu")
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_on_workers(eval_worker, {"job": job}, args.workers, args.cpus_per_worker, args.gpu,
                    storage_path=os.path.join(out, "ray"), name="eval")
     with open(os.path.join(out, "report.md")) as f:

@@ -49,7 +49,7 @@ def connect_ray(cfg, out: str) -> None:
     from trainer.ray_cluster import connect
 
     connect(cfg.ray.address, cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.ray.object_store_mb,
-            cfg.train.use_gpu)
+            cfg.train.use_gpu, cfg.ray.auth)
     signals.install_driver_handlers(out)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
 
 
@@ -78,13 +78,17 @@ def lock_output_dir(output_dir: str):
 def check_choices(cfg) -> None:
     """What the workers would refuse only after the data build and load_config's checks of single
     keys (trainer/config.py) do not cover, refused now (ValueError): half precision on CPU and
-    train.deepspeed's keys, flash-attention without a GPU or its package. The GPU's bf16 support is asked on
+    train.deepspeed's keys, flash-attention without a GPU or its package, a Ray cluster to join without its token. The GPU's bf16 support is asked on
     the workers."""
     from trainer.ds_config import check_deepspeed_overrides
     from trainer.precision import resolve_precision
+    from trainer.ray_cluster import token_source
 
     resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     check_deepspeed_overrides(cfg)
+    if cfg.ray.auth == "token":  # a cluster to join needs its token: said now, not after the data build
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        token_source(starting=not address, address=address)
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
 

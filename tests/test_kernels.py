@@ -272,9 +272,10 @@ def test_hybrid_embedding_fused_equals_reference(small_run):
 @pytest.mark.slow  # torchrun subprocesses (2 gloo ranks, ZeRO-3)
 def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     """The fused injection under DeepSpeed ZeRO-3 on 2 gloo ranks: the first optimizer steps give the
-    losses of a single plain process on the same global batch. Twice: with the trainer's DeepSpeed
-    config as built from train.*, and with ZeRO-3 knobs set through train.deepspeed (every parameter
-    partitioned, the small ones too; no prefetching), which the engine must run with."""
+    losses of a single plain process on the same global batch. Three times: with the trainer's DeepSpeed
+    config as built from train.*, with ZeRO-3 knobs set through train.deepspeed (every parameter
+    partitioned, the small ones too; no prefetching), which the engine must run with, and at
+    train.zero_stage=2 (README: the stage for LoRA when the base fits on every GPU)."""
     import json
 
     _, paths = small_run
@@ -290,11 +291,14 @@ def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     one = run([sys.executable], "one.json", ["--single"])["losses"]
     assert len(one) == 3 and one[0] != one[2]  # the model trains
     knobs = {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}
-    for name, overrides in (("two.json", {}), ("two_knobs.json", knobs)):
+    for name, overrides in (("two.json", {}), ("two_knobs.json", knobs), ("two_stage2.json", None)):
         two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
-                  name, [f"train.deepspeed.zero_optimization.{k}={v}" for k, v in overrides.items()])
+                  name, ["train.zero_stage=2"] if overrides is None  # README's choice for LoRA when the base fits
+                  else [f"train.deepspeed.zero_optimization.{k}={v}" for k, v in overrides.items()])
         assert two["losses"] == pytest.approx(one, rel=1e-5, abs=1e-6), name
-        if overrides:
+        if overrides is None:
+            assert two["engine"]["persisted_parameters"] == 0  # nothing partitioned: ZeRO-2 keeps parameters whole
+        elif overrides:
             assert two["engine"] == {"persisted_parameters": 0, "prefetch_bucket_size": 0}
         else:  # DeepSpeed's defaults: small parameters (norms, LoRA, adapter) kept whole, prefetching on
             assert two["engine"]["persisted_parameters"] > 0 and two["engine"]["prefetch_bucket_size"] > 0

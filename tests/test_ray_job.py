@@ -1,5 +1,7 @@
-"""`ray job submit -- python launch/train.py` against a real Ray cluster started with `ray start --head`
-on loopback; the job trains with 2 workers and ZeRO-3 and writes its metrics."""
+"""`ray job submit -- python launch/train.py` against a real Ray cluster started as README says
+(RAY_AUTH_MODE=token, the token in ~/.ray/auth_token of a HOME of the test's own, `ray start --head` on
+loopback): refused without the token or with a wrong one; with README's setting the job trains with
+2 workers and ZeRO-3 and writes its metrics."""
 
 import json
 import os
@@ -27,8 +29,17 @@ def ray_cluster():
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
+    home = os.path.join(temp, "home")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")  # built ops reused
+    env = dict(os.environ, HOME=home, XDG_CACHE_HOME=cache, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    # README: the token once per user, readable by that user only
+    r = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.umask(0o077))
+    token = os.path.join(home, ".ray", "auth_token")
+    assert r.returncode == 0 and os.path.getsize(token) > 0, r.stderr
+    assert os.stat(token).st_mode & 0o077 == 0
     port, dash = _free_port(), _free_port()
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"]
@@ -37,14 +48,39 @@ def ray_cluster():
     try:
         yield ray, env, f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_trains(ray_cluster, tmp_path):
+def _stop_cluster(temp):
+    """This cluster's processes only (their command lines name its temp dir) and their descendants:
+    `ray stop` would stop every Ray cluster of this user on the machine, other test runs' too."""
+    import psutil
+
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp in part for part in (p.info["cmdline"] or [])):
+            for q in [p, *p.children(recursive=True)]:
+                procs[q.pid] = q
+    for q in procs.values():
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=30)
+
+
+def test_ray_job_submit_needs_the_token_and_trains(ray_cluster, tmp_path):
     ray, env, address = ray_cluster
     out = tmp_path / "run"
     runtime_env = json.dumps({"excludes": [".git", "runs", "*.tar"]})
+    # another user's shell: no token mode, or a token that is not this cluster's
+    for name, outsider in (("no token", {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}),
+                           ("wrong token", dict(env, RAY_AUTH_TOKEN="0" * 64))):
+        r = subprocess.run([ray, "job", "submit", "--address", address, "--", "python", "-c", "print('ran')"],
+                           env=outsider, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "ran" not in r.stdout, name
+        assert "auth" in (r.stdout + r.stderr).lower(), (name, (r.stdout + r.stderr)[-2000:])
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", REPO, "--runtime-env-json", runtime_env, "--",
            "python", "launch/train.py", f"output_dir={out}", *SMALL, "train.max_steps=10", "train.checkpoint_every=5",
            "eval.max_samples=8", "eval.batch_size=8"]

@@ -276,6 +276,7 @@ class Eval:
 class Ray:
     address: Optional[str] = key()
     object_store_mb: int = at_least(1)
+    auth: str = choice(("token", "disabled"))  # Ray's token authentication (trainer/ray_cluster.py)
 
 
 @dataclass

@@ -1,18 +1,27 @@
 """The one place that starts or joins Ray and runs a function on Ray Train workers.
 
-    connect(address, num_cpus, object_store_mb, use_gpu)     # launch/train.py, launch/eval.py
+    connect(address, num_cpus, object_store_mb, use_gpu, auth)     # launch/train.py, launch/eval.py
     run_on_workers(fn, config, workers, cpus_per_worker, use_gpu, storage_path, name, ...)
 
 Every job (training, evaluation, SUBR's item embeddings) goes through these two, so every worker
 process gets the same setup: the SIGUSR1/SIGTERM handlers (trainer/signals.py, installed by Ray's
 worker_process_setup_hook), DeepSpeed's CPU accelerator on CPU runs, OMP_WAIT_POLICY passed on, and
 the worker-side console filter (trainer/console.py).
+
+Authentication (ray.auth): every cluster this module starts or joins uses Ray's token authentication
+(RAY_AUTH_MODE=token) unless ray.auth=disabled, which is unsafe on a shared network: a Ray cluster
+without it runs any code that any client reaching its ports sends, as this user. The token comes from
+where Ray looks for it: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names (the multi-node sbatch
+script makes one per job), else ~/.ray/auth_token, which a local cluster creates (readable by this user
+only) when it is missing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import stat
 import time
 
 log = logging.getLogger(__name__)
@@ -28,14 +37,72 @@ def worker_runtime_env(use_gpu: bool) -> dict:
     return {"worker_process_setup_hook": "trainer.signals.install_worker_handlers", "env_vars": env_vars}
 
 
-def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: bool) -> None:
+def default_token_file() -> str:
+    """Where Ray reads its token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set."""
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def _private_file(path: str) -> None:
+    """A token file anyone but its owner can read is tightened to 0600 (Ray writes its own with the umask)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("Ray token file %s was readable by others (mode %o): now 0600", path, mode)
+
+
+def token_source(starting: bool, address: str | None = None) -> str:
+    """Make sure Ray finds a token and say where it is. Starting a local cluster without any token
+    creates ~/.ray/auth_token (0600); joining one without a token is an error that says what to export."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_file()
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        _private_file(path)
+        return path
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH={path}: no token there (missing or empty file)")
+    if not starting:
+        raise ValueError(f"ray.auth=token: no Ray token to join the cluster at {address}: export RAY_AUTH_TOKEN_PATH="
+                         f"<that cluster's token file> (the multi-node sbatch script makes one per job) or put the "
+                         f"token in {path}; a cluster started without authentication needs ray.auth=disabled "
+                         f"(unsafe on a shared network)")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secrets.token_hex(32))
+    log.info("made a Ray token for this user's clusters: %s (readable by you only)", path)
+    return path
+
+
+def set_auth_mode(auth: str, starting: bool, address: str | None = None) -> None:
+    """RAY_AUTH_MODE for this process and every Ray process it starts, from ray.auth ("token" or
+    "disabled"); with "token", a token Ray will find (token_source)."""
+    previous = os.environ.get("RAY_AUTH_MODE")
+    if previous and previous != auth:
+        log.warning("RAY_AUTH_MODE=%s in the environment replaced by ray.auth=%s", previous, auth)
+    if auth == "disabled":
+        log.warning("Ray token authentication is OFF (ray.auth=disabled): any client that reaches this cluster's "
+                    "ports can run code as you. Unsafe on a shared network.")
+    else:
+        log.info("Ray token authentication on; token: %s", token_source(starting, address))
+    os.environ["RAY_AUTH_MODE"] = auth
+    # Ray caches its config (the auth mode in it) at import: read it again, as Ray's own code does when it
+    # turns token mode on for a new local cluster (ray._private.authentication, Ray 2.60)
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: bool, auth: str = "token") -> None:
     """Join the cluster at `address` (else RAY_ADDRESS, as `ray job submit` sets it) or start a local
-    one with `num_cpus` CPUs and an object store of `object_store_mb`. A second call does nothing."""
+    one with `num_cpus` CPUs and an object store of `object_store_mb`, with Ray's token authentication
+    unless auth="disabled" (module docstring). A second call does nothing."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    set_auth_mode(auth, starting=not address, address=address)
     env = worker_runtime_env(use_gpu)
     if address:
         log.info("joining the Ray cluster at %s", address)

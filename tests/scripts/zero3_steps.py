@@ -102,6 +102,10 @@ def main():
             t = torch.tensor([loss.item()], dtype=torch.float64)
             dist.all_reduce(t)
             losses.append(t.item() / world)
+        # both ranks leave together and close gloo's threads themselves: a rank that exits first with the
+        # process group still open can abort in its destructor ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
         if rank != 0:
             return
     with open(out, "w") as f:
