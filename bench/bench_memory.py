@@ -16,7 +16,8 @@ base frozen, fp32, sdpa attention), the batch one sample of --tokens tokens with
    every position); then the LM head + loss alone at 32,000 (Llama-2) and 151,936 (Qwen2) rows;
 3. ZeRO stage 2 / 3 (train.zero_stage) on 2 ranks (torch.distributed.run, gloo, the trainer's
    deepspeed_config), ZeRO-3 loading partition by partition as the trainer does, plus every
-   collective's bytes from DeepSpeed's comms logger.
+   collective's calls and bytes in the measured steps from DeepSpeed's comms logger (its message
+   size: the tensor the rank puts in, e.g. its own partition for an all-gather).
 
 Memory: each process runs one warm-up step (so the optimizer's state exists), then its VmHWM is reset
 (/proc/self/clear_refs) and the "peak above rest" is VmHWM after the measured steps minus VmRSS before
@@ -169,12 +170,12 @@ def worker_zero(a) -> dict:
         loss = step(engine, embed, sample(a.id_vocab, a.tokens, a.answer_tokens, 100 * i + rank), True)
         engine.backward(loss)
         engine.step()
+        if i == 0:  # the warm-up step's collectives (and the engine's setup) are not counted
+            ds_comm.comms_logger.comms_dict.clear()
 
-    run_one(0)
-    ds_comm.comms_logger.comms_dict.clear()  # the measured steps' collectives only
-    out = measured(lambda i: run_one(i + 1), a.steps)
+    out = measured(run_one, a.steps)
     comms = {}
-    for op, sizes in ds_comm.comms_logger.comms_dict.items():
+    for op, sizes in ds_comm.comms_logger.comms_dict.items():  # DeepSpeed's message size: the rank's input tensor
         comms[op] = {"calls": sum(v[0] for v in sizes.values()),
                      "bytes": sum(size * v[0] for size, v in sizes.items())}
     out.update(rank=rank, comms=comms,

@@ -105,6 +105,7 @@ def prepare_run(cfg):
     run paths, the lock). A GPU run the cluster cannot place is refused before the data build."""
     from shards.build import check_manifest, load_manifest
     from shards.ctr import needs_retrieval
+    from trainer import checkpoint as ckpt
     from trainer import signals
     from trainer.config import to_dict
     from trainer.embed_job import embed_on_workers
@@ -132,6 +133,9 @@ def prepare_run(cfg):
         except NoCompiler as e:
             raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
+    tag = ckpt.find_latest(paths["checkpoints"])  # a resume on another number of workers: refused before Ray
+    if tag:
+        ckpt.check_world_size(paths["checkpoints"], tag, cfg.train.num_workers)
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
     check_manifest(paths["data"], load_manifest(paths["data"]), paths["tokenizer"], verify_sha=cfg.data.verify_shards)
     return out, paths, lock

@@ -39,6 +39,20 @@ def trained_run(tmp_path_factory):
     return out
 
 
+def copy_prepared(run, out):
+    """A new output folder with `run`'s data and assets (shards, tokenizer, tiny Llama, SRec and the stamp
+    they were made under): launch/train.py with the same data, model and SRec config reuses them instead of
+    building the shards and pretraining the SRec again (~30-50 s a run here). For tests whose subject is
+    what happens after that (kills, resume, the schedulers); the data build itself is tested from scratch
+    by trained_run, test_e2e and tests/test_shards.py."""
+    import shutil
+
+    os.makedirs(out, exist_ok=True)
+    for name in ("assets", "data"):
+        shutil.copytree(os.path.join(run, name), os.path.join(out, name))
+    return out
+
+
 def pytest_collection_modifyitems(items):
     """Tests that need a Ray training are slow (pytest.ini): every test using `trained_run`, directly or
     through another fixture. Other slow tests carry @pytest.mark.slow or a module-level `pytestmark`."""

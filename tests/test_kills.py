@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_prepared
 from test_resume import _cmd, _export_bytes, _losses
 from trainer.checkpoint import COMPLETE, LATEST, find_latest
 
@@ -39,7 +39,9 @@ COMPILERS = {"ninja", "c++", "g++", "cc1plus", "gcc", "as", "ld"}
 
 
 def _start(out, log, env=None):
-    """launch/train.py in a session of its own: every process it starts (Ray's included) carries its sid."""
+    """launch/train.py in a session of its own: every process it starts (Ray's included) carries its sid.
+    Each test's first run starts in a folder holding the reference's data and assets (copy_prepared):
+    the kills are the subject, not the data build."""
     with open(log, "w") as f:
         return subprocess.Popen(_cmd(out), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -157,7 +159,7 @@ def _assert_ends_as_reference(out, reference):
 
 
 def test_sigkill_of_every_process_at_a_random_step_then_the_same_command_resumes_exactly(trained_run, tmp_path):
-    out = tmp_path / "run"
+    out = copy_prepared(trained_run, tmp_path / "run")
     kill_at = random.Random(os.getpid()).randint(7, 20)  # between checkpoints, on one, or while one is written
     proc = _start(out, tmp_path / "killed.log")
     try:
@@ -181,7 +183,7 @@ def test_sigkill_during_the_first_build_of_the_op_then_the_same_command_builds_i
     kernels = tmp_path / "kernels"  # empty: the driver must build the op before anything else
     kernels.mkdir()
     env = dict(os.environ, LLMREC_KERNEL_DIR=str(kernels))
-    out = tmp_path / "run"
+    out = copy_prepared(trained_run, tmp_path / "run")
     log = tmp_path / "killed.log"
     proc = _start(out, log, env)
 
@@ -222,7 +224,7 @@ def test_sigkill_during_the_first_build_of_the_op_then_the_same_command_builds_i
 
 
 def test_a_torn_newest_checkpoint_is_never_used_and_is_written_again(trained_run, tmp_path):
-    out = tmp_path / "run"
+    out = copy_prepared(trained_run, tmp_path / "run")
     ckpts = out / "checkpoints"
     log = tmp_path / "killed.log"
     proc = _start(out, log)
@@ -251,7 +253,7 @@ def test_a_torn_newest_checkpoint_is_never_used_and_is_written_again(trained_run
 
 
 def test_sigkill_of_every_process_before_the_first_checkpoint_then_the_same_command_starts_over(trained_run, tmp_path):
-    out = tmp_path / "run"
+    out = copy_prepared(trained_run, tmp_path / "run")
     kill_at = random.Random(os.getpid()).randint(1, 5)  # checkpoint_every=6: nothing to resume from
     log = tmp_path / "killed.log"
     proc = _start(out, log)

@@ -9,10 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import REPO, SMALL
+from conftest import REPO, SMALL, copy_prepared
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster (ray start) and submits a training job
 
@@ -70,22 +71,26 @@ def _stop_cluster(temp):
     psutil.wait_procs(list(procs.values()), timeout=30)
 
 
-def test_ray_job_submit_needs_the_token_and_trains(ray_cluster, tmp_path):
+def test_ray_job_submit_needs_the_token_and_trains(ray_cluster, trained_run, tmp_path):
     ray, env, address = ray_cluster
-    out = tmp_path / "run"
+    out = copy_prepared(trained_run, tmp_path / "run")  # the data build is not the subject
     runtime_env = json.dumps({"excludes": [".git", "runs", "*.tar"]})
     # another user's shell: no token mode, or a token that is not this cluster's
     for name, outsider in (("no token", {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}),
                            ("wrong token", dict(env, RAY_AUTH_TOKEN="0" * 64))):
-        r = subprocess.run([ray, "job", "submit", "--address", address, "--", "python", "-c", "print('ran')"],
+        r = subprocess.run([ray, "job", "submit", "--address", address, "--", "python", "-c", "print('OUTSIDER' + '-RAN')"],
                            env=outsider, capture_output=True, text=True, timeout=300)
-        assert r.returncode != 0 and "ran" not in r.stdout, name
+        assert r.returncode != 0 and "OUTSIDER-RAN" not in r.stdout + r.stderr, name
         assert "auth" in (r.stdout + r.stderr).lower(), (name, (r.stdout + r.stderr)[-2000:])
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", REPO, "--runtime-env-json", runtime_env, "--",
            "python", "launch/train.py", f"output_dir={out}", *SMALL, "train.max_steps=10", "train.checkpoint_every=5",
            "eval.max_samples=8", "eval.batch_size=8"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    log = r.stdout + r.stderr
+    for _ in range(12):  # the head's job agent may still be starting: Ray says to try again later
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        log = r.stdout + r.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(5)
     assert r.returncode == 0, log[-4000:]
     assert "joining the Ray cluster" in log and "succeeded" in log.lower()
     m = json.loads((out / "eval" / "test_metrics.json").read_text())

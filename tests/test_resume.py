@@ -1,9 +1,9 @@
 """Preemption and exact resume, on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3, fp32 on CPU).
 
 One uninterrupted reference run; then the same run with a worker killed by SIGKILL at a random
-step (Ray restarts the workers, they resume from the newest checkpoint), and the same run stopped
-by SIGTERM to a worker and started again. Both must give the reference's per-step losses and
-bit-identical trained weights."""
+step (Ray restarts the workers, they resume from the newest checkpoint): the reference's per-step
+losses and bit-identical trained weights; and the same run at ZeRO stage 2 stopped by SIGTERM to a
+worker and started again: the reference's losses and weights to float tolerance."""
 
 import json
 import os
@@ -82,12 +82,18 @@ def test_sigkill_of_a_worker_resumes_exactly(reference, tmp_path):
     assert _export_bytes(out) == _export_bytes(reference)
 
 
-def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes(reference, tmp_path):
+def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes_at_zero_stage_2(reference, tmp_path):
     """SIGTERM to a Ray worker (a preempted node's processes get one): the step in flight finishes on
-    every rank, a checkpoint is written, the driver exits 75; the same command resumes exactly. (SIGTERM
-    to the driver goes the same way and is tested through SLURM's requeue in tests/test_slurm.py.)"""
+    every rank, a checkpoint is written, the driver exits 75; the same command resumes. Run at
+    train.zero_stage=2 (README's choice for LoRA when the base fits on every GPU; the other resume tests
+    run ZeRO-3): its checkpoints, resume and export go through the same code, and the run ends with the
+    ZeRO-3 reference's losses and weights to float tolerance (the two stages reduce in another order;
+    measured here: losses 1e-7 relative or less at every step, weights 5e-5 of each tensor's largest
+    entry). (SIGTERM to the driver goes the same way and is tested through SLURM's requeue in
+    tests/test_slurm.py.)"""
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage2 = "train.zero_stage=2"
+    proc = subprocess.Popen(_cmd(out, stage2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(out, 8, proc)
         os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
@@ -100,11 +106,20 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes(reference, tm
     steps = [s for s, _ in _losses(out)]
     assert stopped == f"step_{max(steps):06d}" and max(steps) < STEPS  # the step in flight was finished and saved
     assert (out / "PREEMPTED").read_text() == stopped
-    r = subprocess.run(_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(_cmd(out, stage2), cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"resumed from {stopped}" in r.stdout + r.stderr
-    assert _losses(out) == _losses(reference)
-    assert _export_bytes(out) == _export_bytes(reference)
+    assert json.load(open(out / "logs" / "deepspeed_config.json"))["zero_optimization"]["stage"] == 2
+    steps, losses = zip(*_losses(out))
+    ref_steps, ref_losses = zip(*_losses(reference))
+    assert steps == ref_steps and losses == pytest.approx(ref_losses, rel=1e-6)  # lost optimizer state: >1e-4
+    from safetensors.torch import load
+
+    for name, data in _export_bytes(out).items():
+        mine, ref = load(data), load(_export_bytes(reference)[name])
+        assert mine.keys() == ref.keys()
+        for key in ref:  # measured: at most 5e-5 of the tensor's largest entry (Adam magnifies tiny gradients' rounding)
+            assert (mine[key] - ref[key]).abs().max() <= 1e-4 * ref[key].abs().max(), f"{name}: {key}"
 
 
 def test_another_number_of_workers_is_refused(reference, tmp_path):

@@ -11,12 +11,9 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import REPO, SMALL
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared
 
 pytestmark = pytest.mark.slow  # runs the sbatch scripts (bash subprocesses) and starts SLURM daemons
-
-ARGS = [*SMALL, "train.max_steps=30", "train.checkpoint_every=10", "train.log_every=5", "eval.max_samples=8",
-        "eval.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +35,18 @@ def _wait(cond, timeout, what):
     raise TimeoutError(what)
 
 
-def test_requeued_job_resumes_and_matches_an_uninterrupted_run(slurm, tmp_path):
-    ref = tmp_path / "ref"
-    r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={ref}", *ARGS], cwd=REPO, capture_output=True,
-                       text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    out, log = tmp_path / "run", tmp_path / "job.out"
+def test_requeued_job_resumes_and_matches_an_uninterrupted_run(slurm, trained_run, tmp_path):
+    """The uninterrupted run is conftest's trained_run (the same TRAINED_ARGS); the job starts in a folder
+    holding its data and assets (copy_prepared): the requeue is the subject."""
+    out, log = copy_prepared(trained_run, tmp_path / "run"), tmp_path / "job.out"
     slurm.env["LLMREC_REPO"], slurm.env["LLMREC_PYTHON"] = REPO, sys.executable
     r = slurm.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={log}", f"--chdir={REPO}",
-                  os.path.join(REPO, "launch", "slurm", "train_1node.sbatch"), "configs/llara_default.yaml", str(out), *ARGS,
-                  cwd=REPO)
+                  os.path.join(REPO, "launch", "slurm", "train_1node.sbatch"), "configs/llara_default.yaml", str(out),
+                  *TRAINED_ARGS, cwd=REPO)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     metrics = out / "logs" / "metrics.jsonl"
-    _wait(lambda: metrics.exists() and '"step": 12' in metrics.read_text(), 900, "step 12")
+    _wait(lambda: metrics.exists() and '"step": 8' in metrics.read_text(), 900, "step 8")
     assert slurm.run("scontrol", "requeue", job).returncode == 0
     _wait(lambda: slurm.job_state(job)[0] == "COMPLETED", 1500, f"job {job} to complete")
     state, restarts = slurm.job_state(job)
@@ -60,8 +54,8 @@ def test_requeued_job_resumes_and_matches_an_uninterrupted_run(slurm, tmp_path):
     assert restarts >= 1, text[-3000:]
     assert "received TERM" in text and "resumed from step_" in text
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 31))
-    assert _export(out) == _export(ref)
+    assert steps == list(range(1, TRAINED_STEPS + 1))
+    assert _export(out) == _export(trained_run)
 
 
 def test_outside_sbatch_the_scripts_say_so():

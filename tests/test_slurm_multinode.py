@@ -16,7 +16,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import REPO, SMALL
+from conftest import REPO, SMALL, copy_prepared
 
 pytestmark = pytest.mark.slow  # starts SLURM daemons and trains on a two-node Ray cluster
 
@@ -29,8 +29,8 @@ def slurm2():
     yield from slurm_cluster.running("slurm2", fake_nodes=["n1", "n2"], cpus=1)
 
 
-def test_two_node_script_trains_on_a_two_node_ray_cluster(slurm2, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "job.out"
+def test_two_node_script_trains_on_a_two_node_ray_cluster(slurm2, trained_run, tmp_path):
+    out, log = copy_prepared(trained_run, tmp_path / "run"), tmp_path / "job.out"  # the data build is not the subject
     slurm2.env.update(LLMREC_REPO=REPO, LLMREC_PYTHON=sys.executable,
                       LLMREC_RAY=shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray"),
                       LLMREC_RAY_PORT="6399")

@@ -134,6 +134,16 @@ def read_trainer_state(checkpoint_dir: str) -> dict:
         return json.load(f)
 
 
+def check_world_size(root: str, tag: str, world: int) -> dict:
+    """The checkpoint's trainer state, or a ValueError when it was written by another number of workers
+    (checked before DeepSpeed reads partitions made for another world size)."""
+    state = read_trainer_state(os.path.join(root, tag))
+    if state["world_size"] != world:
+        raise ValueError(f"checkpoint {tag} was written by {state['world_size']} workers, this run has {world}; "
+                         f"resume with train.num_workers={state['world_size']}")
+    return state
+
+
 def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     path = os.path.join(root, tag)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,

@@ -199,11 +199,7 @@ def resume(run: Run) -> None:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
             _truncate_metrics(run.paths["metrics"], 0)
         return
-    state = ckpt.read_trainer_state(os.path.join(root, tag))
-    saved_world = state["world_size"]
-    if saved_world != run.world:  # checked before DeepSpeed reads partitions made for another world size
-        raise ValueError(f"checkpoint {tag} was written by {saved_world} workers, this run has {run.world}; "
-                         f"resume with train.num_workers={saved_world}")
+    state = ckpt.check_world_size(root, tag, run.world)  # launch/train.py checked it too, before Ray
     check_epoch_order(run.cfg, state, tag)
     saved = ckpt.load_checkpoint(run.engine, root, tag, run.rank)
     run.progress = {key: saved[key] for key in run.progress}
