@@ -17,7 +17,8 @@ base frozen, fp32, sdpa attention), the batch one sample of --tokens tokens with
 3. ZeRO stage 2 / 3 (train.zero_stage) on 2 ranks (torch.distributed.run, gloo, the trainer's
    deepspeed_config), ZeRO-3 loading partition by partition as the trainer does, plus every
    collective's calls and bytes in the measured steps from DeepSpeed's comms logger (its message
-   size: the tensor the rank puts in, e.g. its own partition for an all-gather).
+   size: the tensor the rank puts in, e.g. its own partition for an all-gather);
+4. data.length_grouping off / N = 8 on LastFM micro-batches (worker_padding): useful tokens/s.
 
 Memory: each process runs one warm-up step (so the optimizer's state exists), then its VmHWM is reset
 (/proc/self/clear_refs) and the "peak above rest" is VmHWM after the measured steps minus VmRSS before
@@ -185,6 +186,63 @@ def worker_zero(a) -> dict:
     return out
 
 
+def worker_padding(a) -> dict:
+    """Row 4: the same step on LastFM micro-batches as rank 0 of 2 reads them for training (micro-batch 4,
+    global batch 128: grad_accum 16), with data.length_grouping off and N = 8. The first window of 8
+    global batches holds the same samples either way (grouping only reorders it): a.padding_batches
+    micro-batches spread evenly over that window are taken from each order and timed alternately."""
+    import torch
+
+    from shards.build import load_manifest
+    from trainer.data import SplitReader, collate
+    from trainer.model.build import build_llara_model, load_tokenizer
+    from bench.bench_scale import LORA
+
+    torch.set_num_threads(a.threads)
+    pad = load_tokenizer(a.lastfm_tokenizer).pad_token_id
+    shards = [s for s in load_manifest(a.lastfm)["shards"] if s["split"] == "train"]
+    window = 8 * 16  # micro-batches of rank 0 in 8 global batches
+    picks = [window * (2 * i + 1) // (2 * a.padding_batches) for i in range(a.padding_batches)]
+    batches = {}
+    for grouping in (0, 8):
+        reader = SplitReader(a.lastfm, shards, 0, 2, 4, seed=0, shuffle=True, grad_accum=16, length_grouping=grouping)
+        first = [b for _, b in zip(range(window), reader.rank_batches(epoch=0))]
+        batches[grouping] = [collate(first[i], pad) for i in picks]
+    model, embed = build_llara_model(a.base, 64, LORA, unfreeze=[])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run(batch):
+        from trainer.train_loop import answer_loss, answer_positions
+
+        positions = answer_positions(batch["labels"])
+        vectors = torch.randn(len(batch["unique_items"]), 64)
+        t = time.perf_counter()
+        with embed.inject(batch["slot_map"], vectors, None):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=positions, use_cache=False).logits
+        answer_loss(logits, batch["labels"], positions).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    run(batches[0][0])  # warm-up
+    out = {}
+    for grouping in (0, 8):
+        out[grouping] = {"seconds": [], "useful": 0, "positions": 0}
+    for i in range(a.padding_batches):  # alternately, so that the machine's load falls on both alike
+        for grouping in (0, 8):
+            batch = batches[grouping][i]
+            real = (batch["labels"] != -100).any(1)  # fillers (exactly-once padding of the epoch) are not useful
+            out[grouping]["seconds"].append(run(batch))
+            out[grouping]["useful"] += int(batch["attention_mask"][real].sum())
+            out[grouping]["positions"] += batch["input_ids"].numel()
+    for r in out.values():
+        r["useful_per_s"] = r["useful"] / sum(r["seconds"])
+        r["padded_share"] = 1 - r["useful"] / r["positions"]
+    return {"off": out[0], "grouped": out[8]}
+
+
 # ---- the driver
 
 def child_env(a) -> dict:
@@ -192,7 +250,7 @@ def child_env(a) -> dict:
                 MALLOC_MMAP_THRESHOLD_="65536", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
 
 
-def run_row(a, name: str, kind: str, extra: list[str], ranks: int = 1) -> list[dict]:
+def run_row(a, name: str, kind: str, extra: list[str], ranks: int = 1, report: bool = True) -> list[dict]:
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
     args = [__file__, "--worker", kind, "--result", out, "--base", a.base, "--tokens", str(a.tokens),
@@ -206,6 +264,8 @@ def run_row(a, name: str, kind: str, extra: list[str], ranks: int = 1) -> list[d
     if r.returncode != 0:
         raise SystemExit(f"{name}: exit {r.returncode}; see {out}/log.txt")
     rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith("result")]
+    if not report:
+        return rows
     print(f"{name}: {time.time() - t:.0f} s; " + "; ".join(
         f"peak above rest {r['above_rest'] / GiB:.2f} GiB, rest {r['rest'] / GiB:.2f} GiB, "
         f"{r['median_s']:.1f} s/step" for r in rows), flush=True)
@@ -224,19 +284,24 @@ def main():
     p.add_argument("--answer-tokens", type=int, default=10, help="answer tokens at each sample's end")
     p.add_argument("--steps", type=int, default=2, help="measured steps per row, after one warm-up step")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the trainer's workers: 1)")
-    p.add_argument("--rows", default="checkpointing,logits,zero", help="which rows, comma-separated")
+    p.add_argument("--rows", default="checkpointing,logits,zero,padding", help="which rows, comma-separated")
     # inside a measured process
-    p.add_argument("--worker", choices=("single", "head", "zero"))
+    p.add_argument("--worker", choices=("single", "head", "zero", "padding"))
     p.add_argument("--result")
     p.add_argument("--id-vocab", type=int, default=1000, help="ids drawn below this (the tokenizer's length)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--answer-only", action="store_true")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--stage", type=int, default=3)
+    p.add_argument("--lastfm", default="/tmp/bench_padding/lastfm/data",
+                   help="LastFM shards as bench/bench_padding.py builds them (row 'padding'; skipped when absent)")
+    p.add_argument("--lastfm-tokenizer", default="/tmp/bench_padding/lastfm/assets/llm")
+    p.add_argument("--padding-batches", type=int, default=4, help="micro-batches timed per order (row 'padding')")
     a = p.parse_args()
 
     if a.worker:
-        result = {"single": worker_single, "head": worker_head, "zero": worker_zero}[a.worker](a)
+        result = {"single": worker_single, "head": worker_head, "zero": worker_zero,
+                  "padding": worker_padding}[a.worker](a)
         rank = os.environ.get("RANK", "0")
         json.dump(result, open(os.path.join(a.result, f"result_{rank}.json"), "w"))
         return
@@ -288,6 +353,19 @@ def main():
                       f"step time {max(r['median_s'] for r in z3) / max(r['median_s'] for r in z2):.2f}x, "
                       f"collective bytes per step {sent[3] / max(sent[2], 1):.0f}x "
                       f"({sent[2] / 2**20:.1f} MiB vs {sent[3] / 2**20:.1f} MiB)")
+    if "padding" in rows:
+        if not os.path.exists(os.path.join(a.lastfm, "manifest.json")):
+            print(f"padding: skipped, no LastFM shards in {a.lastfm} (run bench/bench_padding.py --sets lastfm first)")
+        else:
+            r = run_row(a, "padding", "padding", ["--lastfm", a.lastfm, "--lastfm-tokenizer", a.lastfm_tokenizer,
+                                                  "--padding-batches", str(a.padding_batches)], report=False)[0]
+            results["padding"] = r
+            for name, x in r.items():
+                print(f"padding {name}: padded {100 * x['padded_share']:.1f}%, {x['useful_per_s']:.1f} useful tokens/s, "
+                      f"s per micro-batch {[round(t, 1) for t in x['seconds']]}")
+            ratios.append(f"length grouping (N=8) on LastFM: padded {100 * r['off']['padded_share']:.1f}% -> "
+                          f"{100 * r['grouped']['padded_share']:.1f}%, useful tokens/s "
+                          f"{r['grouped']['useful_per_s'] / r['off']['useful_per_s']:.2f}x")
     json.dump(results, open(os.path.join(a.out, "bench_memory.json"), "w"), indent=1)
     print("ratios: " + " | ".join(ratios))
 
