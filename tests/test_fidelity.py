@@ -117,8 +117,7 @@ def _train_one_thread(args) -> dict:
 def trained(fidelity_run):
     """The three trainings at once in spawned processes of one thread each, sharing the two cores (the
     numbers are those of bench/fidelity_inprocess.py, also one thread: a single-threaded CPU run gives
-    the same numbers however it is scheduled). Three at once: 1200 + 1200 + 600 steps take ~1500 steps'
-    time on two cores, two at a time 1800."""
+    the same numbers however it is scheduled)."""
     import multiprocessing
 
     cfg, paths = fidelity_run
