@@ -73,15 +73,16 @@ def sample(vocab: int, tokens: int, answer: int, seed: int):
     return ids, slot, labels, torch.randn(5, 64, generator=g)
 
 
-def step(model, embed, batch, answer_only: bool):
+def step(model, embed, batch, answer_only: bool, attention_mask=None):
     """The trainer's loss (step_loss without the data plumbing): the LM head at the answer positions
-    only, or over every position."""
+    only, or over every position. batch: (input ids, slot map, labels, behaviour rows)."""
     from trainer.train_loop import answer_loss, answer_positions
 
     ids, slot, labels, vectors = batch
     positions = answer_positions(labels) if answer_only else None
     with embed.inject(slot, vectors, None):
-        out = model(input_ids=ids, use_cache=False, **({"logits_to_keep": positions} if answer_only else {}))
+        out = model(input_ids=ids, attention_mask=attention_mask, use_cache=False,
+                    **({"logits_to_keep": positions} if answer_only else {}))
     return answer_loss(out.logits, labels, positions)
 
 
@@ -93,8 +94,9 @@ def measured(run_one, steps: int) -> dict:
         t = time.perf_counter()
         run_one(i + 1)
         seconds.append(time.perf_counter() - t)
-    return {"rest": rest, "peak": rss("VmHWM"), "above_rest": rss("VmHWM") - rest,
-            "seconds": seconds, "median_s": statistics.median(seconds)}
+    peak = rss("VmHWM")
+    return {"rest": rest, "peak": peak, "above_rest": peak - rest, "seconds": seconds,
+            "median_s": statistics.median(seconds)}
 
 
 def worker_single(a) -> dict:
@@ -213,15 +215,10 @@ def worker_padding(a) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def run(batch):
-        from trainer.train_loop import answer_loss, answer_positions
-
-        positions = answer_positions(batch["labels"])
         vectors = torch.randn(len(batch["unique_items"]), 64)
         t = time.perf_counter()
-        with embed.inject(batch["slot_map"], vectors, None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           logits_to_keep=positions, use_cache=False).logits
-        answer_loss(logits, batch["labels"], positions).backward()
+        step(model, embed, (batch["input_ids"], batch["slot_map"], batch["labels"], vectors), True,
+             batch["attention_mask"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

@@ -78,8 +78,8 @@ def lock_output_dir(output_dir: str):
 def check_choices(cfg) -> None:
     """What the workers would refuse only after the data build and load_config's checks of single
     keys (trainer/config.py) do not cover, refused now (ValueError): half precision on CPU and
-    train.deepspeed's keys, flash-attention without a GPU or its package, a Ray cluster to join without its token. The GPU's bf16 support is asked on
-    the workers."""
+    train.deepspeed's keys, flash-attention without a GPU or its package, a Ray cluster to join without
+    its token. The GPU's bf16 support is asked on the workers."""
     from trainer.ds_config import check_deepspeed_overrides
     from trainer.precision import resolve_precision
     from trainer.ray_cluster import token_source

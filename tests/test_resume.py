@@ -115,8 +115,9 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes_at_zero_stage
     assert steps == ref_steps and losses == pytest.approx(ref_losses, rel=1e-6)  # lost optimizer state: >1e-4
     from safetensors.torch import load
 
+    reference_export = _export_bytes(reference)
     for name, data in _export_bytes(out).items():
-        mine, ref = load(data), load(_export_bytes(reference)[name])
+        mine, ref = load(data), load(reference_export[name])
         assert mine.keys() == ref.keys()
         for key in ref:  # measured: at most 5e-5 of the tensor's largest entry (Adam magnifies tiny gradients' rounding)
             assert (mine[key] - ref[key]).abs().max() <= 1e-4 * ref[key].abs().max(), f"{name}: {key}"
