@@ -102,3 +102,15 @@ def test_a_gpu_count_that_is_not_a_number_is_refused(script, tmp_path):
     r = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm", script), "configs/llara_default.yaml",
                         str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SLURM_GPUS_ON_NODE=a100:2 is not a GPU count" in r.stderr
+
+
+def test_an_unknown_ray_auth_choice_stops_the_multinode_script_before_ray(tmp_path):
+    """LLMREC_RAY_AUTH is token or disabled; anything else stops the script (exit 2) before a token is made or
+    Ray starts (no SLURM needed)."""
+    env = dict(os.environ, SLURM_JOB_ID="0", SLURM_SUBMIT_DIR=REPO, SLURM_JOB_NODELIST="localhost",
+               LLMREC_HEAD_IP="127.0.0.1", LLMREC_PYTHON=sys.executable, LLMREC_RAY_AUTH="off")
+    out = tmp_path / "o"
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm", "train_multinode.sbatch"),
+                        "configs/llara_default.yaml", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "LLMREC_RAY_AUTH=off (expected token or disabled)" in r.stderr
+    assert not (out / ".ray_auth").exists() and "Ray head" not in r.stdout
