@@ -100,6 +100,28 @@ def check_choices(cfg) -> None:
                              "(pip install flash-attn); or use sdpa")
 
 
+def check_resume(cfg, root: str) -> None:
+    """A checkpoint to resume on another number of workers (or an elastic range): say what will happen, or
+    refuse now (ValueError) what the workers would refuse: a global batch that cannot be split, a
+    checkpoint from before resizable checkpoints."""
+    from trainer import checkpoint as ckpt
+    from trainer.trainable_state import FILE
+
+    tag = ckpt.find_latest(root)
+    if not tag:
+        return
+    state = ckpt.read_trainer_state(os.path.join(root, tag))
+    for workers in range(cfg.train.min_workers or cfg.train.num_workers, cfg.train.num_workers + 1):
+        accumulation = ckpt.accumulation_at(cfg.train, workers, state, tag)
+        if workers != state["world_size"] and not os.path.exists(os.path.join(root, tag, FILE)):
+            raise ValueError(f"checkpoint {tag} was written by {state['world_size']} workers before resizable "
+                             f"checkpoints (it has no {FILE}); resume with train.num_workers={state['world_size']}")
+        if workers == cfg.train.num_workers and workers != state["world_size"]:
+            log.info("checkpoint %s was written by %d workers: resuming on %d, global batch %d kept (accumulation %d "
+                     "-> %d)", tag, state["world_size"], workers, ckpt.global_batch_of(state),
+                     state["config"]["train"]["grad_accum"], accumulation)
+
+
 def prepare_run(cfg):
     """Lock the output folder, build (or reuse) the data and assets, check the shards: (output folder,
     run paths, the lock). A GPU run the cluster cannot place is refused before the data build."""
@@ -133,9 +155,8 @@ def prepare_run(cfg):
         except NoCompiler as e:
             raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
-    tag = ckpt.find_latest(paths["checkpoints"])  # a resume on another number of workers: refused before Ray
-    if tag:
-        ckpt.check_world_size(paths["checkpoints"], tag, cfg.train.num_workers)
+    check_resume(cfg, paths["checkpoints"])
+
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
     check_manifest(paths["data"], load_manifest(paths["data"]), paths["tokenizer"], verify_sha=cfg.data.verify_shards)
     return out, paths, lock
@@ -172,7 +193,8 @@ def main(argv=None) -> int:
     connect_ray(cfg, out)
     # the workers write (and prune) their checkpoints in <output_dir>/checkpoints; Ray's own run state
     # goes to logs/ray (trainer/ray_cluster.py)
-    run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, cfg.train.num_workers,
+    workers = (cfg.train.min_workers, cfg.train.num_workers) if cfg.train.min_workers else cfg.train.num_workers
+    run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, workers,
                    cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["ray"], name="train",
                    max_failures=cfg.train.max_failures)
     return print_outcome(cfg, paths)

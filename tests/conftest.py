@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,3 +61,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "trained_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def wait_for_step(out, step, proc, timeout=600):
+    """Wait until the run in `out` (launch/train.py in `proc`) has logged optimizer step `step`."""
+    path = os.path.join(out, "logs", "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, "the run ended before the step was reached"
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(step)

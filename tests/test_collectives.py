@@ -73,3 +73,7 @@ def test_deepspeed_config_follows_the_precision():
     for precision in ("bf16", "fp16", "fp32"):
         ds = deepspeed_config(cfg, precision)
         assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+
+
+def test_all_reduce_sums_in_one_process():
+    assert collectives.all_reduce_sums(2.5, 3) == (2.5, 3.0)

@@ -86,7 +86,7 @@ def test_presets_keep_their_recipes_global_batch_on_any_worker_count(preset, glo
 
 
 def test_an_impossible_global_batch_split_is_refused_naming_the_worker_counts_that_work():
-    with pytest.raises(ConfigError, match=r"train.global_batch=128 cannot be split into micro_batch 4 x whole "
+    with pytest.raises(ConfigError, match=r"train.global_batch=128: global batch 128 cannot be split into micro_batch 4 x whole "
                                           r"accumulation steps x 3 workers; worker counts that work with "
                                           r"micro_batch 4: 1, 2, 4, 8, 16, 32"):
         load_config(None, ["train.global_batch=128", "train.micro_batch=4", "train.num_workers=3"])
@@ -96,6 +96,18 @@ def test_an_impossible_global_batch_split_is_refused_naming_the_worker_counts_th
         load_config(None, ["train.global_batch=64", "train.grad_accum=5"])
     assert load_config(None, ["train.global_batch=64", "train.grad_accum=4"]).train.grad_accum == 4
     assert load_config(None, ["train.grad_accum=3"]).train.grad_accum == 3  # global_batch -1: as given
+
+
+def test_an_elastic_range_must_split_the_global_batch_at_every_worker_count_in_it():
+    # 4 x 3 x 4 = 48 per step: 1, 2, 3, 4 workers split it; 48 / (4 x 5) does not
+    train = load_config(None, ["train.micro_batch=4", "train.global_batch=48", "train.num_workers=4",
+                               "train.min_workers=1"]).train
+    assert (train.min_workers, train.num_workers, train.grad_accum) == (1, 4, 3)
+    with pytest.raises(ConfigError, match=r"train.min_workers=2: Ray may run 3 workers, but the global batch 64 "
+                                          r"cannot be split .* worker counts that work with micro_batch 4: 1, 2, 4, 8, 16"):
+        load_config(None, ["train.micro_batch=4", "train.global_batch=64", "train.num_workers=4", "train.min_workers=2"])
+    with pytest.raises(ConfigError, match=r"train.min_workers=3 is above train.num_workers=2"):
+        load_config(None, ["train.min_workers=3"])
 
 
 # ---- the typed schema (trainer/config.py): types on merge, ranges and choices right after

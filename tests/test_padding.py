@@ -156,3 +156,28 @@ def test_config_key():
     assert load_config(None, ["data.length_grouping=8"]).data.length_grouping == 8
     with pytest.raises(ConfigError, match="data.length_grouping"):
         load_config(None, ["data.length_grouping=-1"])
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_a_resize_mid_window_keeps_each_sample_once_in_the_old_layout(small_run, new_world):
+    """A resume on another worker count keeps the global batch (12 = micro 2 x 3 x 2 workers = 2 x 2 x 3 =
+    2 x 6 x 1) and reads the rest of the epoch in the old worker count's layout (order_world): each sample
+    once, every rank the same number of micro-batches. In the new count's own layout the window's samples
+    would be dealt otherwise: some seen twice, some never."""
+    _, paths = small_run
+    G, micro, grouping = 12, 2, 4
+    old = _readers(paths, 2, micro, accum=G // (2 * micro), grouping=grouping)
+    done = 7 * G  # 7 optimizer steps, 84 samples: mid-way through the second window of 4 x 12 (48..95)
+    seen = [s["key"] for r in old for b in list(r.rank_batches(epoch=2))[:done // (2 * micro)] for s in b
+            if not s["filler"]]
+    new = _readers(paths, new_world, micro, accum=G // (new_world * micro), grouping=grouping)
+    for r in new:
+        r.order_world = 2
+    rest = [list(r.rank_batches(epoch=2, start=done)) for r in new]
+    assert len({len(b) for b in rest}) == 1  # equal micro-batches per rank
+    keys = seen + [k for b in rest for k in _keys(b)]
+    assert len(keys) == len(set(keys)) == new[0].num_samples
+    for r in new:
+        r.order_world = 0  # the new count's own layout for the rest: not the same samples
+    naive = seen + [k for r in new for k in _keys(list(r.rank_batches(epoch=2, start=done)))]
+    assert len(set(naive)) < new[0].num_samples

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, wait_for_step
 from trainer.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
@@ -39,20 +39,6 @@ def _export_bytes(out):
             for name in ("projector.safetensors", "trained_base.safetensors", os.path.join("lora", "adapter_model.safetensors"))}
 
 
-def _wait_for_step(out, step, proc, timeout=600):
-    path = os.path.join(out, "logs", "metrics.jsonl")
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        assert proc.poll() is None, "the run ended before the step was reached"
-        if os.path.exists(path):
-            with open(path) as f:
-                steps = [json.loads(line)["step"] for line in f if line.strip()]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(step)
-
-
 @pytest.fixture(scope="module")
 def reference(trained_run):
     """The uninterrupted run (conftest's trained_run, shared with test_eval)."""
@@ -64,7 +50,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference, tmp_path):
     kill_at = random.Random(os.getpid()).randint(7, 20)  # a random step, between checkpoints or on one
     proc = subprocess.Popen(_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(out, kill_at, proc)
+        wait_for_step(out, kill_at, proc)
         t0 = time.time()
         while find_latest(str(out / "checkpoints")) is None:  # a restart resumes from the newest complete one
             assert time.time() - t0 < 300 and proc.poll() is None, "no checkpoint was completed"
@@ -95,7 +81,7 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes_at_zero_stage
     stage2 = "train.zero_stage=2"
     proc = subprocess.Popen(_cmd(out, stage2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(out, 8, proc)
+        wait_for_step(out, 8, proc)
         os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
         log, _ = proc.communicate(timeout=600)
     finally:
@@ -123,15 +109,27 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes_at_zero_stage
             assert (mine[key] - ref[key]).abs().max() <= 1e-4 * ref[key].abs().max(), f"{name}: {key}"
 
 
-def test_another_number_of_workers_is_refused(reference, tmp_path):
+def test_a_resize_that_cannot_keep_the_global_batch_is_refused_before_ray(reference, tmp_path):
+    """The reference's checkpoints have global batch 16 = micro 8 x 1 x 2 workers: 3 workers cannot keep it
+    (refused naming the counts that can); a checkpoint from before resizable checkpoints (no
+    trainable.safetensors) resumes only on the count that wrote it. Both said before Ray starts."""
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns("ray", ".lock"))
+    r = subprocess.run(_cmd(out, "train.num_workers=3", f"train.max_steps={STEPS + 6}"), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("checkpoint step_000024 (written by 2 workers) cannot resume on 3 workers: global batch 16 cannot be split "
+            "into micro_batch 8 x whole accumulation steps x 3 workers; worker counts that work with micro_batch 8: 1, 2"
+            ) in r.stderr
+    assert "starting a local Ray cluster" not in r.stderr + r.stdout
+    os.remove(out / "checkpoints" / "step_000024" / "trainable.safetensors")
     r = subprocess.run(_cmd(out, "train.num_workers=1", f"train.max_steps={STEPS + 6}"), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0
-    assert "was written by 2 workers, this run has 1" in r.stdout + r.stderr
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("checkpoint step_000024 was written by 2 workers before resizable checkpoints (it has no "
+            "trainable.safetensors); resume with train.num_workers=2") in r.stderr
 
 
 def test_export_loads_without_deepspeed_and_gives_the_same_outputs(reference):

@@ -1,14 +1,18 @@
 """Checkpoints that are complete or invisible.
 
     <output_dir>/checkpoints/step_000100/   DeepSpeed's sharded states (one file set per rank)
+                                            trainable.safetensors     the same trained state, whole: for a resume
+                                                                      on another number of workers (trainable_state.py)
                                             rng_rank{r}.safetensors   each rank's torch RNG states (CPU; GPU too on GPU)
-                                            trainer_state.json        step, epoch, reader position, ...
+                                            trainer_state.json        step, epoch, reader position, scheduler, ...
                                             COMPLETE                  written after every rank saved
     <output_dir>/checkpoints/latest         the newest complete tag, replaced atomically, written last
 
 A checkpoint whose COMPLETE marker is missing (the run died while writing it) is never loaded; the
 newest complete one is used instead, and the torn folder is written again from scratch when the run
-gets there. After each save the newest train.keep_last complete checkpoints are kept (prune). This
+gets there. After each save the newest train.keep_last complete checkpoints are kept (prune). A resume
+on the world size that wrote a checkpoint loads DeepSpeed's files (bit-identical continuation); on another
+one (a requeue onto fewer nodes, an elastic Ray cluster) it loads trainable.safetensors (load_resized). This
 module alone decides which checkpoints exist: Ray Train is told of none (its run snapshot would
 otherwise name folders deleted here or by a kill, and refuse the next run in the folder).
 """
@@ -19,10 +23,13 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from trainer import trainable_state
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -60,6 +67,7 @@ def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_l
     snapshot of Ray's can name a folder that is gone."""
     tag = tag_for(step)
     path = os.path.join(root, tag)
+    started = time.perf_counter()
     if rank == 0 and os.path.exists(path):  # a torn one from before a fallback to an older checkpoint:
         shutil.rmtree(path)  # written again from scratch, no stale file of it left beside the new ones
     _barrier()
@@ -69,8 +77,12 @@ def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_l
     # draw the same numbers next
     _set_rng_states(rng)
     save_file(rng, os.path.join(path, f"rng_rank{rank}.safetensors"))
+    deepspeed_s, started = time.perf_counter() - started, time.perf_counter()
+    whole_bytes = trainable_state.save(engine, path, rank)  # the world-size-independent copy (collective)
     _barrier()
     if rank == 0:
+        log.info("checkpoint %s: DeepSpeed's files %.2f s; the trained state whole (for a resume on any number "
+                 "of workers) %.1f MB in %.2f s", tag, deepspeed_s, whole_bytes / 2**20, time.perf_counter() - started)
         with open(os.path.join(path, STATE), "w") as f:
             json.dump(state, f, indent=1)
         open(os.path.join(path, COMPLETE), "w").close()
@@ -134,14 +146,33 @@ def read_trainer_state(checkpoint_dir: str) -> dict:
         return json.load(f)
 
 
-def check_world_size(root: str, tag: str, world: int) -> dict:
-    """The checkpoint's trainer state, or a ValueError when it was written by another number of workers
-    (checked before DeepSpeed reads partitions made for another world size)."""
-    state = read_trainer_state(os.path.join(root, tag))
-    if state["world_size"] != world:
-        raise ValueError(f"checkpoint {tag} was written by {state['world_size']} workers, this run has {world}; "
-                         f"resume with train.num_workers={state['world_size']}")
-    return state
+def global_batch_of(state: dict) -> int:
+    """Samples per optimizer step of the run that wrote a checkpoint's trainer state."""
+    if "global_batch" in state:
+        return state["global_batch"]
+    train = state["config"]["train"]  # written before global_batch was recorded
+    return state["world_size"] * train["micro_batch"] * train["grad_accum"]
+
+
+def accumulation_at(train, world: int, state: dict | None = None, tag: str = "") -> int:
+    """train.grad_accum for `world` workers. The global batch is the configuration's (micro_batch x
+    grad_accum x num_workers) when it runs on the number of workers that wrote `state` (a checkpoint's trainer
+    state; a change at an epoch boundary is the user's to make) and that number is the configured one; else
+    (a resize, an elastic restart) the checkpoint's: the schedule is kept, the accumulation re-derived.
+    A ValueError when that cannot be split, naming the worker counts that can."""
+    from trainer.config import accumulation_for
+
+    target = train.micro_batch * train.grad_accum * train.num_workers
+    if state is not None and not world == state["world_size"] == train.num_workers:
+        target = global_batch_of(state)
+        if train.global_batch > 0 and train.global_batch != target:
+            raise ValueError(f"checkpoint {tag} was written with global batch {target}; a resume on another number "
+                             f"of workers keeps it (train.global_batch={train.global_batch} was given)")
+    try:
+        return accumulation_for(target, train.micro_batch, world)
+    except ValueError as e:
+        where = f"checkpoint {tag} (written by {state['world_size']} workers) cannot resume on" if state else "cannot run on"
+        raise ValueError(f"{where} {world} workers: {e}") from None
 
 
 def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
@@ -155,3 +186,27 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
         _set_rng_states(load_file(rng))
     return read_trainer_state(path)
 
+
+
+def load_resized(engine, root: str, tag: str, rank: int, seed: int) -> dict:
+    """Resume a checkpoint written by another number of workers: the trained state from
+    trainable.safetensors (verified against the file bit for bit), the scheduler, DeepSpeed's step counters;
+    each rank's RNG from the rank of that number in the checkpoint, and for a rank that did not exist
+    there, seeded from (seed, step, rank). Returns the trainer state."""
+    import numpy as np
+
+    path = os.path.join(root, tag)
+    state = read_trainer_state(path)
+    trainable_state.restore(engine, path)
+    trainable_state.verify(engine, path)  # raises unless every trained tensor equals the file's, bit for bit
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    for name, value in state["engine_steps"].items():  # global_steps, global_samples, skipped_steps
+        setattr(engine, name, value)
+    rng = os.path.join(path, f"rng_rank{rank}.safetensors")
+    if os.path.exists(rng):
+        _set_rng_states(load_file(rng))
+    else:
+        torch.manual_seed(int(np.random.SeedSequence([seed, state["global_step"], rank]).generate_state(1)[0]))
+    return state

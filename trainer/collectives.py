@@ -32,6 +32,15 @@ def all_reduce_scalar(x: float, op=dist.ReduceOp.SUM) -> float:
     return t.item()
 
 
+def all_reduce_sums(*xs: float) -> tuple[float, ...]:
+    """Each x summed over every rank (in float64): one collective for several sums."""
+    if rank_world()[1] == 1:
+        return tuple(float(x) for x in xs)
+    t = torch.tensor(xs, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Each flag True where any rank passed True: one collective for several yes/no decisions that every
     rank must take alike."""

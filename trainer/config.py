@@ -238,6 +238,7 @@ class SRec:
 class Train:
     mode: str = choice("trainer.curriculum.MODES")
     num_workers: int = at_least(1)
+    min_workers: int = at_least(0)  # > 0: Ray Train's elastic range (min_workers, num_workers); 0: fixed
     cpus_per_worker: int = at_least(1)
     use_gpu: bool = key()
     precision: str = choice("trainer.precision.PRECISIONS")
@@ -259,6 +260,7 @@ class Train:
     checkpoint_every: int = at_least(1)
     keep_last: int = at_least(0)
     log_every: int = at_least(1)
+    sample_log: bool = key()  # logs/samples/rank<r>.jsonl: the keys of the samples each step trained on
     deepspeed: Dict[str, Any] = key()  # open: DeepSpeed's own keys, checked by trainer/ds_config.py
 
 
@@ -415,25 +417,42 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def accumulation_for(global_batch: int, micro_batch: int, workers: int) -> int:
+    """The accumulation steps that split global_batch into micro_batch x accumulation x workers, or a
+    ValueError naming the worker counts that work."""
+    per_micro_step = micro_batch * workers
+    if global_batch % per_micro_step:
+        per_worker = global_batch // micro_batch if global_batch % micro_batch == 0 else 0
+        works = [w for w in range(1, per_worker + 1) if per_worker % w == 0]
+        hint = (f"worker counts that work with micro_batch {micro_batch}: {', '.join(map(str, works))}" if works
+                else f"it is not a multiple of micro_batch {micro_batch}")
+        raise ValueError(f"global batch {global_batch} cannot be split into micro_batch {micro_batch} x whole "
+                         f"accumulation steps x {workers} workers; {hint}")
+    return global_batch // per_micro_step
+
+
 def derive_accumulation(train: DictConfig) -> None:
     """train.global_batch > 0 fixes micro_batch x grad_accum x num_workers: grad_accum is set to the
     quotient (so a preset keeps its recipe's global batch on any GPU count). A split that is not whole,
-    or a grad_accum given besides that disagrees, is a ConfigError naming the worker counts that work."""
-    if train.global_batch <= 0:
-        return
-    per_micro_step = train.micro_batch * train.num_workers
-    if train.global_batch % per_micro_step:
-        per_worker = train.global_batch // train.micro_batch if train.global_batch % train.micro_batch == 0 else 0
-        works = [w for w in range(1, per_worker + 1) if per_worker % w == 0]
-        hint = (f"worker counts that work with micro_batch {train.micro_batch}: {', '.join(map(str, works))}" if works
-                else f"it is not a multiple of micro_batch {train.micro_batch}")
-        raise ConfigError(f"train.global_batch={train.global_batch} cannot be split into micro_batch "
-                          f"{train.micro_batch} x whole accumulation steps x {train.num_workers} workers; {hint}")
-    derived = train.global_batch // per_micro_step
-    if train.grad_accum not in (1, derived):
-        raise ConfigError(f"train.grad_accum={train.grad_accum} but train.global_batch={train.global_batch} with micro_batch "
-                          f"{train.micro_batch} and {train.num_workers} workers needs {derived}: give one of them")
-    train.grad_accum = derived
+    or a grad_accum given besides that disagrees, is a ConfigError naming the worker counts that work;
+    so is an elastic range (train.min_workers) with a worker count in it that cannot split the batch."""
+    if train.min_workers > train.num_workers:
+        raise ConfigError(f"train.min_workers={train.min_workers} is above train.num_workers={train.num_workers}")
+    if train.global_batch > 0:
+        try:
+            derived = accumulation_for(train.global_batch, train.micro_batch, train.num_workers)
+        except ValueError as e:
+            raise ConfigError(f"train.global_batch={train.global_batch}: {e}") from None
+        if train.grad_accum not in (1, derived):
+            raise ConfigError(f"train.grad_accum={train.grad_accum} but train.global_batch={train.global_batch} with "
+                              f"micro_batch {train.micro_batch} and {train.num_workers} workers needs {derived}: "
+                              "give one of them")
+        train.grad_accum = derived
+    for workers in range(train.min_workers or train.num_workers, train.num_workers):
+        try:
+            accumulation_for(train.micro_batch * train.grad_accum * train.num_workers, train.micro_batch, workers)
+        except ValueError as e:
+            raise ConfigError(f"train.min_workers={train.min_workers}: Ray may run {workers} workers, but the {e}") from None
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -18,8 +18,8 @@ Position. A reader's position is the number of global samples (fillers included)
 epoch; the trainer checkpoints it. A resumed reader skips exactly those (whole shards by their
 manifest counts, without reading them), so the rest comes in the same order as in an
 uninterrupted run. Because the global order does not depend on the world size, a resume on a
-different number of ranks re-splits the remainder correctly (the reader supports it; the trainer
-itself refuses a world-size change, see trainer/train_loop.py).
+different number of ranks re-splits the remainder correctly, each sample once (the trainer keeps the
+global batch, so the epoch's padded length and step count stay; trainer/checkpoint.py accumulation_at).
 
 Length grouping (data.length_grouping = N > 0; 0 = off: the order above, exactly). The order above is
 cut into windows of N global batches. Inside a window the samples are sorted by token count (stable:
@@ -31,7 +31,9 @@ seeded by (seed, epoch, window), so lengths do not rise through the window and a
 mixes lengths; the epoch's last, partial micro-step stays last, before the fillers. That is again one
 global order per epoch, a function of (seed, epoch, the samples' lengths, N, W x micro_batch, global
 batch) and not of the rank or the start position, so exactly once, equal steps and the resume above
-hold as they are (a resume must keep N, micro_batch, W and grad_accum; the trainer keeps W). The
+hold as they are (a resume mid-epoch must keep N, micro_batch and the global batch; after a resume on
+another worker count the rest of the epoch keeps the old W's layout, `order_world`: the same global order,
+split over the new ranks, each rank's micro-batch then no longer one contiguous run). The
 lengths are the records' first int32 (T), read when a window's shards are read, which the epoch does
 anyway: no extra pass. A window's records (N x global batch samples) are held in memory; a resume
 skips whole windows without reading them.
@@ -169,6 +171,7 @@ class SplitReader:
     shuffle: bool
     grad_accum: int = 1
     length_grouping: int = 0  # 0: off; N: sort by length inside windows of N global batches (module docstring)
+    order_world: int = 0  # the worker count whose micro-step layout the grouped order follows (0: world_size)
 
     def __post_init__(self):
         if self.length_grouping < 0:
@@ -233,7 +236,7 @@ class SplitReader:
         order = self._order(epoch)
         counts = [self.shards[s]["count"] for s in order]
         ends = np.cumsum(counts).tolist()  # where the k-th shard of the order ends in the ungrouped order
-        n, window, step = self.num_samples, self.length_grouping * self.global_batch, self.world_size * self.micro_batch
+        n, window, step = self.num_samples, self.length_grouping * self.global_batch, self._layout_world() * self.micro_batch
         loaded: dict[int, tuple[list[dict], str]] = {}  # k -> the k-th shard's records (the current window's)
 
         def shard(k: int) -> tuple[list[dict], str]:
@@ -264,11 +267,14 @@ class SplitReader:
             for g in range(max(n, start), self.padded_length()):               # sample, as when off
                 yield g, {**records[0], "__filler__": True}, path
 
+    def _layout_world(self) -> int:
+        return self.order_world or self.world_size
+
     def _deal(self, run: np.ndarray) -> list[int]:
         """Lay a length-sorted run of one micro-step (W x micro samples, fewer at the epoch's end) out so
         that each rank's micro-batch is a contiguous part of it: rank r takes the positions r, r + W, ...,
         so the sorted samples r x micro ... go there (interleaved, every rank would span the whole run)."""
-        W = self.world_size
+        W = self._layout_world()
         slots = [i * W + r for r in range(W) for i in range(len(run)) if i * W + r < len(run)]
         out = [0] * len(run)
         for slot, i in zip(slots, run.tolist()):

@@ -112,10 +112,12 @@ def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: b
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, runtime_env=env)
 
 
-def run_on_workers(fn, config: dict, workers: int, cpus_per_worker: int, use_gpu: bool, storage_path: str,
-                   name: str, max_failures: int = 0):
+def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_worker: int, use_gpu: bool,
+                   storage_path: str, name: str, max_failures: int = 0):
     """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them; Ray
-    restarts them up to max_failures times (-1: without limit). Ray Train keeps its run state in
+    restarts them up to max_failures times (-1: without limit). workers=(min, max): Ray Train's elastic
+    mode, as many as the cluster has room for in that range, fewer after a lost node, more again when room
+    appears (each change restarts the workers, which resume from the newest checkpoint). Ray Train keeps its run state in
     storage_path/name, a folder of its own per call (name made unique with the time and this process):
     no job's state, nor Ray's bookkeeping of checkpoints, is ever read back by another. The jobs keep
     their checkpoints themselves (trainer/checkpoint.py). Ray must be connected (connect)."""

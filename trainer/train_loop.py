@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import trainer.checkpoint as ckpt
-from trainer import signals
-from trainer.collectives import all_reduce_scalar, any_rank
+from trainer import signals, trainable_state
+from trainer.collectives import all_reduce_sums, any_rank
 from trainer.ray_cluster import setup_worker_process
 
 log = logging.getLogger("trainer")
@@ -67,8 +67,12 @@ class Run:
     engine: Any                 # DeepSpeed's engine around the peft LLM
     reader: Any                 # trainer/data.py SplitReader over the training shards
     total_steps: int
-    progress: dict = field(default_factory=lambda: {"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0})
+    # order_world: the worker count whose layout the current epoch's sample order follows (trainer/data.py;
+    # it matters with data.length_grouping only): the run's own, but after a resize the old one until the epoch ends
+    progress: dict = field(default_factory=dict)
     last_saved: int = -1        # the step of the newest checkpoint written or resumed from
+    checkpoint: tuple = (None, None)  # (tag, trainer state) of the newest complete checkpoint when set up
+    resizes: list = field(default_factory=list)  # {"step", "from", "to"} of each resume on another worker count
     partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
     flops_shape: dict = field(default_factory=dict)  # params, trained, layers, hidden: trainer/flops.py
     peak_flops: float | None = None  # one device's peak FLOP/s (None on CPU: no MFU)
@@ -112,6 +116,11 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     log.info("rank %d of %d on Ray node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), os.uname().nodename)
 
     manifest, tokenizer, srec = load_inputs(cfg, paths, device)
+    tag = ckpt.find_latest(paths["checkpoints"])
+    state = ckpt.read_trainer_state(os.path.join(paths["checkpoints"], tag)) if tag else None
+    # the accumulation for the workers Ray gave (an elastic range, or a resume on another count: the
+    # checkpoint's global batch is kept); launch/train.py refused an impossible split before Ray started
+    cfg.train.grad_accum = ckpt.accumulation_at(cfg.train, world, state, tag)
     ds_config = deepspeed_config(cfg, precision)
     loading = partitioned_loading(ds_config)  # ZeRO-3: each worker loads only its partition of the LLM
     model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
@@ -141,7 +150,8 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
                  train_cfg.zero_stage, n_trainable)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train_cfg.peak_tflops)
     return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
-               partitioned_loading=loading, flops_shape=flops_shape, peak_flops=peak)
+               progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
+               checkpoint=(tag, state), partitioned_loading=loading, flops_shape=flops_shape, peak_flops=peak)
 
 
 def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
@@ -192,47 +202,78 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
 # ---- resume
 
 def resume(run: Run) -> None:
-    """Continue from the newest complete checkpoint in the run's folder; nothing if there is none."""
-    root = run.paths["checkpoints"]
-    tag = ckpt.find_latest(root)
+    """Continue from the newest complete checkpoint in the run's folder; nothing if there is none. On the
+    worker count that wrote it through DeepSpeed's files; on another through trainer/trainable_state.py."""
+    import torch.distributed as dist
+
+    root, (tag, state) = run.paths["checkpoints"], run.checkpoint
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
-            _truncate_metrics(run.paths["metrics"], 0)
+            _truncate_logs(run.paths, 0)
+        dist.barrier()  # the sample logs are emptied before any rank appends to its own
         return
-    state = ckpt.check_world_size(root, tag, run.world)  # launch/train.py checked it too, before Ray
-    check_epoch_order(run.cfg, state, tag)
-    saved = ckpt.load_checkpoint(run.engine, root, tag, run.rank)
-    run.progress = {key: saved[key] for key in run.progress}
+    check_epoch_order(run.cfg, state, tag, run.world)
+    if state["world_size"] == run.world:
+        ckpt.load_checkpoint(run.engine, root, tag, run.rank)
+    else:
+        ckpt.load_resized(run.engine, root, tag, run.rank, run.cfg.seed)
+    run.progress = {key: state.get(key, default) for key, default in run.progress.items()}
+    run.progress["order_world"] = state.get("order_world", state["world_size"])  # before it was recorded
+    run.resizes = state.get("resizes", [])
     run.last_saved = run.progress["global_step"]
+    if state["world_size"] != run.world:
+        run.resizes = [*run.resizes, {"step": run.last_saved, "from": state["world_size"], "to": run.world}]
     if run.is_main:
         log.info("resumed from %s: step %d, epoch %d, position %d", tag, run.progress["global_step"],
                  run.progress["epoch"], run.progress["position"])
-        _truncate_metrics(run.paths["metrics"], run.progress["global_step"])
+        if state["world_size"] != run.world:
+            log.info("resize at step %d: %d -> %d workers; global batch %d = micro %d x accumulation %d x %d workers "
+                     "(was accumulation %d); the trained state restored from %s and verified bit for bit; the rest "
+                     "of epoch %d follows the %d-worker sample order", run.last_saved, state["world_size"], run.world,
+                     ckpt.global_batch_of(state), run.cfg.train.micro_batch, run.cfg.train.grad_accum, run.world,
+                     state["config"]["train"]["grad_accum"], trainable_state.FILE, run.progress["epoch"],
+                     run.progress["order_world"])
+        _truncate_logs(run.paths, run.progress["global_step"])
+    dist.barrier()
 
 
-def check_epoch_order(cfg: DictConfig, state: dict, tag: str) -> None:
-    """Mid-epoch, the rest of the epoch's sample order depends on data.length_grouping, micro_batch and
-    grad_accum (trainer/data.py): refuse to resume there with other values (samples would be lost or
-    seen twice). At an epoch boundary any may change."""
+def check_epoch_order(cfg: DictConfig, state: dict, tag: str, world: int) -> None:
+    """Mid-epoch, the rest of the epoch's sample order depends on data.length_grouping, micro_batch and the
+    global batch (trainer/data.py): refuse to resume there with other values (samples would be lost or
+    seen twice). At an epoch boundary any may change. (The worker count may change anywhere: a resize
+    keeps the global batch and re-derives the accumulation, trainer/checkpoint.py accumulation_at.)"""
     if state["position"] == 0:
         return
     saved = state["config"]
-    keys = (("data", "length_grouping", 0), ("train", "micro_batch", None), ("train", "grad_accum", None))
+    keys = (("data", "length_grouping", 0), ("train", "micro_batch", None))
     changed = [f"{section}.{key}={saved[section].get(key, old_default)} (now {cfg[section][key]})"
                for section, key, old_default in keys if saved[section].get(key, old_default) != cfg[section][key]]
+    now = cfg.train.micro_batch * cfg.train.grad_accum * world
+    if ckpt.global_batch_of(state) != now:
+        changed.append(f"global batch {ckpt.global_batch_of(state)} (now {now})")
     if changed:
         raise ValueError(f"checkpoint {tag} is mid-epoch and was written with {', '.join(changed)}: the rest of the "
                          f"epoch's order depends on them; resume with the checkpoint's values")
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """After a resume from `step`, drop the log lines of steps the interrupted run did after it."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+def _truncate_logs(paths: dict, step: int) -> None:
+    """After a resume from `step`, drop the lines of steps the interrupted run did after it: metrics.jsonl
+    and every rank's sample log (of any worker count). A line torn by a kill is dropped too."""
+    samples = paths.get("samples") or os.path.join(paths["logs"], "samples")
+    files = [paths["metrics"]] + ([os.path.join(samples, n) for n in os.listdir(samples)] if os.path.isdir(samples) else [])
+    for path in files:
+        if not os.path.exists(path):
+            continue
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    pass  # torn by a kill while it was written
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 # ---- train
@@ -248,11 +289,13 @@ def train(run: Run) -> str:
     step_samples = micro_step_samples * train_cfg.grad_accum  # per optimizer step
     ph_id = run.tokenizer.convert_tokens_to_ids("[PH]")
     meter, step_log, losses = Throughput(), StepLog(run), []
+    sample_log = _sample_log(run) if train_cfg.sample_log else None
     _write_pid(run)
     run.engine.train()
     signals.training(True)  # from here a SIGTERM to this worker finishes the step and checkpoints
     while progress["global_step"] < run.total_steps:
         meter.restart()
+        run.reader.order_world = progress["order_world"]
         for batch in rank_loader(run.reader, progress["epoch"], progress["position"], run.tokenizer.pad_token_id,
                                  run.cfg.data.loader_workers):
             meter.lap("data")
@@ -262,7 +305,11 @@ def train(run: Run) -> str:
             run.engine.backward(loss)
             meter.lap("backward")
             run.engine.step()
-            losses.append(loss.item())
+            if batch["keys"]:  # a micro-batch of fillers only (at an epoch's end) has no loss to report
+                losses.append(loss.item())
+            if sample_log:
+                sample_log.write(json.dumps({"step": progress["global_step"] + 1, "epoch": progress["epoch"],
+                                             "position": progress["position"], "keys": batch["keys"]}) + "\n")
             meter.lap("optimizer")
             progress["position"] += micro_step_samples
             meter.count(micro_step_samples, int(batch["attention_mask"].sum()) * run.world)
@@ -270,10 +317,12 @@ def train(run: Run) -> str:
                 continue  # gradients accumulate until the optimizer step
             progress["global_step"] += 1
             progress["hybrid_steps"] += int(hybrid)
-            record = step_log.record(_mean_over_ranks(sum(losses) / len(losses)), hybrid, meter)
+            record = step_log.record(_mean_over_ranks(losses), hybrid, meter)
             losses = []
+            if sample_log:
+                sample_log.flush()  # before the step's checkpoint: a resume from it keeps these lines
             if end_of_step(run, record, step_log):
-                step_log.close()
+                _close(step_log, sample_log)
                 signals.training(False)
                 return "stopped"
             if progress["global_step"] >= run.total_steps:
@@ -282,7 +331,8 @@ def train(run: Run) -> str:
         if progress["global_step"] < run.total_steps:  # the epoch is used up (fillers included)
             progress["epoch"] += 1
             progress["position"] = 0
-    step_log.close()
+            progress["order_world"] = run.world  # a new epoch takes this run's own layout
+    _close(step_log, sample_log)
     signals.training(False)
     return "done"
 
@@ -352,10 +402,25 @@ def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
     return stop
 
 
-def _mean_over_ranks(x: float) -> float:
-    import torch.distributed as dist
+def _mean_over_ranks(losses: list[float]) -> float:
+    """The step's loss: the mean of its micro-batches' losses over every rank, fillers-only ones left out (an
+    epoch's last step would otherwise report a loss lowered by their zeros, by how many the layout made)."""
+    total, count = all_reduce_sums(sum(losses), len(losses))
+    return total / max(count, 1)
 
-    return all_reduce_scalar(x) / dist.get_world_size()
+
+def _close(step_log, sample_log) -> None:
+    step_log.close()
+    if sample_log:
+        sample_log.close()
+
+
+def _sample_log(run: Run):
+    """logs/samples/rank<r>.jsonl, appended to: a line per micro-batch with the optimizer step it belongs to
+    and the keys of its real samples (train.sample_log; fillers are not listed)."""
+    folder = os.path.join(run.paths["logs"], "samples")
+    os.makedirs(folder, exist_ok=True)
+    return open(os.path.join(folder, f"rank{run.rank}.jsonl"), "a")
 
 
 def _write_pid(run: Run) -> None:
@@ -420,7 +485,9 @@ class StepLog:
     def record(self, loss: float, hybrid: bool, meter: Throughput) -> dict:
         progress, step = self.run.progress, self.run.progress["global_step"]
         record = {"step": step, "loss": loss, "lr": self.run.engine.get_lr()[0], "hybrid": hybrid,
-                  "hybrid_share": progress["hybrid_steps"] / step, "epoch": progress["epoch"]}
+                  "hybrid_share": progress["hybrid_steps"] / step, "epoch": progress["epoch"], "world_size": self.run.world}
+        if self.run.resizes and self.run.resizes[-1]["step"] == step - 1:  # the first step after a resize
+            record["resized_from"] = self.run.resizes[-1]["from"]
         self.steps_since_summary += 1
         if self.logging_step(step):
             record.update(meter.summary(self.steps_since_summary))
@@ -495,7 +562,11 @@ def trainer_state(run: Run) -> dict:
     """trainer_state.json: where the run is, and what it was run with (checked on resume and by eval)."""
     from trainer.srec import srec_hash
 
+    engine = run.engine
     return {**run.progress, "world_size": run.world, "total_steps": run.total_steps,
+            "global_batch": run.world * run.cfg.train.micro_batch * run.cfg.train.grad_accum, "resizes": run.resizes,
+            "scheduler": engine.lr_scheduler.state_dict(),  # for a resize (DeepSpeed's files hold it too)
+            "engine_steps": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps")},
             "config": OmegaConf.to_container(run.cfg), "manifest_hash": run.manifest["config_hash"],
             "srec_sha256": srec_hash(run.paths["srec"])}
 

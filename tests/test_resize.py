@@ -1,0 +1,150 @@
+"""Resume on another number of workers (issue 24), on the real stack: Ray Train, DeepSpeed ZeRO-3 on gloo
+ranks, webdataset shards, checkpoints on disk.
+
+One epoch of a small synthetic set (32 users), global batch 24 (micro 4 x 3 x 2 workers = 4 x 6 x 1 =
+4 x 2 x 3), length grouping on. The run starts on 2 workers, is stopped by SIGTERM mid-epoch and resumed
+on 1, stopped again and resumed on 3 to the end of the epoch. Shown: every sample of the epoch trained on
+once (the workers' sample logs against the shards' keys), the trained state after each resize equal to
+the checkpoint's bit for bit (the workers' check), the log and metrics naming each resize, the steps
+before the first stop bit-identical to the uninterrupted 2-worker run and the rest close to it. And the
+trained state saved on one number of DeepSpeed ranks and restored on another directly (torch.distributed.run,
+ZeRO-3 and ZeRO-2): equal bit for bit, and the next step's loss and update as on the old count.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SMALL, wait_for_step
+
+pytestmark = pytest.mark.slow  # trainings on Ray in subprocesses; torch.distributed.run
+
+DATA = [a if not a.startswith("data.synthetic.num_users") else "data.synthetic.num_users=32" for a in SMALL]
+ARGS = [*DATA, "train.micro_batch=4", "train.global_batch=24", "data.length_grouping=2", "train.epochs=1",
+        "train.checkpoint_every=4", "train.log_every=2", "train.sample_log=true", "eval.max_samples=8",
+        "eval.batch_size=8", "eval.compare=false"]
+
+
+def _train(out, workers, *extra, timeout=900):
+    return subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *ARGS, f"train.num_workers={workers}",
+                           *extra], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _stop_at(out, workers, step):
+    """Run on `workers` workers until `step` is logged, then SIGTERM worker 0: the step in flight is
+    finished and checkpointed, the driver exits 75. Returns the run's output."""
+    proc = subprocess.Popen([sys.executable, "launch/train.py", f"output_dir={out}", *ARGS, f"train.num_workers={workers}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(out, step, proc)
+        os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, log[-4000:]
+    return log
+
+
+def _metrics(out):
+    with open(out / "logs" / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _epoch_keys(out):
+    """Every key the workers logged as trained on, over all ranks and runs (lines past a resumed
+    checkpoint were dropped by the resume)."""
+    keys = []
+    for name in sorted(os.listdir(out / "logs" / "samples")):
+        with open(out / "logs" / "samples" / name) as f:
+            keys += [k for line in f for k in json.loads(line)["keys"]]
+    return keys
+
+
+def _shard_keys(out):
+    from shards.build import load_manifest
+    from trainer.data import read_shard
+
+    manifest = load_manifest(str(out / "data"))
+    return [s["key"] for entry in manifest["shards"] if entry["split"] == "train"
+            for s in read_shard(str(out / "data" / entry["name"]))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resize") / "reference"
+    r = _train(out, 2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+def test_two_workers_stopped_resume_on_one_then_on_three_each_sample_once(uninterrupted, tmp_path):
+    from conftest import copy_prepared
+
+    out = copy_prepared(uninterrupted, tmp_path / "run")
+    reference = _metrics(uninterrupted)
+    total = reference[-1]["step"]
+    assert total >= 20, total  # the stops below fall mid-epoch
+    log_2 = _stop_at(out, 2, 6)
+    first_stop = _metrics(out)[-1]["step"]
+    log_1 = _stop_at(out, 1, first_stop + 6)
+    second_stop = _metrics(out)[-1]["step"]
+    r = _train(out, 3)
+    assert r.returncode == 0, r.stderr[-4000:]
+    logs = log_2 + log_1 + r.stdout + r.stderr
+
+    # each resize said, with the step, the counts and the accumulation; the state checked bit for bit
+    for step, old, new, accumulation in ((first_stop, 2, 1, 6), (second_stop, 1, 3, 2)):
+        assert (f"resize at step {step}: {old} -> {new} workers; global batch 24 = micro 4 x accumulation "
+                f"{accumulation} x {new} workers") in logs, logs[-4000:]
+    assert logs.count("restored from trainable.safetensors and verified bit for bit") == 2
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, total + 1))
+    assert [m["world_size"] for m in metrics] == [2] * first_stop + [1] * (second_stop - first_stop) + [3] * (total - second_stop)
+    assert [(m["step"], m["resized_from"]) for m in metrics if "resized_from" in m] == [(first_stop + 1, 2), (second_stop + 1, 1)]
+    state = json.load(open(out / "checkpoints" / f"step_{total:06d}" / "trainer_state.json"))
+    assert state["resizes"] == [{"step": first_stop, "from": 2, "to": 1}, {"step": second_stop, "from": 1, "to": 3}]
+
+    # the epoch: every training sample exactly once across the two resizes
+    keys, expected = _epoch_keys(out), _shard_keys(out)
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == set(expected)
+
+    # before the first stop the uninterrupted run's losses, bit for bit; after it the same trajectory, not the
+    # same bits (a micro-batch holds other samples on another worker count, and sums run in another order).
+    # Measured here: at most 2.2% apart at any step, 0.9% at the last. Bound: 5% per step, 3% at the end.
+    assert [m["loss"] for m in metrics[:first_stop]] == [m["loss"] for m in reference[:first_stop]]
+    assert [m["lr"] for m in metrics] == [m["lr"] for m in reference]  # the schedule kept its steps
+    for mine, theirs in zip(metrics[first_stop:], reference[first_stop:]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=0.05), mine["step"]
+    assert metrics[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=0.03)
+
+
+@pytest.mark.parametrize("stage, loads", [(3, (1, 3)), (2, (1,))])
+def test_trained_state_saved_on_two_ranks_restores_on_one_and_three(small_run, tmp_path, stage, loads):
+    """ZeRO-3 on 3 ranks pads the partitions (the tensors' sizes are not multiples of 3)."""
+    import torch
+
+    _, paths = small_run
+    script = os.path.join(REPO, "tests", "scripts", "resize_state.py")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ZERO_STAGE=str(stage))
+
+    def run(phase, ranks):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                            "--master_port", "29533", script, paths["llm"], str(tmp_path), phase],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.load(open(tmp_path / f"{phase}.json"))
+
+    saved = run("save", 2)
+    for ranks in loads:
+        loaded = run("load", ranks)
+        assert loaded["world"] == ranks and loaded["verified"] and loaded["tensors"] > 0
+        # the step after the restore: the same loss (its forward reads only the restored weights) and update
+        assert loaded["loss"] == pytest.approx(saved["loss"], rel=1e-6)
+        for name, value in saved["after"].items():
+            ref, got = torch.tensor(value), torch.tensor(loaded["after"][name])
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (ranks, name)
