@@ -1,7 +1,8 @@
 """`ray job submit -- python launch/train.py` against a real Ray cluster started as README says
 (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token of a HOME of the test's own, `ray start --head` on
 loopback): refused without the token or with a wrong one; with README's setting the job trains with
-2 workers and ZeRO-3 and writes its metrics."""
+2 workers and ZeRO-3 and writes its metrics. And an elastic run (train.min_workers) on a two-node
+cluster that loses a node: it goes on with the worker left, resuming the 2-worker checkpoint on 1."""
 
 import json
 import os
@@ -25,7 +26,8 @@ def _free_port():
 
 
 @pytest.fixture
-def ray_cluster():
+def ray_cluster(request):
+    """A head node of `request.param` CPUs (2 by default): (ray executable, env, dashboard URL, GCS port)."""
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
@@ -43,11 +45,11 @@ def ray_cluster():
     assert os.stat(token).st_mode & 0o077 == 0
     port, dash = _free_port(), _free_port()
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"]
+             f"--dashboard-port={dash}", f"--num-cpus={getattr(request, 'param', 2)}", "--include-dashboard=true", f"--temp-dir={temp}"]
     r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     try:
-        yield ray, env, f"http://127.0.0.1:{dash}"
+        yield ray, env, f"http://127.0.0.1:{dash}", port
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -72,7 +74,7 @@ def _stop_cluster(temp):
 
 
 def test_ray_job_submit_needs_the_token_and_trains(ray_cluster, trained_run, tmp_path):
-    ray, env, address = ray_cluster
+    ray, env, address, _ = ray_cluster
     out = copy_prepared(trained_run, tmp_path / "run")  # the data build is not the subject
     runtime_env = json.dumps({"excludes": [".git", "runs", "*.tar"]})
     # another user's shell: no token mode, or a token that is not this cluster's
@@ -96,3 +98,58 @@ def test_ray_job_submit_needs_the_token_and_trains(ray_cluster, trained_run, tmp
     m = json.loads((out / "eval" / "test_metrics.json").read_text())
     assert m["step"] == 10 and 0 <= m["hr@1_of_valid"] <= 1 and 0 <= m["valid_ratio"] <= 1
     assert (out / "checkpoints" / "step_000010" / "COMPLETE").exists()
+
+
+def _kill_tree(proc):
+    import psutil
+
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    for q in procs:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.parametrize("ray_cluster", [1], indirect=True)  # a head of 1 CPU, a second node of 1 CPU
+def test_an_elastic_run_goes_on_with_the_workers_left_when_a_node_is_lost(ray_cluster, trained_run, tmp_path):
+    from conftest import TRAINED_ARGS, wait_for_step
+
+    ray, env, _, port = ray_cluster
+    node = subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    train = None
+    try:
+        probe = (f"import ray, time; ray.init(address='127.0.0.1:{port}', logging_level='ERROR')\n"
+                 "for _ in range(120):\n    n = sum(x['Alive'] for x in ray.nodes())\n    if n >= 2: break\n    time.sleep(1)\nprint(n)")
+        r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert r.stdout.strip().endswith("2"), r.stdout + r.stderr[-2000:]
+        out = copy_prepared(trained_run, tmp_path / "run")
+        args = [a for a in TRAINED_ARGS if not a.startswith(("train.max_failures", "train.checkpoint_every"))]
+        train = subprocess.Popen([sys.executable, "launch/train.py", f"output_dir={out}", *args, f"ray.address=127.0.0.1:{port}",
+                                  "train.min_workers=1", "train.max_failures=3", "train.checkpoint_every=4",
+                                  "train.sample_log=true"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        wait_for_step(out, 5, train)  # a checkpoint at step 4
+        _kill_tree(node)  # the second node is lost, with the worker on it
+        log, _ = train.communicate(timeout=1200)
+    finally:
+        for p in (node, train):
+            if p is not None and p.poll() is None:
+                _kill_tree(p)
+    assert train.returncode == 0, log[-4000:]
+    import re
+
+    resized = re.search(r"resize at step (\d+): 2 -> 1 workers; global batch 16 = micro 8 x accumulation 2 x 1 workers", log)
+    assert resized, log[-4000:]
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 24
+    at = int(resized.group(1))
+    assert [r["world_size"] for r in records] == [2] * at + [1] * (24 - at)
+    keys = [k for name in os.listdir(out / "logs" / "samples")
+            for line in open(out / "logs" / "samples" / name) for k in json.loads(line)["keys"]]
+    assert len(keys) == len(set(keys)) == 24 * 16  # inside the epoch: each sample once across the loss
