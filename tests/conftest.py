@@ -76,3 +76,20 @@ def wait_for_step(out, step, proc, timeout=600):
                 return
         time.sleep(0.2)
     raise TimeoutError(step)
+
+
+def sigterm_at_step(cmd: list[str], out, step: int) -> str:
+    """Run launch/train.py (`cmd`, writing to `out`) until `step` is logged, then SIGTERM worker 0: the
+    step in flight is finished and checkpointed and the driver exits 75 (asserted). Returns its output."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(out, step, proc)
+        os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, log[-4000:]
+    return log

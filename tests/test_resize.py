@@ -13,13 +13,12 @@ ZeRO-3 and ZeRO-2): equal bit for bit, and the next step's loss and update as on
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, SMALL, wait_for_step
+from conftest import REPO, SMALL, sigterm_at_step
 
 pytestmark = pytest.mark.slow  # trainings on Ray in subprocesses; torch.distributed.run
 
@@ -35,19 +34,9 @@ def _train(out, workers, *extra, timeout=900):
 
 
 def _stop_at(out, workers, step):
-    """Run on `workers` workers until `step` is logged, then SIGTERM worker 0: the step in flight is
-    finished and checkpointed, the driver exits 75. Returns the run's output."""
-    proc = subprocess.Popen([sys.executable, "launch/train.py", f"output_dir={out}", *ARGS, f"train.num_workers={workers}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_step(out, step, proc)
-        os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, log[-4000:]
-    return log
+    """Run on `workers` workers until `step` is logged, then SIGTERM worker 0 (exit 75). Returns the output."""
+    return sigterm_at_step([sys.executable, "launch/train.py", f"output_dir={out}", *ARGS, f"train.num_workers={workers}"],
+                           out, step)
 
 
 def _metrics(out):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, wait_for_step
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, sigterm_at_step, wait_for_step
 from trainer.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
@@ -79,15 +79,7 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75_then_resumes_at_zero_stage
     tests/test_slurm.py.)"""
     out = tmp_path / "run"
     stage2 = "train.zero_stage=2"
-    proc = subprocess.Popen(_cmd(out, stage2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_step(out, 8, proc)
-        os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, log[-4000:]
+    sigterm_at_step(_cmd(out, stage2), out, 8)
     stopped = find_latest(str(out / "checkpoints"))
     steps = [s for s, _ in _losses(out)]
     assert stopped == f"step_{max(steps):06d}" and max(steps) < STEPS  # the step in flight was finished and saved

@@ -5,7 +5,7 @@
                        build the LLM + hybrid embedding + LoRA, wrap them in a DeepSpeed ZeRO engine,
                        open this rank's stream of the training shards
       resume           restore the newest complete checkpoint, if any: weights, optimizer, scheduler,
-                       RNG, reader position
+                       RNG, reader position (written by another number of workers: trainer/trainable_state.py)
       train            the loop: per optimizer step the curriculum says hybrid or text-only; per
                        micro-batch the SRec's vectors of the batch's unique items -> adapter ->
                        injected embeddings, loss on the answer tokens, backward, step; after each
@@ -259,7 +259,7 @@ def check_epoch_order(cfg: DictConfig, state: dict, tag: str, world: int) -> Non
 def _truncate_logs(paths: dict, step: int) -> None:
     """After a resume from `step`, drop the lines of steps the interrupted run did after it: metrics.jsonl
     and every rank's sample log (of any worker count). A line torn by a kill is dropped too."""
-    samples = paths.get("samples") or os.path.join(paths["logs"], "samples")
+    samples = _samples_dir(paths)
     files = [paths["metrics"]] + ([os.path.join(samples, n) for n in os.listdir(samples)] if os.path.isdir(samples) else [])
     for path in files:
         if not os.path.exists(path):
@@ -418,9 +418,13 @@ def _close(step_log, sample_log) -> None:
 def _sample_log(run: Run):
     """logs/samples/rank<r>.jsonl, appended to: a line per micro-batch with the optimizer step it belongs to
     and the keys of its real samples (train.sample_log; fillers are not listed)."""
-    folder = os.path.join(run.paths["logs"], "samples")
+    folder = _samples_dir(run.paths)
     os.makedirs(folder, exist_ok=True)
     return open(os.path.join(folder, f"rank{run.rank}.jsonl"), "a")
+
+
+def _samples_dir(paths: dict) -> str:
+    return os.path.join(paths["logs"], "samples")
 
 
 def _write_pid(run: Run) -> None:
