@@ -209,8 +209,9 @@ def test_ctrl_c_keeps_the_best_epoch_so_far(synthetic_splits, monkeypatch):
 
 @pytest.mark.slow  # launch/pretrain_srec.py in subprocesses
 def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
-    """launch/pretrain_srec.py trains and saves; --evaluate on the saved folder gives the same table
-    row; an SRec for another catalogue is refused with both item counts."""
+    """launch/pretrain_srec.py trains (a bar per epoch over the batches: loss, batches/s) and saves;
+    --evaluate on the saved folder gives the same table row; an SRec for another catalogue is refused
+    with both item counts."""
     import json
     import subprocess
     import sys
@@ -225,6 +226,7 @@ def test_pretrain_cli_saves_and_evaluate_reads_back(tmp_path):
 
     r = cli("--out", str(tmp_path / "a"), "--archs", "gru4rec", *data)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 1/1" in r.stderr and "batch/s" in r.stderr and "loss=" in r.stderr  # the per-batch bar
     trained = json.loads((tmp_path / "a" / "eval_test.json").read_text())
     assert {"gru4rec", "popularity", "random"} <= set(trained)
     r = cli("--out", str(tmp_path / "b"), "--evaluate", str(tmp_path / "a" / "gru4rec"), "--no-baselines", *data)
@@ -301,3 +303,22 @@ def test_a_bad_srec_choice_is_refused_before_the_data_build(tmp_path):
         with pytest.raises(ValueError, match=message):
             prepare(load_config(None, [f"output_dir={out}", "data.synthetic.num_users=40", "data.synthetic.num_items=60", bad]))
         assert not (out / "data").exists() and not (out / "assets").exists()  # refused before any work
+
+
+def test_validation_reads_every_user_by_default_and_a_cap_is_named(synthetic_splits, caplog):
+    """srec.val_users: -1 (default) validates on every validation user (it was the first 5,000, silently);
+    a cap takes the first N and the log says so; the report says how many were read."""
+    import logging
+
+    n = sum(1 for s in synthetic_splits["val"] if s["history"])
+    kw = dict(arch="sasrec", hidden=16, max_len=10, epochs=1, lr=0.005, seed=0)
+    with caplog.at_level(logging.INFO, logger="trainer.srec.pretrain"):
+        _, every = pretrain(synthetic_splits, 100, **kw)
+        _, capped = pretrain(synthetic_splits, 100, val_users=40, **kw)
+    assert every["val_users"] == n > 40 and capped["val_users"] == 40
+    assert f"validation on all {n} validation users" in caplog.text
+    assert f"validation on the first 40 of {n} validation users (srec.val_users=40)" in caplog.text
+    assert every["epochs"][0]["val_ndcg@10"] != capped["epochs"][0]["val_ndcg@10"]  # other users, another figure
+    from trainer.config import load_config
+
+    assert load_config(None, []).srec.val_users == -1

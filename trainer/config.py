@@ -232,6 +232,7 @@ class SRec:
     adam_beta2: float = fraction()
     init: str = choice("trainer.srec.pretrain.INITS")
     batch_size: int = at_least(1)
+    val_users: int = all_or_count()  # -1: every validation user
 
 
 @dataclass

@@ -31,7 +31,10 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                ("data", "synthetic", "pattern"): "chain", ("data", "synthetic", "titles"): "pairs",
                ("data", "domain"): "movie", ("srec", "adam_beta2"): 0.999, ("srec", "init"): "default",
                ("data", "synthetic", "zipf_a"): 1.2, ("data", "retrieval", "dtype"): "float32",
-               ("model", "attn_implementation"): "sdpa", ("data", "length_grouping"): 0}
+               ("model", "attn_implementation"): "sdpa", ("data", "length_grouping"): 0,
+               # before the key the first 5,000 validation users were read: the same SRec wherever there are no
+               # more, so an old stamp reads as the new default (all) and its folder stays usable
+               ("srec", "val_users"): -1}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder
 _RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
                  ("model", "injection"), ("model", "attn_implementation"), ("data", "length_grouping"))

@@ -10,6 +10,10 @@ training sequence (its last max_len + 1 items), and every position predicts the 
 (BCE against one sampled negative per position that the user never interacted with). Models with a
 per-position output (`sequence_output`: SASRec) support it.
 The SRec never sees a validation or test target.
+
+Validation (early stopping, the progress line): every validation user by default (`val_users=-1`); a
+cap N takes the first N and the log says so. With `progress`, a bar per epoch over the batches shows
+the running loss and batches/s.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
              positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
-             progress: bool = False, max_val: int = 5000,
+             progress: bool = False, val_users: int = -1,
              **model_kwargs) -> tuple[SRec, dict]:
     check_pretrain_args(arch, loss, positions, init)
     torch.manual_seed(seed)
@@ -104,7 +108,12 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     if init == "xavier":
         xavier_init(model)
     train = [s for s in splits["train"] if s["history"]]
-    val = [s for s in splits.get("val", []) if s["history"]][:max_val]
+    val = [s for s in splits.get("val", []) if s["history"]]
+    if 0 <= val_users < len(val):
+        log.info("validation on the first %d of %d validation users (srec.val_users=%d)", val_users, len(val), val_users)
+        val = val[:val_users]
+    else:
+        log.info("validation on all %d validation users", len(val))
     if positions == "all":
         inputs, nexts = user_sequences(train, model.max_len)
         x, lengths = model.pad(inputs)
@@ -118,7 +127,8 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
     try:
         for epoch in bar:
-            mean_loss = train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions)
+            mean_loss = train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions,
+                                        progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
             m = evaluate(model, val, num_items, seed=seed) if val else {"ndcg@10": 0.0, "hr@10": 0.0}
             history.append({"epoch": epoch, "loss": mean_loss, "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"]})
             bar.set_postfix(loss=f"{mean_loss:.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
@@ -137,14 +147,16 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         log.warning("interrupted after %d epochs: keeping the best one (validation NDCG@10 %.4f)", len(history), best)
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
-    return model, {"arch": arch, "best_val_ndcg@10": best, "stopped": stopped, "epochs": history}
+    return model, {"arch": arch, "best_val_ndcg@10": best, "stopped": stopped, "val_users": len(val), "epochs": history}
 
 
-def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions) -> float:
+def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions,
+                    progress: bool = False, desc: str = "") -> float:
     model.train()
     perm = torch.randperm(len(x), generator=gen)
-    total = 0.0
-    for i in range(0, len(x), batch_size):
+    total, seen = 0.0, 0
+    batches = tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", leave=False, disable=not progress)
+    for i in batches:
         idx = perm[i:i + batch_size]
         if positions == "all":
             batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen)
@@ -163,4 +175,6 @@ def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss,
         batch_loss.backward()
         opt.step()
         total += batch_loss.item() * len(idx)
+        seen += len(idx)
+        batches.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
     return total / len(x)
