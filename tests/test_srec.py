@@ -322,3 +322,37 @@ def test_validation_reads_every_user_by_default_and_a_cap_is_named(synthetic_spl
     from trainer.config import load_config
 
     assert load_config(None, []).srec.val_users == -1
+
+
+def test_sasrec_knobs_reach_the_model_and_the_defaults_are_the_old_model():
+    """srec.ffn_inner, activation, norm, attn_dropout (issue 25): each changes the built SASRec; with the
+    defaults it is the model as before (the same parameters from the same seed, the same forward)."""
+    from trainer.srec.sasrec import SASRec
+
+    def built(seed=0, **kw):
+        torch.manual_seed(seed)
+        return SASRec(50, hidden=16, blocks=2, heads=2, max_len=8, dropout=0.2, **kw).eval()
+
+    x = torch.randint(0, 51, (4, 8), generator=torch.Generator().manual_seed(1))
+    base = built()
+    assert isinstance(base.blocks[0].ffn[1], torch.nn.ReLU) and base.blocks[0].ffn[0].out_features == 16
+    assert base.blocks[0].attn.dropout == 0.2 and base.blocks[0].norm == "pre"
+    wide = built(ffn_inner=64, activation="gelu", attn_dropout=0.3)
+    assert wide.blocks[1].ffn[0].out_features == 64 and wide.blocks[1].ffn[3].in_features == 64
+    assert isinstance(wide.blocks[1].ffn[1], torch.nn.GELU) and wide.blocks[1].attn.dropout == 0.3
+    post = built(norm="post")
+    post.load_state_dict(base.state_dict())  # the same weights, the other order
+    assert not torch.allclose(post.sequence_output(x), base.sequence_output(x))
+    assert wide.config["ffn_inner"] == 64 and post.config["norm"] == "post"  # saved with the model
+    with pytest.raises(ValueError, match="srec.activation='tanh'"):
+        built(activation="tanh")
+
+
+def test_early_stopping_metric_is_a_key(synthetic_splits):
+    kw = dict(arch="gru4rec", hidden=16, max_len=10, epochs=3, patience=3, lr=0.005, seed=0)
+    _, ndcg = pretrain(synthetic_splits, 100, **kw)
+    _, hr1 = pretrain(synthetic_splits, 100, stop_metric="hr@1", **kw)
+    assert ndcg["stop_metric"] == "ndcg@10" and ndcg["best_val"] == max(e["val_ndcg@10"] for e in ndcg["epochs"])
+    assert hr1["stop_metric"] == "hr@1" and hr1["best_val"] == max(e["val_hr@1"] for e in hr1["epochs"])
+    with pytest.raises(ValueError, match="srec.stop_metric='auc'"):
+        pretrain(synthetic_splits, 100, stop_metric="auc", **kw)

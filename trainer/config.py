@@ -222,6 +222,11 @@ class SRec:
     heads: int = at_least(1)
     layers: int = at_least(1)
     dropout: float = fraction()
+    ffn_inner: int = at_least(0)  # sasrec: 0 = hidden
+    activation: str = choice("trainer.srec.sasrec.ACTIVATIONS")
+    norm: str = choice("trainer.srec.sasrec.NORMS")
+    attn_dropout: float = key(Range(0, 1, high_open=True, minus_one=True))  # -1: srec.dropout
+    stop_metric: str = choice("trainer.srec.pretrain.STOP_METRICS")
     loss: str = choice("trainer.srec.pretrain.LOSSES")
     negatives: int = at_least(1)
     positions: str = choice("trainer.srec.pretrain.POSITIONS")

@@ -1,5 +1,5 @@
 """Pretrain a sequential recommender on the same training samples as the LLM (history -> next
-item), keep the epoch with the best validation NDCG@10, then freeze it.
+item), keep the epoch with the best validation NDCG@10 (or `stop_metric`, full ranking), then freeze it.
 
 Loss: softmax cross-entropy over all items (default), or binary cross-entropy of the target
 against `negatives` items drawn uniformly per sample (`loss="bce"`, as in the SASRec paper).
@@ -75,6 +75,7 @@ def xavier_init(model: SRec) -> None:
 LOSSES = ("ce", "bce")  # srec.loss
 POSITIONS = ("last", "all")  # srec.positions
 INITS = ("default", "xavier")  # srec.init
+STOP_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "hr") for k in (1, 5, 10, 20))  # srec.stop_metric (full ranking)
 
 
 def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str = "last", init: str = "default",
@@ -100,9 +101,11 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
              positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
-             progress: bool = False, val_users: int = -1,
+             progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10",
              **model_kwargs) -> tuple[SRec, dict]:
     check_pretrain_args(arch, loss, positions, init)
+    if stop_metric not in STOP_METRICS:
+        raise ValueError(f"srec.stop_metric={stop_metric!r}: expected one of {', '.join(STOP_METRICS)}")
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
     if init == "xavier":
@@ -123,18 +126,20 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         y = torch.as_tensor([s["target"] for s in train])
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, bad, history, stopped = -1.0, None, 0, [], "epochs"
+    best, best_ndcg, best_state, bad, history, stopped = -1.0, -1.0, None, 0, [], "epochs"
     bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
     try:
         for epoch in bar:
             mean_loss = train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions,
                                         progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
-            m = evaluate(model, val, num_items, seed=seed) if val else {"ndcg@10": 0.0, "hr@10": 0.0}
-            history.append({"epoch": epoch, "loss": mean_loss, "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"]})
+            m = evaluate(model, val, num_items, seed=seed) if val else dict.fromkeys(STOP_METRICS, 0.0)
+            history.append({"epoch": epoch, "loss": mean_loss, "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"],
+                            f"val_{stop_metric}": m[stop_metric]})
             bar.set_postfix(loss=f"{mean_loss:.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
             log.info("%s epoch %d  loss %.4f  val HR@10 %.4f  NDCG@10 %.4f", arch, epoch, mean_loss, m["hr@10"], m["ndcg@10"])
-            if m["ndcg@10"] > best:
-                best, best_state, bad = m["ndcg@10"], copy.deepcopy(model.state_dict()), 0
+            if m[stop_metric] > best:
+                best, best_state, bad = m[stop_metric], copy.deepcopy(model.state_dict()), 0
+                best_ndcg = m["ndcg@10"]
             else:
                 bad += 1
                 if bad >= patience:
@@ -144,10 +149,12 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         if best_state is None:
             raise
         stopped = "interrupted"
-        log.warning("interrupted after %d epochs: keeping the best one (validation NDCG@10 %.4f)", len(history), best)
+        log.warning("interrupted after %d epochs: keeping the best one (validation %s %.4f)", len(history),
+                    stop_metric, best)
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
-    return model, {"arch": arch, "best_val_ndcg@10": best, "stopped": stopped, "val_users": len(val), "epochs": history}
+    return model, {"arch": arch, "best_val_ndcg@10": best_ndcg, "stop_metric": stop_metric, "best_val": best,
+                   "stopped": stopped, "val_users": len(val), "epochs": history}
 
 
 def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions,

@@ -1,5 +1,11 @@
 """SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence; next-item scores
-are the dot product of the last position's state with the item embeddings."""
+are the dot product of the last position's state with the item embeddings.
+
+Knobs (srec.*, defaults = the model as it always was here): ffn_inner (the feed-forward's inner size;
+0 = hidden, as the SASRec authors' code), activation (relu as the authors; gelu as RecBole and the
+ICLRec/CL4SRec line), norm ("pre": the authors' order, LayerNorm before attention and feed-forward, the
+attention's query normalised too; "post": LayerNorm after each residual sum, as BERT and RecBole),
+attn_dropout (-1 = dropout)."""
 
 from __future__ import annotations
 
@@ -9,16 +15,29 @@ import torch.nn as nn
 from trainer.srec.common import SRec, init_item_table
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}  # srec.activation
+NORMS = ("pre", "post")  # srec.norm
+
+
 class SASRecBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, dropout: float, ffn_inner: int = 0, activation: str = "relu",
+                 norm: str = "pre", attn_dropout: float = -1.0):
         super().__init__()
+        inner = ffn_inner or hidden
+        self.norm = norm
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-8)
-        self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout if attn_dropout < 0 else attn_dropout,
+                                          batch_first=True)
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-8)
-        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, hidden), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(nn.Linear(hidden, inner), ACTIVATIONS[activation](), nn.Dropout(dropout),
+                                 nn.Linear(inner, hidden), nn.Dropout(dropout))
 
     def forward(self, x, causal_mask, keep):
+        if self.norm == "post":
+            h, _ = self.attn(x, x, x, attn_mask=causal_mask, need_weights=False)
+            x = self.attn_norm(x + h)
+            x = self.ffn_norm(x + self.ffn(x))
+            return x * keep
         q = self.attn_norm(x)
         h, _ = self.attn(q, x, x, attn_mask=causal_mask, need_weights=False)
         x = q + h
@@ -28,15 +47,21 @@ class SASRecBlock(nn.Module):
 
 class SASRec(SRec):
     def __init__(self, num_items: int, hidden: int = 64, blocks: int = 1, heads: int = 1, max_len: int = 10,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, ffn_inner: int = 0, activation: str = "relu", norm: str = "pre",
+                 attn_dropout: float = -1.0):
         super().__init__()
+        if activation not in ACTIVATIONS or norm not in NORMS:
+            raise ValueError(f"srec.activation={activation!r} / srec.norm={norm!r}: expected relu|gelu / pre|post")
         self.config = {"arch": "sasrec", "num_items": num_items, "hidden": hidden, "blocks": blocks,
-                       "heads": heads, "max_len": max_len, "dropout": dropout}
+                       "heads": heads, "max_len": max_len, "dropout": dropout, "ffn_inner": ffn_inner,
+                       "activation": activation, "norm": norm, "attn_dropout": attn_dropout}
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(SASRecBlock(hidden, heads, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(SASRecBlock(hidden, heads, dropout, ffn_inner, activation, norm, attn_dropout)
+                                    for _ in range(blocks))
+        # post-norm blocks end normalised; the final LayerNorm of the authors' (pre-norm) order is kept for both
         self.final_norm = nn.LayerNorm(hidden, eps=1e-8)
         init_item_table(self.item_emb, num_items)
         nn.init.normal_(self.pos_emb.weight, std=hidden ** -0.5)
