@@ -84,8 +84,10 @@ def test_all_positions_objective_learns(synthetic_splits):
     assert ours["hr@10"] > 2 * evaluate(Random(100), synthetic_splits["test"], 100)["hr@10"]
     with pytest.raises(ValueError, match="per-position output"):
         pretrain(synthetic_splits, 100, arch="caser", positions="all", loss="bce", epochs=1)
-    with pytest.raises(ValueError, match="srec.loss=bce"):
-        pretrain(synthetic_splits, 100, arch="sasrec", positions="all", epochs=1)
+    # softmax CE at every position (the ICLRec/CL4SRec line) learns too
+    model, _ = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=6, lr=0.005, loss="ce",
+                        positions="all", seed=0)
+    assert evaluate(model, synthetic_splits["test"], 100)["hr@10"] > 2 * evaluate(Random(100), synthetic_splits["test"], 100)["hr@10"]
 
 
 def test_adam_beta2_reaches_the_optimizer(synthetic_splits):
@@ -297,11 +299,11 @@ def test_a_bad_srec_choice_is_refused_before_the_data_build(tmp_path):
     from trainer.prepare import prepare
 
     out = tmp_path / "run"
-    for bad, message in (("srec.init=kaiming", "srec.init='kaiming'"), ("srec.loss=bpr", "srec.loss='bpr'"),
-                         ("srec.arch=bert4rec", "srec.arch='bert4rec'"),
-                         ("srec.positions=all", "srec.positions=all trains with the SASRec paper's BCE")):
+    for bad, message in ((["srec.init=kaiming"], "srec.init='kaiming'"), (["srec.loss=bpr"], "srec.loss='bpr'"),
+                         (["srec.arch=bert4rec"], "srec.arch='bert4rec'"),
+                         (["srec.arch=caser", "srec.positions=all"], "srec.positions=all needs a per-position output")):
         with pytest.raises(ValueError, match=message):
-            prepare(load_config(None, [f"output_dir={out}", "data.synthetic.num_users=40", "data.synthetic.num_items=60", bad]))
+            prepare(load_config(None, [f"output_dir={out}", "data.synthetic.num_users=40", "data.synthetic.num_items=60", *bad]))
         assert not (out / "data").exists() and not (out / "assets").exists()  # refused before any work
 
 
@@ -356,3 +358,13 @@ def test_early_stopping_metric_is_a_key(synthetic_splits):
     assert hr1["stop_metric"] == "hr@1" and hr1["best_val"] == max(e["val_hr@1"] for e in hr1["epochs"])
     with pytest.raises(ValueError, match="srec.stop_metric='auc'"):
         pretrain(synthetic_splits, 100, stop_metric="auc", **kw)
+
+
+def test_normal_init_with_its_std(synthetic_splits):
+    """srec.init=normal, srec.init_std: every weight drawn from normal(0, std), biases 0, the padding row 0."""
+    model, _ = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=1, lr=1e-12,
+                        init="normal", init_std=0.05, seed=0)  # a step of lr 1e-12 leaves the init as it was
+    rows = model.item_emb.weight[:100]
+    assert abs(rows.std().item() - 0.05) < 0.005 and not model.item_emb.weight[100].any()
+    assert abs(model.blocks[0].attn.in_proj_weight.std().item() - 0.05) < 0.005
+    assert model.blocks[0].ffn[0].bias.abs().max() < 1e-9  # zero, moved by the steps of lr 1e-12 only

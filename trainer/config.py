@@ -236,6 +236,7 @@ class SRec:
     weight_decay: float = at_least(0)
     adam_beta2: float = fraction()
     init: str = choice("trainer.srec.pretrain.INITS")
+    init_std: float = above(0)  # init=normal
     batch_size: int = at_least(1)
     val_users: int = all_or_count()  # -1: every validation user
 

@@ -35,7 +35,8 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                # before the key the first 5,000 validation users were read: the same SRec wherever there are no
                # more, so an old stamp reads as the new default (all) and its folder stays usable
                ("srec", "val_users"): -1, ("srec", "ffn_inner"): 0, ("srec", "activation"): "relu",
-               ("srec", "norm"): "pre", ("srec", "attn_dropout"): -1.0, ("srec", "stop_metric"): "ndcg@10"}
+               ("srec", "norm"): "pre", ("srec", "attn_dropout"): -1.0, ("srec", "stop_metric"): "ndcg@10",
+               ("srec", "init_std"): 0.02}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder
 _RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
                  ("model", "injection"), ("model", "attn_implementation"), ("data", "length_grouping"))

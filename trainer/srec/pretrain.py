@@ -7,7 +7,8 @@ against `negatives` items drawn uniformly per sample (`loss="bce"`, as in the SA
 Targets: `positions="last"` trains on every training sample (history -> its next item, one target
 per forward row); `positions="all"` is the SASRec paper's objective: one row per user, the user's
 training sequence (its last max_len + 1 items), and every position predicts the item after it
-(BCE against one sampled negative per position that the user never interacted with). Models with a
+(BCE against one sampled negative per position that the user never interacted with; with `loss="ce"`
+softmax cross-entropy over all items at every position, as the ICLRec/CL4SRec line). Models with a
 per-position output (`sequence_output`: SASRec) support it.
 The SRec never sees a validation or test target.
 
@@ -41,10 +42,15 @@ def user_sequences(train: list[dict], max_len: int) -> tuple[list[list[int]], li
     return [q[:-1] for q in seqs], [q[1:] for q in seqs]
 
 
-def all_positions_loss(model: SRec, x: torch.Tensor, y: torch.Tensor, num_items: int, gen: torch.Generator) -> torch.Tensor:
-    """BCE at every non-padding position: the next item against one negative outside the user's row."""
+def all_positions_loss(model: SRec, x: torch.Tensor, y: torch.Tensor, num_items: int, gen: torch.Generator,
+                       loss: str = "bce") -> torch.Tensor:
+    """At every non-padding position: BCE of the next item against one negative outside the user's row
+    (the SASRec paper), or softmax cross-entropy over all items (loss="ce", as the ICLRec/CL4SRec line)."""
     out = model.sequence_output(x)  # [B, L, H]
     valid = y != num_items
+    if loss == "ce":
+        logits = out[valid] @ model.item_vectors(torch.arange(num_items, device=out.device)).T  # [positions, items]
+        return F.cross_entropy(logits, y[valid])
     neg = torch.randint(0, num_items, y.shape, generator=gen)
     seen = torch.cat([x, y[:, -1:]], 1)
     for _ in range(10):  # redraw the negatives that hit an item of the user's row
@@ -72,9 +78,28 @@ def xavier_init(model: SRec) -> None:
             emb.weight[emb.padding_idx].zero_()
 
 
+def normal_init(model: SRec, std: float) -> None:
+    """As BERT and the ICLRec/CL4SRec line initialise: every Linear and Embedding weight normal(0, std),
+    biases zero, LayerNorms weight 1 and bias 0; the padding row of the item table zero."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
+                module.bias.zero_()
+            if isinstance(module, torch.nn.MultiheadAttention):  # its projections are parameters, not Linears
+                module.in_proj_weight.normal_(0.0, std)
+                module.in_proj_bias.zero_()
+        emb = model.item_emb
+        if emb.padding_idx is not None:
+            emb.weight[emb.padding_idx].zero_()
+
+
 LOSSES = ("ce", "bce")  # srec.loss
 POSITIONS = ("last", "all")  # srec.positions
-INITS = ("default", "xavier")  # srec.init
+INITS = ("default", "xavier", "normal")  # srec.init
 STOP_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "hr") for k in (1, 5, 10, 20))  # srec.stop_metric (full ranking)
 
 
@@ -87,21 +112,19 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
     if arch not in ARCHS:
         raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
     if init not in INITS:
-        raise ValueError(f"srec.init={init!r}: expected default or xavier")
+        raise ValueError(f"srec.init={init!r}: expected default, xavier or normal")
     if loss not in LOSSES:
         raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
     if positions not in POSITIONS:
         raise ValueError(f"srec.positions={positions!r}: expected last or all")
     if positions == "all" and not hasattr(ARCHS[arch], "sequence_output"):
         raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
-    if positions == "all" and loss != "bce":
-        raise ValueError("srec.positions=all trains with the SASRec paper's BCE (one negative per position): set srec.loss=bce")
 
 
 def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
              positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
-             progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10",
+             progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10", init_std: float = 0.02,
              **model_kwargs) -> tuple[SRec, dict]:
     check_pretrain_args(arch, loss, positions, init)
     if stop_metric not in STOP_METRICS:
@@ -110,6 +133,8 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     model = build_srec(arch, num_items, **model_kwargs)
     if init == "xavier":
         xavier_init(model)
+    elif init == "normal":
+        normal_init(model, init_std)
     train = [s for s in splits["train"] if s["history"]]
     val = [s for s in splits.get("val", []) if s["history"]]
     if 0 <= val_users < len(val):
@@ -166,7 +191,7 @@ def train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss,
     for i in batches:
         idx = perm[i:i + batch_size]
         if positions == "all":
-            batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen)
+            batch_loss = all_positions_loss(model, x[idx], y[idx], num_items, gen, loss)
         elif loss == "ce":
             batch_loss = F.cross_entropy(model.scores(x[idx], lengths[idx]), y[idx])
         elif loss == "bce":  # only the target's and the negatives' scores are computed
