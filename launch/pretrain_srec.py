@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     rows = {}
     try:
         for name, model in srec_models(args, cfg, splits, num_items):
-            rows[name] = evaluate(model, test, num_items, cands, seed=cfg.seed)
+            rows[name] = evaluate(model, test, num_items, cands, seed=cfg.seed, mask_history=cfg.srec.eval_mask_history)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,13 +73,14 @@ def main(argv=None) -> int:
         print(f"\ninterrupted before {arch}'s first epoch finished: nothing saved for it", file=sys.stderr)
         return 130
     if not args.no_baselines:
-        rows.update(baseline_rows(splits, test, num_items, cands, cfg.seed))
+        rows.update(baseline_rows(splits, test, num_items, cands, cfg.seed, cfg.srec.eval_mask_history))
     table = format_table(rows)
-    print(f"\n{args.split} split, {len(test)} samples, {num_items} items\n{table}")
+    protocol = "history masked" if cfg.srec.eval_mask_history else "history ranked (srec.eval_mask_history=false)"
+    print(f"\n{args.split} split, {len(test)} samples, {num_items} items; full ranking: {protocol}\n{table}")
     with open(os.path.join(args.out, f"eval_{args.split}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, f"eval_{args.split}.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(f"full ranking: {protocol}\n\n{table}\n")
     return 0
 
 
@@ -121,16 +122,17 @@ def srec_models(args, cfg, splits: dict, num_items: int):
         yield arch, model
 
 
-def baseline_rows(splits: dict, test: list, num_items: int, cands: list, seed: int) -> dict:
+def baseline_rows(splits: dict, test: list, num_items: int, cands: list, seed: int, mask_history: bool = True) -> dict:
     """Popularity (training targets; left out when the data has no training split) and random."""
     from trainer.srec.metrics import Popularity, Random, evaluate
 
     rows = {}
     if splits.get("train"):
-        rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=seed)
+        rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=seed,
+                                      mask_history=mask_history)
     else:  # e.g. LLaRA's MovieLens/Steam folders ship no train_data.df
         print("no train split in this data: the popularity baseline is left out", file=sys.stderr)
-    rows["random"] = evaluate(Random(num_items, seed), test, num_items, cands, seed=seed)
+    rows["random"] = evaluate(Random(num_items, seed), test, num_items, cands, seed=seed, mask_history=mask_history)
     return rows
 
 

@@ -68,7 +68,8 @@ def test_pretrained_models_beat_popularity_and_random(arch, synthetic_splits):
 def test_bce_with_sampled_negatives_learns(synthetic_splits):
     model, _ = pretrain(synthetic_splits, 100, arch="sasrec", hidden=32, max_len=10, epochs=4, lr=0.005, loss="bce",
                         negatives=4, seed=0)
-    assert evaluate(model, synthetic_splits["test"], 100)["hr@10"] > 0.3
+    # the synthetic users come back to items they had: their own history is ranked here (mask_history=False)
+    assert evaluate(model, synthetic_splits["test"], 100, mask_history=False)["hr@10"] > 0.3
 
 
 def test_all_positions_objective_learns(synthetic_splits):
@@ -137,10 +138,23 @@ def test_metrics_on_a_known_case():
             return torch.tensor([[0.9, 0.5, 0.1, 0.3, 0.2]] * len(x))
 
     samples = [{"history": [4], "target": 0}, {"history": [4], "target": 1}, {"history": [4], "target": 2}]
-    m = evaluate(Fixed(), samples, 5, candidates=[[0, 1, 2], [1, 2, 3], [2, 3, 4]], n_sampled=2)
+    m = evaluate(Fixed(), samples, 5, candidates=[[0, 1, 2], [1, 2, 3], [2, 3, 4]], n_sampled=2, mask_history=False)
+    assert m["full_ranking"] == "history ranked"
     assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@5"] == 1.0
     assert m["ndcg@5"] == pytest.approx((1 + 1 / torch.log2(torch.tensor(3.0)).item() + 1 / torch.log2(torch.tensor(6.0)).item()) / 3)
     assert m["cand20_hr@1"] == pytest.approx(2 / 3)  # 0 wins, 1 wins, 3 beats 2
+    # the default (issue 25, as RecBole): the user's history is not ranked. Target 1 moves from rank 1 to
+    # rank 0 (item 0 masked), target 2 from 4 to 2 (items 0 and 4 masked), target 0, in its own history,
+    # from 0 to never hit; the other protocols are unchanged
+    masked = [{"history": [0], "target": 1}, {"history": [0, 4], "target": 2}, {"history": [0], "target": 0}]
+    m = evaluate(Fixed(), masked, 5, candidates=[[0, 1, 2], [1, 2, 3], [2, 3, 4]], n_sampled=2)
+    plain = evaluate(Fixed(), masked, 5, candidates=[[0, 1, 2], [1, 2, 3], [2, 3, 4]], n_sampled=2, mask_history=False)
+    assert m["full_ranking"] == "history masked"
+    assert m["hr@1"] == pytest.approx(1 / 3) and plain["hr@1"] == pytest.approx(1 / 3)  # 1 hit; before: 0 hit
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / 2) / 3) and m["hr@5"] == pytest.approx(2 / 3)
+    assert plain["ndcg@5"] == pytest.approx((1 / torch.log2(torch.tensor(3.0)).item()
+                                             + 1 / torch.log2(torch.tensor(6.0)).item() + 1) / 3)
+    assert m["cand20_hr@1"] == plain["cand20_hr@1"]
 
 
 # ---- LLaRA's released checkpoints
@@ -169,7 +183,7 @@ def test_llara_weights_reproduce_their_forward(name, items, hr10):
     model = load_llara_sasrec(pt)
     _, splits = read_llara_processed(_need("llara-data", name))
     rows = [s for s in splits["test"] if len(s["history"]) >= 3]
-    got = evaluate(model, rows, items)["hr@10"]
+    got = evaluate(model, rows, items, mask_history=False)["hr@10"]  # their figures rank the history too
     assert round(got, 3) == hr10
     assert torch.equal(model.item_vectors(torch.tensor([0, 5])), plain["item_embeddings.weight"][[0, 5]])
 

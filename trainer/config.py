@@ -227,6 +227,7 @@ class SRec:
     norm: str = choice("trainer.srec.sasrec.NORMS")
     attn_dropout: float = key(Range(0, 1, high_open=True, minus_one=True))  # -1: srec.dropout
     stop_metric: str = choice("trainer.srec.pretrain.STOP_METRICS")
+    eval_mask_history: bool = key()  # full ranking leaves the user's history out (RecBole, ICLRec)
     loss: str = choice("trainer.srec.pretrain.LOSSES")
     negatives: int = at_least(1)
     positions: str = choice("trainer.srec.pretrain.POSITIONS")

@@ -36,7 +36,9 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                # more, so an old stamp reads as the new default (all) and its folder stays usable
                ("srec", "val_users"): -1, ("srec", "ffn_inner"): 0, ("srec", "activation"): "relu",
                ("srec", "norm"): "pre", ("srec", "attn_dropout"): -1.0, ("srec", "stop_metric"): "ndcg@10",
-               ("srec", "init_std"): 0.02}
+               ("srec", "init_std"): 0.02, 
+               # an SRec already built is reused as it is; the key changes how a new one is early-stopped
+               ("srec", "eval_mask_history"): True}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder
 _RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
                  ("model", "injection"), ("model", "attn_implementation"), ("data", "length_grouping"))
@@ -206,7 +208,8 @@ def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> No
         save_srec(model, paths["srec"])
         with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        log.info("%s: best validation NDCG@10 %.4f", srec_args["arch"], report["best_val_ndcg@10"])
+        log.info("%s: best validation NDCG@10 %.4f (full ranking, %s)", srec_args["arch"], report["best_val_ndcg@10"],
+                 report["full_ranking"])
     n = load_srec(paths["srec"]).num_items
     if n != num_items:
         raise ValueError(f"the SRec at {paths['srec']} knows {n} items, the shards' vocabulary has "

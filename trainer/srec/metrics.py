@@ -1,6 +1,10 @@
 """Evaluation of a sequential recommender, three protocols side by side.
 
-- full ranking: the target's rank among all items (no item excluded); HR@K and NDCG@K, K = 1, 5, 10, 20
+- full ranking: the target's rank among all items; HR@K and NDCG@K, K = 1, 5, 10, 20. With
+  `mask_history` (the default, as RecBole and the ICLRec/CL4SRec line) the items of the user's history
+  are left out of the ranking (a target that is also in the history then cannot be hit, as there);
+  without it every item is ranked, the user's own history too (what this project reported before
+  issue 25, and what LLaRA's PROVENANCE figures for its SASRecs are)
 - LLaRA's 20 candidates: HR@1 among the sample's candidates (the same seeded candidates as the shards)
 - the SASRec paper's protocol: the target against 100 negatives drawn uniformly from the items the
   user has not interacted with (history and target excluded); HR@10 and NDCG@10
@@ -57,7 +61,7 @@ def _rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[int]] | None = None,
-             seed: int = 0, batch_size: int = 512, n_sampled: int = 100) -> dict:
+             seed: int = 0, batch_size: int = 512, n_sampled: int = 100, mask_history: bool = True) -> dict:
     if hasattr(scorer, "eval"):
         scorer.eval()
     rng = np.random.default_rng([seed, 100])
@@ -69,7 +73,14 @@ def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[
         x, lengths = scorer.pad([s["history"] for s in chunk])
         scores = scorer.scores(x, lengths).float()
         targets = torch.as_tensor([s["target"] for s in chunk])
-        rank = _rank(scores, targets)
+        full = scores
+        if mask_history:  # the user's own history is not ranked (the other protocols read `scores`)
+            full = scores.clone()
+            for b, s in enumerate(chunk):
+                full[b, list(s["history"])] = float("-inf")
+        rank = _rank(full, targets)
+        if mask_history:  # a target that is in its own history is never hit (its score is -inf)
+            rank = torch.where(full.gather(1, targets[:, None]).squeeze(1) == float("-inf"), num_items, rank)
         for k in KS:
             hit = rank < k
             sums[f"hr@{k}"] += hit.sum().item()
@@ -98,12 +109,13 @@ def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[
     if candidates is None:
         out.pop("cand20_hr@1")
     out["samples"] = n
+    out["full_ranking"] = "history masked" if mask_history else "history ranked"
     return out
 
 
 def format_table(rows: dict[str, dict]) -> str:
     """A markdown table: one row per model, one column per metric."""
-    cols = [c for c in next(iter(rows.values())) if c != "samples"]
+    cols = [c for c in next(iter(rows.values())) if c not in ("samples", "full_ranking")]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")

@@ -125,6 +125,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
              batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
              positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
              progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10", init_std: float = 0.02,
+             eval_mask_history: bool = True,
              **model_kwargs) -> tuple[SRec, dict]:
     check_pretrain_args(arch, loss, positions, init)
     if stop_metric not in STOP_METRICS:
@@ -157,7 +158,8 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
         for epoch in bar:
             mean_loss = train_one_epoch(model, opt, x, lengths, y, num_items, batch_size, gen, loss, negatives, positions,
                                         progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
-            m = evaluate(model, val, num_items, seed=seed) if val else dict.fromkeys(STOP_METRICS, 0.0)
+            m = (evaluate(model, val, num_items, seed=seed, mask_history=eval_mask_history) if val
+                 else dict.fromkeys(STOP_METRICS, 0.0))
             history.append({"epoch": epoch, "loss": mean_loss, "val_hr@10": m["hr@10"], "val_ndcg@10": m["ndcg@10"],
                             f"val_{stop_metric}": m[stop_metric]})
             bar.set_postfix(loss=f"{mean_loss:.4f}", val_ndcg10=f"{m['ndcg@10']:.4f}")
@@ -179,6 +181,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
     return model, {"arch": arch, "best_val_ndcg@10": best_ndcg, "stop_metric": stop_metric, "best_val": best,
+                   "full_ranking": "history masked" if eval_mask_history else "history ranked",
                    "stopped": stopped, "val_users": len(val), "epochs": history}
 
 
