@@ -188,15 +188,14 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
 
 
 
-def load_resized(engine, root: str, tag: str, rank: int, seed: int) -> dict:
-    """Resume a checkpoint written by another number of workers: the trained state from
-    trainable.safetensors (verified against the file bit for bit), the scheduler, DeepSpeed's step counters;
-    each rank's RNG from the rank of that number in the checkpoint, and for a rank that did not exist
-    there, seeded from (seed, step, rank). Returns the trainer state."""
+def load_resized(engine, root: str, tag: str, state: dict, rank: int, seed: int) -> None:
+    """Resume a checkpoint written by another number of workers (`state`: its trainer state, read by the
+    caller): the trained state from trainable.safetensors (verified against the file bit for bit), the
+    scheduler, DeepSpeed's step counters; each rank's RNG from the rank of that number in the checkpoint,
+    and for a rank that did not exist there, seeded from (seed, step, rank)."""
     import numpy as np
 
     path = os.path.join(root, tag)
-    state = read_trainer_state(path)
     trainable_state.restore(engine, path)
     trainable_state.verify(engine, path)  # raises unless every trained tensor equals the file's, bit for bit
     engine.lr_scheduler.load_state_dict(state["scheduler"])
@@ -209,4 +208,3 @@ def load_resized(engine, root: str, tag: str, rank: int, seed: int) -> dict:
         _set_rng_states(load_file(rng))
     else:
         torch.manual_seed(int(np.random.SeedSequence([seed, state["global_step"], rank]).generate_state(1)[0]))
-    return state

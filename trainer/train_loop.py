@@ -216,7 +216,7 @@ def resume(run: Run) -> None:
     if state["world_size"] == run.world:
         ckpt.load_checkpoint(run.engine, root, tag, run.rank)
     else:
-        ckpt.load_resized(run.engine, root, tag, run.rank, run.cfg.seed)
+        ckpt.load_resized(run.engine, root, tag, state, run.rank, run.cfg.seed)
     run.progress = {key: state.get(key, default) for key, default in run.progress.items()}
     run.progress["order_world"] = state.get("order_world", state["world_size"])  # before it was recorded
     run.resizes = state.get("resizes", [])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.srec import SRec, build_srec
-from trainer.srec.metrics import evaluate
+from trainer.srec.metrics import KS, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,11 @@ def normal_init(model: SRec, std: float) -> None:
 LOSSES = ("ce", "bce")  # srec.loss
 POSITIONS = ("last", "all")  # srec.positions
 INITS = ("default", "xavier", "normal")  # srec.init
-STOP_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "hr") for k in (1, 5, 10, 20))  # srec.stop_metric (full ranking)
+STOP_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "hr") for k in KS)  # srec.stop_metric (full ranking)
 
 
 def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str = "last", init: str = "default",
-                        **_) -> None:
+                        stop_metric: str = "ndcg@10", **_) -> None:
     """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
     the data build, so a typo costs seconds, not the build); a ValueError names the key."""
     from trainer.srec import ARCHS
@@ -115,6 +115,8 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
         raise ValueError(f"srec.init={init!r}: expected default, xavier or normal")
     if loss not in LOSSES:
         raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
+    if stop_metric not in STOP_METRICS:
+        raise ValueError(f"srec.stop_metric={stop_metric!r}: expected one of {', '.join(STOP_METRICS)}")
     if positions not in POSITIONS:
         raise ValueError(f"srec.positions={positions!r}: expected last or all")
     if positions == "all" and not hasattr(ARCHS[arch], "sequence_output"):
@@ -127,9 +129,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
              progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10", init_std: float = 0.02,
              eval_mask_history: bool = True,
              **model_kwargs) -> tuple[SRec, dict]:
-    check_pretrain_args(arch, loss, positions, init)
-    if stop_metric not in STOP_METRICS:
-        raise ValueError(f"srec.stop_metric={stop_metric!r}: expected one of {', '.join(STOP_METRICS)}")
+    check_pretrain_args(arch, loss, positions, init, stop_metric)
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
     if init == "xavier":
