@@ -43,11 +43,13 @@ def test_a_bad_config_value_exits_2_before_the_output_folder_is_made(bad, messag
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("srec.positions=all", "srec.positions=all trains with the SASRec paper's BCE"),  # two keys: refused by prepare()
-    ("train.deepspeed.zero_optimisation.overlap_comm=true", "train.deepspeed.zero_optimisation: not a key DeepSpeed"),
+    (["srec.positions=all", "srec.arch=gru4rec"], "srec.positions=all needs a per-position output; gru4rec has none"),
+    (["train.deepspeed.zero_optimisation.overlap_comm=true"], "train.deepspeed.zero_optimisation: not a key DeepSpeed"),
 ])
 def test_a_bad_choice_exits_2_before_the_data_build(bad, message, tmp_path):
-    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", bad], capture_output=True, text=True, timeout=120)
+    """Each key is valid alone; the combination is refused by prepare() before any data is built."""
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path}", *bad], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
     assert "(raised at " in r.stderr  # where: a ValueError from a bug is found from there
     assert not (tmp_path / "data").exists() and not (tmp_path / "assets").exists()
