@@ -38,6 +38,8 @@ def trained_run(tmp_path_factory):
     r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *TRAINED_ARGS], cwd=REPO,
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
+    (out.parent / "train.stdout").write_text(r.stdout)  # for tests/test_e2e.py: what the user saw
+    (out.parent / "train.stderr").write_text(r.stderr)
     return out
 
 

@@ -55,21 +55,31 @@ def test_candidates_are_seeded_per_sample():
         sample_candidates({"user": 1, "history": list(range(9)), "target": 9, "position": 9}, 15, 20, 0, "test")
 
 
-@pytest.mark.slow  # python -m shards.build in a subprocess
-def test_build_cli_on_movielens_100k(small_run, tmp_path):
+def test_movielens_100k_reads_and_splits_as_published():
     folder = os.path.join(SHARED_DATA, "ml-100k")
     if not os.path.exists(folder):
         pytest.skip(f"{folder} is absent (real data sets live in ../shared/data)")
+    from shards.build import load_source
+    from trainer.config import load_config, to_dict
+
+    data = {**to_dict(load_config().data), "source": "ml-100k", "path": folder}
+    items, splits, st = load_source(data, 0)
+    assert st["users"] == 943 and len(items) == 1682 and st["interactions"] == 100_000
+    assert len(splits["test"]) == len(splits["val"]) == 943
+    assert len(splits["train"]) == 100_000 - 3 * 943  # every user's first item has no history
+
+
+@pytest.mark.slow  # python -m shards.build in a subprocess
+def test_build_cli(small_run, tmp_path):
+    """python -m shards.build with 2 tokenizing processes: the manifest counts every sample, progress is shown."""
     _, paths = small_run
-    out = tmp_path / "ml"
+    out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2",
-           "data.source=ml-100k", f"data.path={folder}", "data.max_len=4096", "data.samples_per_shard=20000"]
+           "data.synthetic.num_users=60", "data.synthetic.num_items=80", "data.samples_per_shard=500"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
     st = m["stats"]
-    assert st["users"] == 943 and st["items"] == 1682 and st["interactions"] == 100_000
-    assert st["test_samples"] == st["val_samples"] == 943
-    assert st["train_samples"] == 100_000 - 3 * 943  # every user's first item has no history
+    assert st["users"] == 60 and st["items"] == 80 and st["test_samples"] == st["val_samples"] == 60
     assert "tokenizing train" in r.stderr  # progress is shown
-    assert sum(s["count"] for s in m["shards"]) == st["train_samples"] + 2 * 943
+    assert sum(s["count"] for s in m["shards"]) == st["train_samples"] + 2 * 60
