@@ -2,6 +2,10 @@
 
     python -m shards.build --tokenizer runs/default/assets/llm --out /data/ml100k-shards \
         data.source=ml-100k data.path=../shared/data/ml-100k data.split=loo
+    RAY_ADDRESS=<head>:6379 python -m shards.build --ray ...     # the shards encoded as Ray tasks on a cluster
+
+A stopped build run again with the same arguments keeps the shards it already wrote (checked against
+their sha256 in <out>/build-progress.jsonl) and goes on from there.
 
 Sources (data.source): synthetic, ml-100k, ml-1m, lastfm, sequences (SASRec/ICLRec files), llara
 (LLaRA's released *.df, read with a restricted unpickler), generic (CSV/Parquet, data.items_path).
@@ -29,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import webdataset as wds
@@ -63,12 +68,12 @@ def pack_sample(tok: dict) -> bytes:
     return np.concatenate([np.asarray(p, dtype="<i4") for p in parts]).tobytes()
 
 
-def _write_shard(path: str, records: list[dict]) -> None:
-    with open(path, "wb") as f:
-        writer = wds.TarWriter(f, user="llmrec", group="llmrec", mode=0o444, mtime=0, encoder=False)
-        for rec in records:
-            writer.write(rec)
-        writer.close()
+def _write_shard(f, records: list[dict]) -> None:
+    """records as a tar stream into the binary file object f (deterministic headers: module docstring)."""
+    writer = wds.TarWriter(f, user="llmrec", group="llmrec", mode=0o444, mtime=0, encoder=False)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
 
 
 def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
@@ -117,18 +122,39 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
 
 
 _TOKENIZER = None
+_TITLES: list[str] = []
+_LOADED_FOR = None
+PROGRESS = "build-progress.jsonl"  # shards written so far by an unfinished build (resume_shards)
 
 
-def _init_worker(tokenizer_dir):
-    global _TOKENIZER
+def _init_worker(tokenizer_dir, titles):
+    global _TOKENIZER, _TITLES, _LOADED_FOR
     from transformers import AutoTokenizer
 
     _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _TITLES, _LOADED_FOR = titles, tokenizer_dir
+
+
+def _encode_shard(args) -> bytes:
+    """One shard's tar file, in memory, from its (index, split, sample) list and the build's settings."""
+    import io
+
+    buf = io.BytesIO()
+    _write_shard(buf, _encode_chunk(args))
+    return buf.getvalue()
+
+
+def _encode_shard_on_ray(tokenizer_dir, titles, args) -> bytes:
+    """A Ray task: _encode_shard in a Ray worker process (the tokenizer is loaded once per process)."""
+    if _LOADED_FOR != tokenizer_dir:
+        _init_worker(tokenizer_dir, titles)
+    return _encode_shard(args)
 
 
 def _encode_chunk(args):
     """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
-    chunk, titles, num_items, num_candidates, max_len, seed, user_token, task, profiles, domain = args
+    chunk, num_items, num_candidates, max_len, seed, user_token, task, profiles, domain = args
+    titles = _TITLES
     llara_templates = templates(user_token, domain)
     out = []
     for n, split, sample in chunk:
@@ -159,17 +185,127 @@ def _encode_chunk(args):
     return out
 
 
+def data_digest(titles: list[str], splits: dict) -> str:
+    """sha256 of json.dumps([titles, splits], sort_keys=True), fed one sample at a time (the same bytes,
+    never the whole text in memory)."""
+    h = hashlib.sha256()
+    h.update(b"[" + json.dumps(titles).encode() + b", {")
+    for i, split in enumerate(sorted(splits)):
+        h.update((", " if i else "").encode() + json.dumps(split).encode() + b": [")
+        for j, sample in enumerate(splits[split]):
+            h.update((", " if j else "").encode() + json.dumps(sample, sort_keys=True).encode())
+        h.update(b"]")
+    h.update(b"}]")
+    return h.hexdigest()
+
+
+def shard_plan(splits: dict, samples_per_shard: int):
+    """(split, shard index, [(n, split, sample), ...]) for every shard, in order, one shard's samples at a
+    time: a split's samples with a history, numbered by their place in the split, cut every
+    samples_per_shard."""
+    for split in SPLITS:
+        shard, index = [], 0
+        for n, sample in enumerate(splits.get(split, [])):
+            if sample["history"]:
+                shard.append((n, split, sample))
+                if len(shard) == samples_per_shard:
+                    yield split, index, shard
+                    shard, index = [], index + 1
+        if shard:
+            yield split, index, shard
+
+
+def resume_shards(out_dir: str, config_hash: str) -> dict[str, dict]:
+    """The shards an unfinished build of the same data and settings wrote (PROGRESS), each checked against
+    its recorded sha256: {name: manifest entry}. A shard whose bytes do not match is left out (written
+    again); a PROGRESS of other settings is ignored (the build starts over)."""
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if header.get("config_hash") != config_hash:
+        return {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the line being written when the build stopped
+            continue
+        shard = os.path.join(out_dir, entry["name"])
+        if os.path.exists(shard) and sha256_file(shard) == entry["sha256"]:
+            done[entry["name"]] = entry
+    return done
+
+
+def _in_order(submit, tasks, window: int):
+    """(tag, shard bytes) for each (tag, args) of `tasks`, in task order: submit(args) starts a shard's
+    encoding and returns a function that waits for its bytes; at most `window` shards in flight (bounded
+    memory, unlike Pool.imap, which takes every task at once). args None (a shard kept from a stopped
+    build) gives None in its place."""
+    from collections import deque
+
+    pending = deque()
+    for tag, args in tasks:
+        while len(pending) >= window or (pending and pending[0][1] is None):
+            tag_, wait = pending.popleft()
+            yield tag_, wait and wait()
+        pending.append((tag, None if args is None else submit(args)))
+    while pending:
+        tag_, wait = pending.popleft()
+        yield tag_, wait and wait()
+
+
+def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: bool):
+    """(submit, close): where shards are encoded. Ray tasks of one CPU each on the connected cluster, a
+    pool of `workers` spawned processes, or this process (workers=1)."""
+    if ray_tasks:
+        import ray
+
+        titles_ref = ray.put(titles)
+        remote = ray.remote(num_cpus=1, max_retries=2)(_encode_shard_on_ray)
+
+        def submit(args):
+            ref = remote.remote(tokenizer_dir, titles_ref, args)
+            return lambda: ray.get(ref)
+        return submit, lambda: None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, titles))
+
+        def close():
+            pool.close()
+            pool.join()
+        return (lambda args: pool.apply_async(_encode_shard, (args,)).get), close
+    _init_worker(tokenizer_dir, titles)
+    return (lambda args: (lambda data=_encode_shard(args): data)), lambda: None
+
+
 def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,
                  samples_per_shard: int, seed: int, workers: int = 0, stats: dict | None = None,
                  progress: bool = False, user_token: bool = False, task: str = "llara",
-                 profiles: dict | None = None, extra_params: dict | None = None, domain: str = "movie") -> dict:
+                 profiles: dict | None = None, extra_params: dict | None = None, domain: str = "movie",
+                 ray_tasks: bool = False) -> dict:
     """Tokenize every sample (in `workers` processes; 0 = every core) and write shards + manifest.
     With user_token the prompts name the user's state ([UserEmb], see shards/prompts.py).
     task="ctr": the samples are shards/ctr.py's labelled ones, written as ReLLa prompts (with the
     user's profile from `profiles` where there is one); the manifest then records task and template.
     extra_params (e.g. retrieval settings) go into the manifest's params and config hash.
     domain (data.domain: movie, game, artist) picks the LLaRA template set, recorded as the manifest's
-    templates (the CTR template does not change with it)."""
+    templates (the CTR template does not change with it).
+
+    Streamed: each shard is encoded by a worker (a spawned process, or with ray_tasks a Ray task of one
+    CPU on the connected cluster, `workers` at a time), returned as its tar bytes, written here (to a
+    temporary name, then renamed) and recorded in out_dir/build-progress.jsonl; at most 2 x workers
+    shards are in flight. The bytes and the manifest are the same whatever the number of workers and
+    wherever they run. A build stopped part way and run again with the same data and settings keeps the
+    shards already written whose bytes match their recorded sha256 (resume_shards). Memory here: the
+    samples themselves plus 2 x workers encoded shards, whatever the data set's size."""
     check_domain(domain)
     if task not in ("llara", "ctr"):
         raise ValueError(f"data.task={task!r}: expected llara or ctr")
@@ -188,54 +324,71 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         params["task"], params["templates"] = "ctr", list(CTR_TEMPLATES)
     params.update(extra_params or {})
     profiles = profiles or {}
-    digest = hashlib.sha256(json.dumps([titles, {k: v for k, v in splits.items()}], sort_keys=True).encode()).hexdigest()
+    config_hash = hashlib.sha256(json.dumps({**params, "data": data_digest(titles, splits)}, sort_keys=True)
+                                 .encode()).hexdigest()
     manifest = {
         "format": 1, "num_items": num_items, "pad_item_id": num_items,
         "tokenizer": {"name": os.path.basename(os.path.normpath(tokenizer_dir)), "sha256": tokenizer_hash(tokenizer_dir)},
-        "config_hash": hashlib.sha256(json.dumps({**params, "data": digest}, sort_keys=True).encode()).hexdigest(),
-        "params": params, "stats": {**stats, "items": num_items}, "shards": [],
+        "config_hash": config_hash, "params": params, "stats": {**stats, "items": num_items}, "shards": [],
     }
     from transformers import AutoTokenizer
 
     check_placeholder_tokens(AutoTokenizer.from_pretrained(tokenizer_dir), user_token, tokenizer_dir)
+    for split in SPLITS:
+        rows = splits.get(split, [])
+        kept = sum(1 for s in rows if s["history"])
+        manifest["stats"][f"{split}_samples"] = kept
+        manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - kept
+    total = sum(manifest["stats"][f"{split}_samples"] for split in SPLITS)
+    done = resume_shards(out_dir, config_hash)
+    with open(os.path.join(out_dir, PROGRESS), "w") as f:  # the kept shards first: a second stop loses none
+        f.write(json.dumps({"config_hash": config_hash}) + "\n" + "".join(json.dumps(e) + "\n" for e in done.values()))
     workers = workers or os.cpu_count() or 1
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
-    else:
-        _init_worker(tokenizer_dir)
+        bar = tqdm(total=total, unit="sample", desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
+        if done:
+            bar.write(f"resuming: {len(done)} shards ({sum(e['count'] for e in done.values())} samples) already "
+                      f"written and checked against their sha256", file=sys.stderr)
+
+    def tasks():
+        for split, index, shard in shard_plan(splits, samples_per_shard):
+            name = f"{split}-{index:05d}.tar"
+            args = None if name in done else (shard, num_items, num_candidates, max_len, seed, user_token, task,
+                                              {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles},
+                                              domain)
+            yield (name, split, len(shard)), args
+
+    submit, close = _submitter(tokenizer_dir, titles, workers, ray_tasks)
     try:
-        for split in SPLITS:
-            rows = splits.get(split, [])
-            kept = [(n, split, s) for n, s in enumerate(rows) if s["history"]]
-            manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - len(kept)
-            chunks = [(kept[i:i + 256], titles, num_items, num_candidates, max_len, seed, user_token, task,
-                       {s["user"]: profiles[s["user"]] for _, _, s in kept[i:i + 256] if s["user"] in profiles},
-                       domain)
-                      for i in range(0, len(kept), 256)]
-            results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
-            if progress:
-                from tqdm import tqdm
-
-                results = tqdm(results, total=len(chunks), desc=f"tokenizing {split}", unit="chunk")
-            records = [r for chunk in results for r in chunk]
-            manifest["stats"][f"{split}_samples"] = len(records)
-            for s, start in enumerate(range(0, len(records), samples_per_shard)):
-                name = f"{split}-{s:05d}.tar"
-                chunk = records[start:start + samples_per_shard]
-                _write_shard(os.path.join(out_dir, name), chunk)
-                manifest["shards"].append({"name": name, "split": split, "count": len(chunk),
-                                           "sha256": sha256_file(os.path.join(out_dir, name))})
+        with open(os.path.join(out_dir, PROGRESS), "a") as log_file:
+            for (name, split, count), data in _in_order(submit, tasks(), 2 * workers):
+                if data is None:  # written by the stopped build
+                    entry = done[name]
+                else:
+                    path = os.path.join(out_dir, name)
+                    with open(path + ".tmp", "wb") as f:
+                        f.write(data)
+                    os.replace(path + ".tmp", path)
+                    entry = {"name": name, "split": split, "count": count, "sha256": hashlib.sha256(data).hexdigest()}
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
+                manifest["shards"].append(entry)
+                if bar is not None:
+                    if not bar.desc.endswith(split):
+                        bar.set_description(f"tokenizing {split}")
+                    bar.update(count)
     finally:
-        if pool:
-            pool.close()
-            pool.join()
+        if bar is not None:
+            bar.close()
+        close()
     with open(os.path.join(out_dir, ITEMS), "w") as f:
         json.dump({"raw_item_ids": raw_ids, "titles": titles, "genres": [g for _, _, g in items]}, f)
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
+    os.remove(os.path.join(out_dir, PROGRESS))
     return manifest
 
 
@@ -273,14 +426,28 @@ def main(argv=None) -> None:
     p.add_argument("--config", default=None, help="YAML merged over configs/llara_default.yaml (its data: section is used)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer (or model) folder")
     p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = every core)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="tokenizing processes, or with --ray Ray tasks at a time (0 = every core here / every CPU of the cluster)")
+    p.add_argument("--ray", action="store_true",
+                   help="encode the shards as Ray tasks on the cluster at ray.address (else RAY_ADDRESS, else a local one)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. data.source=ml-100k data.path=../shared/data/ml-100k")
     args = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         p.exit(2, f"error: {e}\n")
     data_cfg = to_dict(cfg.data)
+    workers = args.workers
+    if args.ray:
+        import ray
+
+        from trainer.ray_cluster import connect
+
+        connect(cfg.ray.address, args.workers or os.cpu_count() or 1, cfg.ray.object_store_mb, False, cfg.ray.auth)
+        workers = workers or int(ray.cluster_resources().get("CPU", 1))
     items, splits, stats = load_source(data_cfg, cfg.seed)
     from shards.ctr import make_samples, manifest_params
     from shards.readers import read_profiles
@@ -291,9 +458,9 @@ def main(argv=None) -> None:
     profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
     manifest = write_shards(items, splits, args.tokenizer, args.out, num_candidates=data_cfg["num_candidates"],
                             max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
-                            workers=args.workers, stats=stats, progress=True, user_token=data_cfg["user_token"],
+                            workers=workers, stats=stats, progress=True, user_token=data_cfg["user_token"],
                             task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
-                            domain=data_cfg["domain"])
+                            domain=data_cfg["domain"], ray_tasks=args.ray)
     print(json.dumps(manifest["stats"], indent=1))
 
 

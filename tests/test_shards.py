@@ -193,3 +193,105 @@ def test_corrupt_tar_header_is_named(small_run, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="val-00000.tar is truncated or corrupt"):
         list(read_shard(str(shard)))
+
+
+def _same_build(a, b):
+    """Two build folders hold the same manifest and the same bytes in every shard."""
+    ma, mb = load_manifest(str(a)), load_manifest(str(b))
+    assert ma == mb
+    for s in ma["shards"]:
+        assert (a / s["name"]).read_bytes() == (b / s["name"]).read_bytes(), s["name"]
+
+
+def test_data_digest_is_the_sha256_of_the_whole_json():
+    import hashlib
+
+    from shards.build import data_digest
+
+    titles = ["A \u00e9", 'B "q"']
+    splits = {"train": [{"user": 1, "history": [0], "target": 1, "position": 1}, {"user": 2, "history": [], "target": 0}],
+              "val": [], "test": [{"user": 1, "history": [0, 1], "target": 0, "position": 2, "rating": 4.5}]}
+    whole = hashlib.sha256(json.dumps([titles, splits], sort_keys=True).encode()).hexdigest()
+    assert data_digest(titles, splits) == whole
+    assert data_digest(titles, {}) == hashlib.sha256(json.dumps([titles, {}]).encode()).hexdigest()
+
+
+def test_at_most_window_shards_are_in_flight_and_they_come_back_in_order():
+    """The streamed build's scheduler (shards/build.py _in_order): a shard kept from a stopped build (args
+    None) takes its place in the order without being encoded; never more than `window` encodings at once."""
+    from shards.build import _in_order
+
+    started, waited = [], []
+
+    def submit(args):
+        started.append(args)
+        assert len(started) - len(waited) <= 3, "more than the window in flight"
+        return lambda: waited.append(args) or f"bytes {args}"
+
+    tasks = [(n, None if n in (0, 4, 5, 11) else n) for n in range(12)]
+    out = list(_in_order(submit, iter(tasks), 3))
+    assert [tag for tag, _ in out] == list(range(12))
+    assert [data for _, data in out] == [None if n in (0, 4, 5, 11) else f"bytes {n}" for n in range(12)]
+    assert started == waited == [n for n in range(12) if n not in (0, 4, 5, 11)]
+
+
+@pytest.mark.slow  # python -m shards.build in subprocesses, SIGKILLed
+def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
+    """SIGKILL of the CLI build part way; one of the shards it recorded is then cut short. The same command
+    keeps the others (not written again: same inode and mtime), writes the cut one and the rest, and ends
+    with the shards and manifest of an uninterrupted build."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from shards.build import PROGRESS
+
+    _, paths = small_run
+    out = tmp_path / "build"
+    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "1",
+           "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.samples_per_shard=100"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / PROGRESS
+    t0 = time.time()
+    while not (progress.exists() and len(progress.read_text().splitlines()) >= 6):  # a header and 5 shards
+        assert proc.poll() is None and time.time() - t0 < 300, "the build ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    recorded = [json.loads(line) for line in progress.read_text().splitlines()[1:] if line.endswith("}")]
+    assert not (out / "manifest.json").exists() and len(recorded) >= 5
+    cut = out / recorded[1]["name"]
+    with open(cut, "r+b") as f:
+        f.truncate(1000)
+    kept = {e["name"]: ((out / e["name"]).stat().st_ino, (out / e["name"]).stat().st_mtime_ns) for e in recorded
+            if e["name"] != cut.name}
+
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming: {len(recorded) - 1} shards" in r.stderr, r.stderr[:3000]
+    assert "sample/s" in r.stderr and "tokenizing train" in r.stderr  # the bar: rate and ETA, the split
+    for name, (inode, mtime) in kept.items():
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (inode, mtime), name
+    assert not progress.exists()
+    reference = tmp_path / "reference"
+    r = subprocess.run([*cmd[:6], str(reference), *cmd[7:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_build(out, reference)
+
+
+@pytest.mark.slow  # a local Ray cluster in this process
+def test_ray_tasks_write_the_same_shards_with_1_2_3_workers(small_run, tmp_path):
+    import ray
+
+    _, paths = small_run
+    local = tmp_path / "local"
+    _build(paths["llm"], local, workers=1)
+    ray.init(num_cpus=3, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    try:
+        for workers in (1, 2, 3):
+            _build(paths["llm"], tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
+            _same_build(tmp_path / f"ray{workers}", local)
+    finally:
+        ray.shutdown()

@@ -69,17 +69,32 @@ def test_movielens_100k_reads_and_splits_as_published():
     assert len(splits["train"]) == 100_000 - 3 * 943  # every user's first item has no history
 
 
-@pytest.mark.slow  # python -m shards.build in a subprocess
-def test_build_cli(small_run, tmp_path):
-    """python -m shards.build with 2 tokenizing processes: the manifest counts every sample, progress is shown."""
+@pytest.mark.slow  # python -m shards.build in a subprocess, with a local Ray cluster
+def test_build_cli_on_ray(small_run, tmp_path):
+    """python -m shards.build --ray: the shards encoded as Ray tasks (2 at a time, on the local cluster it
+    starts), the same bytes as the in-process build; the manifest counts every sample; progress is shown."""
+    from shards.build import load_source, write_shards
+    from trainer.config import load_config, to_dict
+
     _, paths = small_run
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2",
-           "data.synthetic.num_users=60", "data.synthetic.num_items=80", "data.samples_per_shard=500"]
+    data = ["data.synthetic.num_users=60", "data.synthetic.num_items=80", "data.samples_per_shard=300"]
+    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2", "--ray",
+           *data]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting a local Ray cluster with 2 CPUs" in r.stderr
     m = json.loads((out / "manifest.json").read_text())
     st = m["stats"]
     assert st["users"] == 60 and st["items"] == 80 and st["test_samples"] == st["val_samples"] == 60
-    assert "tokenizing train" in r.stderr  # progress is shown
+    assert "tokenizing train" in r.stderr and "sample/s" in r.stderr  # progress: the split, the rate (and ETA)
     assert sum(s["count"] for s in m["shards"]) == st["train_samples"] + 2 * 60
+    cfg = load_config(None, data)
+    d = to_dict(cfg.data)
+    items, splits, stats = load_source(d, cfg.seed)
+    here = write_shards(items, splits, paths["llm"], str(tmp_path / "here"), num_candidates=d["num_candidates"],
+                        max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=1,
+                        stats=stats)
+    assert here == m
+    for s in m["shards"]:
+        assert (out / s["name"]).read_bytes() == (tmp_path / "here" / s["name"]).read_bytes()

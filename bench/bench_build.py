@@ -1,0 +1,136 @@
+"""The shard build at scale (issue 26): `python -m shards.build` on a generated `generic` CSV of N
+interactions (N / 50 users with 50 each, 20,000 items, leave-one-out), peak RSS and samples/s, for this
+tree's build and, with --baseline-rev, the build of an older revision measured in the same run. Not CI:
+minutes per million interactions on 2 cores.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_build.py --out /tmp/bench_build --interactions 1000000,5000000 \
+        --baseline-rev 66b4610
+
+Prints one row per (build, size): samples, seconds, samples/s, the main process's peak RSS and the peak of
+the main process and its tokenizing processes together; then the memory ratio (largest size over smallest)
+of each build, and this tree's samples/s and peak RSS against the baseline's at each size. Writes the rows
+to <out>/bench_build.json. The CSV and the shards are written under --out (about 5.5 GB of shards per
+million interactions: delete them after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_csv(folder: str, interactions: int, items: int, seed: int = 0) -> tuple[str, str]:
+    """users x 50 interactions, item ids drawn uniformly, increasing timestamps per user."""
+    import numpy as np
+
+    os.makedirs(folder, exist_ok=True)
+    inter, item_path = os.path.join(folder, "interactions.csv"), os.path.join(folder, "items.csv")
+    if not os.path.exists(inter):
+        rng = np.random.default_rng(seed)
+        users = interactions // 50
+        with open(inter + ".tmp", "w") as f:
+            f.write("user,item,timestamp\n")
+            for u in range(users):
+                picks = rng.integers(0, items, size=50)
+                f.write("".join(f"{u},{int(i)},{t}\n" for t, i in enumerate(picks)))
+        os.replace(inter + ".tmp", inter)
+    if not os.path.exists(item_path):
+        with open(item_path, "w") as f:
+            f.write("item,title,genre\n" + "".join(f"{i},Item number {i} of the catalogue,genre {i % 17}\n" for i in range(items)))
+    return inter, item_path
+
+
+def tokenizer(folder: str) -> str:
+    out = os.path.join(folder, "tokenizer")
+    if not os.path.exists(os.path.join(out, "tokenizer.json")):
+        from trainer.model.tiny import build_tokenizer
+
+        build_tokenizer([f"Item number {i} of the catalogue" for i in range(2000)], 2000, out)
+    return out
+
+
+def measure(cmd: list[str], cwd: str, env: dict) -> dict:
+    """Run cmd; poll the RSS of it and its children every 0.2 s."""
+    import psutil
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    main, total = 0, 0
+    p = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = p.memory_info().rss
+            kids = sum(c.memory_info().rss for c in p.children(recursive=True))
+            main, total = max(main, rss), max(total, rss + kids)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    stats = json.loads(out[out.index("{"):])
+    samples = sum(stats[f"{s}_samples"] for s in ("train", "val", "test"))
+    return {"samples": samples, "seconds": time.monotonic() - t0, "main_peak_gb": main / 2**30, "total_peak_gb": total / 2**30}
+
+
+def checkout(rev: str, folder: str) -> str:
+    """The project's files at `rev` (git archive), to run its build from."""
+    os.makedirs(folder, exist_ok=True)
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--interactions", default="1000000,5000000")
+    p.add_argument("--items", type=int, default=20000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--baseline-rev", default=None, help="a git revision whose build is measured too")
+    a = p.parse_args()
+    sizes = [int(x) for x in a.interactions.split(",")]
+    os.makedirs(a.out, exist_ok=True)
+    tok = tokenizer(a.out)
+    trees = [("this tree", REPO)]
+    if a.baseline_rev:
+        trees.insert(0, (f"baseline {a.baseline_rev}", checkout(a.baseline_rev, tempfile.mkdtemp(dir=a.out, prefix="rev-"))))
+    rows = []
+    print("| build | interactions | samples | seconds | samples/s | main peak RSS | with tokenizing processes |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        inter, items = write_csv(os.path.join(a.out, f"csv-{n}"), n, a.items)
+        for name, tree in trees:
+            out = os.path.join(a.out, f"shards-{n}-{len(rows)}")
+            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, "--workers", str(a.workers),
+                   "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
+                   f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
+            env = dict(os.environ, PYTHONPATH=tree)
+            r = {"build": name, "interactions": n, **measure(cmd, tree, env)}
+            rows.append(r)
+            print(f"| {name} | {n:,} | {r['samples']:,} | {r['seconds']:.0f} | {r['samples'] / r['seconds']:,.0f} | "
+                  f"{r['main_peak_gb']:.2f} GB | {r['total_peak_gb']:.2f} GB |", flush=True)
+            subprocess.run(["rm", "-rf", out], check=True)
+    with open(os.path.join(a.out, "bench_build.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    for name, _ in trees:
+        mine = [r for r in rows if r["build"] == name]
+        print(f"{name}: main peak RSS at {sizes[-1]:,} / at {sizes[0]:,} interactions = "
+              f"{mine[-1]['main_peak_gb'] / mine[0]['main_peak_gb']:.2f}x")
+    if a.baseline_rev:
+        for n in sizes:
+            base, new = (next(r for r in rows if r["interactions"] == n and r["build"] == t) for t, _ in trees)
+            print(f"{n:,} interactions: this tree / baseline: peak RSS {new['main_peak_gb'] / base['main_peak_gb']:.2f}x, "
+                  f"samples/s {(new['samples'] / new['seconds']) / (base['samples'] / base['seconds']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
