@@ -2,12 +2,14 @@
 
 A sample is a plain dict:
     {"user": int, "history": [item, ...], "target": item, "candidates": [item x 20]}
-with dense item ids 0..num_items-1 (the vocabulary maps raw ids to dense ones).
+with dense item ids 0..num_items-1 (the vocabulary maps raw ids to dense ones). The next-item
+splits (leave_one_out, user_split) are Windows: sequences of such dicts made when read.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -55,16 +57,43 @@ def kcore_filter(interactions, k: int):
         rows = kept
 
 
-def leave_one_out(sequences: dict[int, list[int]], history_len: int) -> dict[str, list[dict]]:
+class Windows(Sequence):
+    """The samples of one split, each made when it is read: sample i is user users[i]'s item at
+    positions[i] with the history_len items before it, as the plain dict of the module docstring
+    (with its "position"). Holds two integers per sample and the users' sequences, not the samples:
+    a split of millions stays small (the shard build streams it, shards/build.py)."""
+
+    def __init__(self, sequences: dict[int, list[int]], history_len: int, users, positions):
+        self.sequences, self.history_len = sequences, history_len
+        self.users, self.positions = np.asarray(users, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        user, t = int(self.users[i]), int(self.positions[i])
+        seq = self.sequences[user]
+        return {"user": user, "history": seq[max(0, t - self.history_len):t], "target": seq[t], "position": t}
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+
+def _windows(sequences, history_len, pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Windows]:
+    return {s: Windows(sequences, history_len, [u for u, _ in pairs[s]], [t for _, t in pairs[s]]) for s in SPLITS}
+
+
+def leave_one_out(sequences: dict[int, list[int]], history_len: int) -> dict[str, Windows]:
     """Last item -> test, second-last -> val, every earlier position with a history -> train."""
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    pairs: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     for user, seq in sequences.items():
         if len(seq) < 3:
             continue
         for t in range(1, len(seq)):
-            split = "test" if t == len(seq) - 1 else "val" if t == len(seq) - 2 else "train"
-            out[split].append({"user": user, "history": seq[max(0, t - history_len):t], "target": seq[t], "position": t})
-    return out
+            pairs["test" if t == len(seq) - 1 else "val" if t == len(seq) - 2 else "train"].append((user, t))
+    return _windows(sequences, history_len, pairs)
 
 
 def sample_candidates(sample: dict, num_items: int, num_candidates: int, seed: int, split: str) -> list[int]:
@@ -93,7 +122,7 @@ def sample_candidates(sample: dict, num_items: int, num_candidates: int, seed: i
     return [int(c) for c in candidates]
 
 
-def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
+def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, Windows]:
     """LLaRA's sliding windows: users are split 8:1:1 by a seeded permutation; every position of a
     training user's sequence (with a non-empty history) is a training sample; a validation or test
     user gives one sample, their last item with the history before it."""
@@ -104,13 +133,12 @@ def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, rat
     role = {}
     for rank, idx in enumerate(order):
         role[users[idx]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    pairs: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     for user in users:
         seq = sequences[user]
         positions = range(1, len(seq)) if role[user] == "train" else [len(seq) - 1] if len(seq) > 1 else []
-        for t in positions:
-            out[role[user]].append({"user": user, "history": seq[max(0, t - history_len):t], "target": seq[t], "position": t})
-    return out
+        pairs[role[user]] += [(user, t) for t in positions]
+    return _windows(sequences, history_len, pairs)
 
 
 def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
