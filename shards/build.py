@@ -135,9 +135,26 @@ def _init_worker(tokenizer_dir, titles):
     _TITLES, _LOADED_FOR = titles, tokenizer_dir
 
 
+_INIT_ERROR = None
+
+
+def _init_pool_worker(tokenizer_dir, titles):
+    """_init_worker for a multiprocessing Pool, whose initializer must not raise: a Pool restarts a process
+    whose initializer failed, forever, and the build would wait without a word. The error is kept and
+    raised by the first shard instead, which ends the build with it."""
+    global _INIT_ERROR
+    try:
+        _init_worker(tokenizer_dir, titles)
+    except Exception as e:  # noqa: BLE001 - reported by _encode_shard
+        _INIT_ERROR = f"{type(e).__name__}: {e}"
+
+
 def _encode_shard(args) -> bytes:
     """One shard's tar file, in memory, from its (index, split, sample) list and the build's settings."""
     import io
+
+    if _INIT_ERROR:
+        raise RuntimeError(f"a tokenizing process could not start: {_INIT_ERROR}")
 
     buf = io.BytesIO()
     _write_shard(buf, _encode_chunk(args))
@@ -276,7 +293,7 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
     if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, titles))
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_dir, titles))
 
         def close():
             pool.close()

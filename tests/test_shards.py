@@ -295,3 +295,14 @@ def test_ray_tasks_write_the_same_shards_with_1_2_3_workers(small_run, tmp_path)
             _same_build(tmp_path / f"ray{workers}", local)
     finally:
         ray.shutdown()
+
+
+def test_a_tokenizing_process_that_cannot_start_ends_the_build_with_its_error(tmp_path, monkeypatch):
+    """A Pool restarts a process whose initializer raised, forever: the build's initializer keeps the error
+    and the first shard raises it (what a spawned process does, run here)."""
+    import shards.build as build
+
+    monkeypatch.setattr(build, "_INIT_ERROR", None)
+    build._init_pool_worker(str(tmp_path / "no-tokenizer"), ["a"])
+    with pytest.raises(RuntimeError, match="a tokenizing process could not start: .*no-tokenizer"):
+        build._encode_shard(([], 1, 20, 100, 0, False, "llara", {}, "movie"))
