@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from shards.build import load_source
     from shards.samples import sample_candidates
     from trainer.config import ConfigError, load_config, to_dict
-    from trainer.srec.metrics import evaluate, format_table
+    from trainer.srec.metrics import evaluate, format_table, protocol
     from trainer.srec.pretrain import check_pretrain_args
 
     try:
@@ -75,12 +75,12 @@ def main(argv=None) -> int:
     if not args.no_baselines:
         rows.update(baseline_rows(splits, test, num_items, cands, cfg.seed, cfg.srec.eval_mask_history))
     table = format_table(rows)
-    protocol = "history masked" if cfg.srec.eval_mask_history else "history ranked (srec.eval_mask_history=false)"
-    print(f"\n{args.split} split, {len(test)} samples, {num_items} items; full ranking: {protocol}\n{table}")
+    ranking = protocol(cfg.srec.eval_mask_history) + ("" if cfg.srec.eval_mask_history else " (srec.eval_mask_history=false)")
+    print(f"\n{args.split} split, {len(test)} samples, {num_items} items; full ranking: {ranking}\n{table}")
     with open(os.path.join(args.out, f"eval_{args.split}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, f"eval_{args.split}.md"), "w") as f:
-        f.write(f"full ranking: {protocol}\n\n{table}\n")
+        f.write(f"full ranking: {ranking}\n\n{table}\n")
     return 0
 
 

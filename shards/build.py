@@ -169,7 +169,7 @@ def _encode_shard_on_ray(tokenizer_dir, titles, args) -> bytes:
 
 
 def _encode_chunk(args):
-    """Tokenize a chunk of (index, split, sample) in a worker; returns the tar records in order."""
+    """Tokenize one shard's (index, split, sample) list in a worker; returns its tar records in order."""
     chunk, num_items, num_candidates, max_len, seed, user_token, task, profiles, domain = args
     titles = _TITLES
     llara_templates = templates(user_token, domain)
@@ -300,7 +300,11 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
             pool.join()
         return (lambda args: pool.apply_async(_encode_shard, (args,)).get), close
     _init_worker(tokenizer_dir, titles)
-    return (lambda args: (lambda data=_encode_shard(args): data)), lambda: None
+
+    def encode_here(args):  # in this process, at once
+        data = _encode_shard(args)
+        return lambda: data
+    return encode_here, lambda: None
 
 
 def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candidates: int, max_len: int,

@@ -77,9 +77,6 @@ class Windows(Sequence):
         seq = self.sequences[user]
         return {"user": user, "history": seq[max(0, t - self.history_len):t], "target": seq[t], "position": t}
 
-    def __eq__(self, other):
-        return list(self) == list(other)
-
 
 def _windows(sequences, history_len, pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Windows]:
     return {s: Windows(sequences, history_len, [u for u, _ in pairs[s]], [t for _, t in pairs[s]]) for s in SPLITS}

@@ -36,7 +36,7 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                # more, so an old stamp reads as the new default (all) and its folder stays usable
                ("srec", "val_users"): -1, ("srec", "ffn_inner"): 0, ("srec", "activation"): "relu",
                ("srec", "norm"): "pre", ("srec", "attn_dropout"): -1.0, ("srec", "stop_metric"): "ndcg@10",
-               ("srec", "init_std"): 0.02, 
+               ("srec", "init_std"): 0.02,
                # an SRec already built is reused as it is; the key changes how a new one is early-stopped
                ("srec", "eval_mask_history"): True}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder

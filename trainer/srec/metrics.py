@@ -59,6 +59,11 @@ def _rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores > t).sum(1)
 
 
+def protocol(mask_history: bool) -> str:
+    """The full-ranking protocol's name, as every report writes it."""
+    return "history masked" if mask_history else "history ranked"
+
+
 @torch.no_grad()
 def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[int]] | None = None,
              seed: int = 0, batch_size: int = 512, n_sampled: int = 100, mask_history: bool = True) -> dict:
@@ -109,7 +114,7 @@ def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[
     if candidates is None:
         out.pop("cand20_hr@1")
     out["samples"] = n
-    out["full_ranking"] = "history masked" if mask_history else "history ranked"
+    out["full_ranking"] = protocol(mask_history)
     return out
 
 

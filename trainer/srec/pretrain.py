@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.srec import SRec, build_srec
-from trainer.srec.metrics import KS, evaluate
+from trainer.srec.metrics import KS, evaluate, protocol
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
     return model, {"arch": arch, "best_val_ndcg@10": best_ndcg, "stop_metric": stop_metric, "best_val": best,
-                   "full_ranking": "history masked" if eval_mask_history else "history ranked",
+                   "full_ranking": protocol(eval_mask_history),
                    "stopped": stopped, "val_users": len(val), "epochs": history}
 
 
