@@ -467,7 +467,10 @@ def main(argv=None) -> None:
 
         from trainer.ray_cluster import connect
 
-        connect(cfg.ray.address, args.workers or os.cpu_count() or 1, cfg.ray.object_store_mb, False, cfg.ray.auth)
+        try:  # e.g. no token to join the cluster: one line, not a traceback
+            connect(cfg.ray.address, args.workers or os.cpu_count() or 1, cfg.ray.object_store_mb, False, cfg.ray.auth)
+        except ValueError as e:
+            p.exit(2, f"error: {e}\n")
         workers = workers or int(ray.cluster_resources().get("CPU", 1))
     items, splits, stats = load_source(data_cfg, cfg.seed)
     from shards.ctr import make_samples, manifest_params

@@ -74,6 +74,19 @@ def test_train_refuses_to_join_without_a_token_before_anything_starts(clean_env)
     assert not (clean_env / "run").exists()  # refused before the data build
 
 
+def test_the_shard_build_refuses_to_join_without_a_token(clean_env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run([sys.executable, "-m", "shards.build", "--ray", "--tokenizer", str(clean_env), "--out",
+                        str(clean_env / "shards"), "ray.address=10.0.0.1:6379"], cwd=REPO,
+                       env=dict(env, HOME=str(clean_env / "home")), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().endswith("no Ray token to join the cluster at 10.0.0.1:6379: export RAY_AUTH_TOKEN_PATH="
+                                     "<that cluster's token file> (the multi-node sbatch script makes one per job) or put "
+                                     f"the token in {clean_env / 'home' / '.ray' / 'auth_token'}; a cluster started without "
+                                     "authentication needs ray.auth=disabled (unsafe on a shared network)"), r.stderr[-2000:]
+    assert not (clean_env / "shards").exists()  # refused before anything was built
+
+
 def test_unknown_auth_value_is_a_config_error():
     r = subprocess.run([sys.executable, "launch/train.py", "ray.auth=none"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
