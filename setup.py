@@ -26,5 +26,5 @@ setup(
         "tensorboard",  # training logs
         "matplotlib",   # the loss curve PNG
     ],
-    extras_require={"test": ["pytest", "hypothesis", "triton"]},  # triton: CUDA kernels, tested on CPU by its interpreter
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "triton"]},  # triton: CUDA kernels, tested on CPU by its interpreter
 )

@@ -32,14 +32,29 @@ TRAINED_ARGS = [*SMALL, "train.num_workers=2", "train.zero_stage=3", f"train.max
                 "train.max_failures=1"]
 
 
+def run_wide_dir(tmp_path_factory):
+    """A folder every process of this pytest run shares: under pytest-xdist (`-n 2`, README's command) each
+    worker has a base temp of its own inside the run's; without it, the base temp itself."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained") / "run"
-    r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *TRAINED_ARGS], cwd=REPO,
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
-    (out.parent / "train.stdout").write_text(r.stdout)  # for tests/test_e2e.py: what the user saw
-    (out.parent / "train.stderr").write_text(r.stderr)
+    """Made once per pytest run: the first xdist worker that needs it trains, the other waits on the lock.
+    Tests read it or copy from it; launch/eval.py's outputs (test_eval) are the only files added to it."""
+    from filelock import FileLock
+
+    root = run_wide_dir(tmp_path_factory)
+    out = root / "trained" / "run"
+    with FileLock(str(root / "trained.lock")):
+        if not (out.parent / "train.stdout").exists():
+            out.parent.mkdir(exist_ok=True)
+            r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *TRAINED_ARGS], cwd=REPO,
+                               capture_output=True, text=True, timeout=1200)
+            assert r.returncode == 0, r.stderr[-4000:]
+            (out.parent / "train.stderr").write_text(r.stderr)  # for tests/test_e2e.py: what the user saw
+            (out.parent / "train.stdout").write_text(r.stdout)  # last: its presence says the run succeeded
     return out
 
 
@@ -63,6 +78,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "trained_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    # slow tests first (a stable sort): with `-n 2` the long ones start early and the short ones fill the
+    # gaps at the end, instead of one worker finishing a long test alone
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def wait_for_step(out, step, proc, timeout=600):

@@ -62,7 +62,8 @@ def test_a_finished_run_goes_on_for_more_steps_with_a_deepspeed_knob(trained_run
     """The same output folder with a larger train.max_steps resumes from its newest checkpoint; a ZeRO-3 knob
     passed through to DeepSpeed (train.deepspeed) reaches the engine."""
     out = tmp_path / "run"
-    shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("ray", ".lock"))
+    # not eval/: test_eval may be writing there at the same time (pytest -n 2); the run does not read it
+    shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("ray", ".lock", "eval"))
     more = TRAINED_STEPS + 6
     args = [a for a in TRAINED_ARGS if not a.startswith("train.max_steps")]
     r = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *args, f"train.max_steps={more}",

@@ -34,6 +34,21 @@ def test_a_local_cluster_without_a_token_makes_one_only_its_user_can_read(clean_
     assert ray_cluster.token_source(starting=True) == path and open(path).read() == first  # kept, not remade
 
 
+def test_two_local_clusters_starting_at_once_share_one_token(clean_env, monkeypatch):
+    """Another process makes the token between this one's check and its write (two launches at once,
+    as pytest -n 2 runs them): this one keeps the other's token instead of failing or replacing it."""
+    path = clean_env / "home" / ".ray" / "auth_token"
+    link = os.link
+
+    def other_process_first(src, dst):
+        open(dst, "w").write("b" * 64)  # the other process's token lands first
+        link(src, dst)
+
+    monkeypatch.setattr(ray_cluster.os, "link", other_process_first)
+    assert ray_cluster.token_source(starting=True) == str(path)
+    assert path.read_text() == "b" * 64 and os.listdir(path.parent) == ["auth_token"]  # no temporary file left
+
+
 def test_joining_without_a_token_says_what_to_export(clean_env):
     with pytest.raises(ValueError, match="no Ray token to join the cluster at 10.0.0.1:6379: export RAY_AUTH_TOKEN_PATH"):
         ray_cluster.token_source(starting=False, address="10.0.0.1:6379")

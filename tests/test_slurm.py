@@ -13,7 +13,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared
 
-pytestmark = pytest.mark.slow  # runs the sbatch scripts (bash subprocesses) and starts SLURM daemons
+# slow: runs the sbatch scripts (bash subprocesses) and starts SLURM daemons; one xdist worker runs every SLURM test (the daemons' ports are fixed)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, SMALL, copy_prepared
 
-pytestmark = pytest.mark.slow  # starts SLURM daemons and trains on a two-node Ray cluster
+# slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the daemons' ports are fixed)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 STEPS = 40
 ARGS = [*SMALL, f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.log_every=2", "eval.max_samples=8",

@@ -67,10 +67,17 @@ def token_source(starting: bool, address: str | None = None) -> str:
                          f"token in {path}; a cluster started without authentication needs ray.auth=disabled "
                          f"(unsafe on a shared network)")
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    made = f"{path}.{os.getpid()}.tmp"  # written whole, then linked in: a reader never sees a half-written token
+    descriptor = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(secrets.token_hex(32))
-    log.info("made a Ray token for this user's clusters: %s (readable by you only)", path)
+    try:
+        os.link(made, path)  # fails if another process starting a cluster at the same moment made one first
+        log.info("made a Ray token for this user's clusters: %s (readable by you only)", path)
+    except FileExistsError:
+        log.info("Ray token: %s (made by another process starting a cluster at the same time)", path)
+    finally:
+        os.unlink(made)
     return path
 
 
