@@ -87,6 +87,24 @@ def _kill_tree(proc):
 
 
 
+def test_a_local_start_is_a_cluster_of_its_own_beside_a_running_one(ray_cluster):
+    """launch/train.py without ray.address starts its own cluster even where `ray start` left one running on
+    the machine (ray.init with no address would join the newest it finds: another job's, another user's)."""
+    ray, env, _, port = ray_cluster
+    # what `ray start` writes where ray.init looks for the newest cluster (RAY_TMPDIR/ray: /tmp/ray by default)
+    tmp = os.path.dirname(env["HOME"])
+    os.makedirs(os.path.join(tmp, "ray"))
+    with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+        f.write(f"127.0.0.1:{port}")
+    env = dict(env, RAY_TMPDIR=tmp)
+    probe = ("import json, ray\nfrom trainer.ray_cluster import connect\nconnect(None, 1, 128, False)\n"
+             "print(json.dumps([ray.cluster_resources().get('CPU'), ray.get_runtime_context().gcs_address]))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cpus, gcs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert cpus == 1 and not gcs.endswith(f":{port}")  # its own 1-CPU cluster, not the 2-CPU head at `port`
+
+
 @pytest.mark.parametrize("ray_cluster", [1], indirect=True)  # a head of 1 CPU, a second node of 1 CPU
 def test_ray_job_submit_needs_the_token_and_an_elastic_job_goes_on_when_a_node_is_lost(ray_cluster, trained_run, tmp_path):
     """Outsiders (no token, a wrong one) cannot submit; README's `ray job submit -- python launch/train.py`

@@ -326,7 +326,7 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=1",
                              "data.retrieval.batch_size=2"])
     cache = str(tmp_path / "item_emb")
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
     try:
         report = embed_on_workers(cfg, ITEMS, folder, cache)

@@ -288,7 +288,7 @@ def test_ray_tasks_write_the_same_shards_with_1_2_3_workers(small_run, tmp_path)
     _, paths = small_run
     local = tmp_path / "local"
     _build(paths["llm"], local, workers=1)
-    ray.init(num_cpus=3, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         for workers in (1, 2, 3):
             _build(paths["llm"], tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)

@@ -116,7 +116,10 @@ def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: b
         ray.init(address=address, runtime_env=env)
     else:
         log.info("starting a local Ray cluster with %d CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, runtime_env=env)
+        # address="local": a cluster of our own even where another is running on this machine (`ray start`,
+        # another job's, another user's). Without an address ray.init would join the newest one it finds in
+        # /tmp/ray, and refuse num_cpus there
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, runtime_env=env)
 
 
 def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_worker: int, use_gpu: bool,
