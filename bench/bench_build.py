@@ -4,12 +4,14 @@ tree's build and, with --baseline-rev, the build of an older revision measured i
 minutes per million interactions on 2 cores.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_build.py --out /tmp/bench_build --interactions 1000000,5000000 \
-        --baseline-rev 66b4610
+        --baseline-rev 66b4610 --ray-workers 1,2
 
 Prints one row per (build, size): samples, seconds, samples/s, the main process's peak RSS and the peak of
-the main process and its tokenizing processes together; then the memory ratio (largest size over smallest)
-of each build, and this tree's samples/s and peak RSS against the baseline's at each size. Writes the rows
-to <out>/bench_build.json. The CSV and the shards are written under --out (about 5.5 GB of shards per
+the main process and its tokenizing processes together (with --ray-workers, the build as Ray tasks on a
+local cluster the build starts, N workers: Ray's processes count as its children); then the memory ratio
+(largest size over smallest) of each build, this tree's samples/s and peak RSS against the baseline's at
+each size, and the last line: Ray with the most workers against Ray with the fewest. Writes the rows to
+<out>/bench_build.json. The CSV and the shards are written under --out (about 5.5 GB of shards per
 million interactions: delete them after).
 """
 
@@ -96,22 +98,25 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--baseline-rev", default=None, help="a git revision whose build is measured too")
+    p.add_argument("--ray-workers", default="", help="e.g. 1,2: this tree's build as Ray tasks with each count")
     a = p.parse_args()
     sizes = [int(x) for x in a.interactions.split(",")]
     os.makedirs(a.out, exist_ok=True)
     tok = tokenizer(a.out)
-    trees = [("this tree", REPO)]
+    trees = [("this tree", REPO, ["--workers", str(a.workers)])]
     if a.baseline_rev:
-        trees.insert(0, (f"baseline {a.baseline_rev}", checkout(a.baseline_rev, tempfile.mkdtemp(dir=a.out, prefix="rev-"))))
+        base = checkout(a.baseline_rev, tempfile.mkdtemp(dir=a.out, prefix="rev-"))
+        trees.insert(0, (f"baseline {a.baseline_rev}", base, ["--workers", str(a.workers)]))
+    trees += [(f"Ray, {n} worker{'s' if n > 1 else ''}", REPO, ["--ray", "--workers", str(n)])
+              for n in (int(x) for x in a.ray_workers.split(",") if x)]
     rows = []
     print("| build | interactions | samples | seconds | samples/s | main peak RSS | with tokenizing processes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         inter, items = write_csv(os.path.join(a.out, f"csv-{n}"), n, a.items)
-        for name, tree in trees:
+        for name, tree, how in trees:
             out = os.path.join(a.out, f"shards-{n}-{len(rows)}")
-            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, "--workers", str(a.workers),
-                   "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
+            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
                    f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
             env = dict(os.environ, PYTHONPATH=tree)
             r = {"build": name, "interactions": n, **measure(cmd, tree, env)}
@@ -121,15 +126,22 @@ def main() -> None:
             subprocess.run(["rm", "-rf", out], check=True)
     with open(os.path.join(a.out, "bench_build.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    for name, _ in trees:
+    for name, *_ in trees:
         mine = [r for r in rows if r["build"] == name]
         print(f"{name}: main peak RSS at {sizes[-1]:,} / at {sizes[0]:,} interactions = "
               f"{mine[-1]['main_peak_gb'] / mine[0]['main_peak_gb']:.2f}x")
     if a.baseline_rev:
         for n in sizes:
-            base, new = (next(r for r in rows if r["interactions"] == n and r["build"] == t) for t, _ in trees)
+            base, new = (next(r for r in rows if r["interactions"] == n and r["build"] == t) for t, *_ in trees[:2])
             print(f"{n:,} interactions: this tree / baseline: peak RSS {new['main_peak_gb'] / base['main_peak_gb']:.2f}x, "
                   f"samples/s {(new['samples'] / new['seconds']) / (base['samples'] / base['seconds']):.2f}x")
+
+    ray_rows = [t[0] for t in trees if t[0].startswith("Ray")]
+    if len(ray_rows) > 1:
+        few, many = ([r for r in rows if r["build"] == t and r["interactions"] == sizes[-1]][0] for t in (ray_rows[0], ray_rows[-1]))
+        print(f"{sizes[-1]:,} interactions, {many['build']} / {few['build']}: samples/s "
+              f"{(many['samples'] / many['seconds']) / (few['samples'] / few['seconds']):.2f}x, "
+              f"peak RSS (all processes) {many['total_peak_gb'] / few['total_peak_gb']:.2f}x")
 
 
 if __name__ == "__main__":

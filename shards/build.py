@@ -79,6 +79,7 @@ def _write_shard(f, records: list[dict]) -> None:
 def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     """Read the configured raw data and split it. Returns (items, splits, stats)."""
     from shards import readers
+    from shards.interactions import as_table
     from shards.samples import SPLIT_SCHEMES, global_time_split, kcore_filter, leave_one_out, user_split, user_sequences
 
     src, path = data_cfg["source"], data_cfg["path"]
@@ -101,6 +102,7 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         else:
             raise ValueError(f"data.source={src!r}: expected one of {', '.join(readers.SOURCES)}")
         interactions, items = raw.interactions, raw.items
+    interactions = as_table(interactions)  # numpy columns (shards/interactions.py): ~32 bytes an interaction
     n_raw = len(interactions)
     interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
@@ -117,7 +119,7 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
             raise ValueError(f"data.split={split!r}: expected one of {', '.join(SPLIT_SCHEMES)}")
     items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
     stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
-             "users": len({r[0] for r in interactions}), "raw_item_ids": vocab["raw_item_ids"]}
+             "users": len(np.unique(interactions.user)), "raw_item_ids": vocab["raw_item_ids"]}
     return items, splits, stats
 
 

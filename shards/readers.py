@@ -1,6 +1,7 @@
 """Readers for raw interaction logs. Each returns a `RawData`:
 
-    interactions  list of (user, item, rating, timestamp)   raw ids as in the files
+    interactions  Interactions (shards/interactions.py): columns user, item, rating, timestamp, raw ids as in
+                  the files; its rows read back as (user, item, rating, timestamp) tuples
     items         list of (item, title, genre)              genre may be ""
     users         {user: {"gender": .., "age": .., "occupation": ..}} where the data has profiles
 
@@ -21,6 +22,10 @@ import csv
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from shards.interactions import INT64, Interactions, TableBuilder
+
 
 # data.source's values (shards/build.py load_source reads each): synthetic is generated (shards/synthetic.py),
 # the others are read here
@@ -33,7 +38,7 @@ class MalformedRecord(ValueError):
 
 @dataclass
 class RawData:
-    interactions: list[tuple[int, int, float, int]]
+    interactions: Interactions
     items: list[tuple[int, str, str]]
     users: dict[int, dict] = field(default_factory=dict)
     name: str = ""
@@ -58,9 +63,12 @@ def _fields(path, n, line, sep, count, what):
 
 def _int(path, n, value, what):
     try:
-        return int(value)
+        v = int(value)
     except ValueError:
         raise MalformedRecord(f"{path}:{n}: {what} must be an integer, got {value!r}") from None
+    if not INT64[0] <= v < INT64[1]:
+        raise MalformedRecord(f"{path}:{n}: {what} {value!r} does not fit in 64 bits")
+    return v
 
 
 def _float(path, n, value, what):
@@ -75,7 +83,7 @@ def read_movielens_100k(folder: str) -> RawData:
     genres_path = os.path.join(folder, "u.genre")
     genre_names = [line.split("|")[0] for _, line in _lines(genres_path, "iso-8859-1")] if os.path.exists(genres_path) else []
     path = os.path.join(folder, "u.data")
-    inter = []
+    inter = TableBuilder()
     for n, line in _lines(path):
         u, i, r, t = _fields(path, n, line, "\t", 4, "user, item, rating, timestamp")[:4]
         inter.append((_int(path, n, u, "user"), _int(path, n, i, "item"), _float(path, n, r, "rating"), _int(path, n, t, "timestamp")))
@@ -92,7 +100,7 @@ def read_movielens_100k(folder: str) -> RawData:
         for n, line in _lines(path, "iso-8859-1"):
             uid, age, gender, occ, _zip = _fields(path, n, line, "|", 5, "id|age|gender|occupation|zip")[:5]
             users[_int(path, n, uid, "user id")] = {"age": _int(path, n, age, "age"), "gender": gender, "occupation": occ}
-    return RawData(inter, items, users, "ml-100k")
+    return RawData(inter.table(), items, users, "ml-100k")
 
 
 ML1M_AGES = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
@@ -109,11 +117,11 @@ def read_movielens_1m(folder: str) -> RawData:
         have = ", ".join(sorted(f for f in ("movies.dat", "users.dat") if os.path.exists(os.path.join(folder, f))))
         raise FileNotFoundError(f"{path} not found: MovieLens-1M needs ratings.dat (user::item::rating::timestamp)"
                                 f"{f'; the folder has only {have}' if have else ''}")
-    inter = []
+    inter = TableBuilder()
     for n, line in _lines(path, "iso-8859-1"):
         u, i, r, t = _fields(path, n, line, "::", 4, "user::item::rating::timestamp")[:4]
         inter.append((_int(path, n, u, "user"), _int(path, n, i, "item"), _float(path, n, r, "rating"), _int(path, n, t, "timestamp")))
-    return RawData(inter, read_movielens_1m_movies(folder), read_movielens_1m_users(folder), "ml-1m")
+    return RawData(inter.table(), read_movielens_1m_movies(folder), read_movielens_1m_users(folder), "ml-1m")
 
 
 def read_movielens_1m_movies(folder: str) -> list[tuple[int, str, str]]:
@@ -141,7 +149,7 @@ def read_movielens_1m_users(folder: str) -> dict[int, dict]:
 def read_lastfm(folder: str) -> RawData:
     """hetrec2011-lastfm-2k: user_artists.dat (userID \\t artistID \\t weight, with a header), artists.dat."""
     path = os.path.join(folder, "user_artists.dat")
-    inter = []
+    inter = TableBuilder()
     for n, line in _lines(path):
         if n == 1 and line.startswith("userID"):
             continue
@@ -154,7 +162,7 @@ def read_lastfm(folder: str) -> RawData:
             continue
         parts = _fields(path, n, line, "\t", 2, "id, name, url, pictureURL")
         items.append((_int(path, n, parts[0], "artist id"), parts[1], ""))
-    return RawData(inter, items, {}, "lastfm")
+    return RawData(inter.table(), items, {}, "lastfm")
 
 
 def read_sequences(path: str, titles: dict[int, str] | None = None) -> RawData:
@@ -162,7 +170,7 @@ def read_sequences(path: str, titles: dict[int, str] | None = None) -> RawData:
 
     The files carry no titles: an item is titled "Item <id>" unless `titles` names it.
     """
-    inter = []
+    inter = TableBuilder()
     t = 0
     for n, line in _lines(path):
         parts = line.split()
@@ -172,27 +180,34 @@ def read_sequences(path: str, titles: dict[int, str] | None = None) -> RawData:
         for v in parts[1:]:
             inter.append((user, _int(path, n, v, "item"), 1.0, t))
             t += 1
-    ids = sorted({i for _, i, _, _ in inter})
+    table = inter.table()
+    ids = np.unique(table.item).tolist()
     titles = titles or {}
     items = [(i, titles.get(i, f"Item {i}"), "") for i in ids]
-    return RawData(inter, items, {}, os.path.basename(path))
+    return RawData(table, items, {}, os.path.basename(path))
 
 
 def _table(path: str):
-    """Rows of a CSV (header required) or Parquet file as dicts."""
+    """Rows of a CSV (header required) or Parquet file as dicts, one at a time: (line or row number, row)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return [(n + 2, row) for n, row in enumerate(pq.read_table(path).to_pylist())]
+        n = 2
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
+            for row in batch.to_pylist():
+                yield n, row
+                n += 1
+        return
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
     with open(path, newline="", encoding="utf-8") as f:
-        return [(n + 2, row) for n, row in enumerate(csv.DictReader(f))]
+        yield from enumerate(csv.DictReader(f), 2)
 
 
 def read_generic(interactions_path: str, items_path: str) -> RawData:
-    """Interactions as CSV/Parquet with columns user, item, timestamp[, rating]; items with item, title[, genre]."""
-    inter = []
+    """Interactions as CSV/Parquet with columns user, item, timestamp[, rating]; items with item, title[, genre].
+    Read row by row into the compact table (shards/interactions.py)."""
+    inter = TableBuilder()
     for n, row in _table(interactions_path):
         missing = [c for c in ("user", "item", "timestamp") if row.get(c) in (None, "")]
         if missing:
@@ -206,7 +221,7 @@ def read_generic(interactions_path: str, items_path: str) -> RawData:
         if row.get("item") in (None, "") or row.get("title") in (None, ""):
             raise MalformedRecord(f"{items_path}:{n}: an item row needs `item` and `title`")
         items.append((_int(items_path, n, row["item"], "item"), str(row["title"]), str(row.get("genre") or "")))
-    return RawData(inter, items, {}, os.path.basename(interactions_path))
+    return RawData(inter.table(), items, {}, os.path.basename(interactions_path))
 
 
 def _llara_id(x):

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shards.interactions import Interactions, as_table
+
 SPLITS = ("train", "val", "test")
 SPLIT_SCHEMES = ("loo", "sliding", "time")  # data.split: leave_one_out, user_split, global_time_split
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
@@ -31,30 +33,47 @@ def build_vocab(interactions, items) -> dict:
     }
 
 
-def user_sequences(interactions, dense: dict[int, int], source: str = "interactions") -> dict[int, list[int]]:
-    """Group by user, sort by (timestamp, original order), map raw item ids to dense ones."""
-    per_user: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-    for order, (user, item, _rating, ts) in enumerate(interactions):
-        if item not in dense:
-            raise ValueError(f"{source}: record {order + 1} names item {item}, which is not in the items table")
-        per_user[user].append((ts, order, dense[item]))
-    return {u: [item for _ts, _o, item in sorted(rows)] for u, rows in sorted(per_user.items())}
+def dense_items(interactions, dense: dict[int, int], source: str = "interactions") -> np.ndarray:
+    """Each interaction's item as its dense id; an item the items table lacks is an error naming the record."""
+    table = as_table(interactions)
+    raw = np.fromiter(dense, np.int64, len(dense))
+    ids = np.fromiter(dense.values(), np.int64, len(dense))
+    order = np.argsort(raw)
+    raw, ids = raw[order], ids[order]
+    at = np.minimum(np.searchsorted(raw, table.item), max(len(raw) - 1, 0))
+    unknown = raw[at] != table.item if len(raw) else np.ones(len(table), bool)
+    if unknown.any():
+        k = int(np.argmax(unknown))
+        raise ValueError(f"{source}: record {k + 1} names item {int(table.item[k])}, which is not in the items table")
+    return ids[at]
 
 
-def kcore_filter(interactions, k: int):
+def user_sequences(interactions, dense: dict[int, int], source: str = "interactions") -> dict[int, np.ndarray]:
+    """Group by user, sort by (timestamp, original order), map raw item ids to dense ones. Each user's
+    sequence is an int32 array, a view into one array holding them all (4 bytes an interaction)."""
+    table = as_table(interactions)
+    items = dense_items(table, dense, source)
+    order = np.lexsort((np.arange(len(table)), table.timestamp, table.user))  # user, then time, then file order
+    users, items = table.user[order], items[order].astype(np.int32)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(users)]
+    return {int(users[a]): items[a:b] for a, b in zip(starts.tolist(), ends.tolist())}
+
+
+def kcore_filter(interactions, k: int) -> Interactions:
     """Drop users and items with fewer than k interactions, repeatedly, until none is left."""
-    if k <= 1:
-        return list(interactions)
-    rows = list(interactions)
-    while True:
-        users, items = defaultdict(int), defaultdict(int)
-        for u, i, *_ in rows:
-            users[u] += 1
-            items[i] += 1
-        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
-        if len(kept) == len(rows):
-            return kept
-        rows = kept
+    table = as_table(interactions)
+    keep = np.ones(len(table), bool)
+    while k > 1:
+        rows = np.flatnonzero(keep)
+        ok = np.ones(len(rows), bool)
+        for column in (table.user[rows], table.item[rows]):
+            _, which, counts = np.unique(column, return_inverse=True, return_counts=True)
+            ok &= counts[which] >= k
+        if ok.all():
+            break
+        keep[rows[~ok]] = False
+    return table if keep.all() else table.take(keep)
 
 
 class Windows(Sequence):
@@ -75,7 +94,9 @@ class Windows(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         user, t = int(self.users[i]), int(self.positions[i])
         seq = self.sequences[user]
-        return {"user": user, "history": seq[max(0, t - self.history_len):t], "target": seq[t], "position": t}
+        history = seq[max(0, t - self.history_len):t]
+        return {"user": user, "history": history.tolist() if isinstance(history, np.ndarray) else history,
+                "target": int(seq[t]), "position": t}
 
 
 def _windows(sequences, history_len, pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Windows]:
@@ -141,8 +162,12 @@ def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, rat
 def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
     """ReLLa's split: all interactions ordered by time and cut 8:1:1; a sample's target is one
     interaction, its history the user's previous interactions (from any earlier period)."""
-    rows = sorted(((ts, order, user, dense[item], rating) for order, (user, item, rating, ts) in enumerate(interactions)))
-    n = len(rows)
+    table = as_table(interactions)
+    order = np.lexsort((np.arange(len(table)), table.timestamp))  # time, then file order
+    items = dense_items(table, dense)[order]
+    rows = zip(table.timestamp[order].tolist(), order.tolist(), table.user[order].tolist(), items.tolist(),
+               table.rating[order].tolist())
+    n = len(table)
     cut1, cut2 = int(ratios[0] * n), int((ratios[0] + ratios[1]) * n)
     seen: dict[int, list[int]] = defaultdict(list)
     ratings: dict[int, list[float]] = defaultdict(list)

@@ -102,13 +102,17 @@ def test_generic_csv_and_parquet(tmp_path):
     items = tmp_path / "items.csv"
     items.write_text("item,title,genre\n10,Ten,Drama\n11,Eleven,\n")
     raw = read_generic(str(inter), str(items))
-    assert raw.interactions == [(1, 10, 4.0, 5), (1, 11, 1.0, 6), (2, 10, 3.0, 1)]
+    assert list(raw.interactions) == [(1, 10, 4.0, 5), (1, 11, 1.0, 6), (2, 10, 3.0, 1)]
+    assert raw.interactions[1] == (1, 11, 1.0, 6) and type(raw.interactions[1][0]) is int
     assert raw.items == [(10, "Ten", "Drama"), (11, "Eleven", "")]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"user": [1], "item": [10], "timestamp": [3]}), tmp_path / "i.parquet")
-    assert read_generic(str(tmp_path / "i.parquet"), str(items)).interactions == [(1, 10, 1.0, 3)]
+    assert list(read_generic(str(tmp_path / "i.parquet"), str(items)).interactions) == [(1, 10, 1.0, 3)]
     inter.write_text("user,item,timestamp\n1,,5\n")
     with pytest.raises(MalformedRecord, match=r"inter.csv:2: missing item"):
+        read_generic(str(inter), str(items))
+    inter.write_text("user,item,timestamp\n1,10,5\n1,99999999999999999999,6\n")  # held in 64-bit columns
+    with pytest.raises(MalformedRecord, match=r"inter.csv:3: item '99999999999999999999' does not fit in 64 bits"):
         read_generic(str(inter), str(items))

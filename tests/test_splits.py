@@ -2,7 +2,9 @@ import os
 import subprocess
 import sys
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHARED_DATA
@@ -14,6 +16,44 @@ def test_kcore_is_iterated():
     rows = [(1, 10, 5, 1), (1, 20, 5, 2), (2, 10, 5, 1), (2, 20, 5, 2), (3, 30, 5, 1), (1, 30, 5, 3)]
     kept = kcore_filter(rows, 2)
     assert {(u, i) for u, i, *_ in kept} == {(1, 10), (1, 20), (2, 10), (2, 20)}
+
+
+def _kcore_rows(rows, k):  # the definition, row by row
+    while True:
+        users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
+        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
+        if kept == rows:
+            return rows
+        rows = kept
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_compact_table_gives_the_row_by_row_results(seed):
+    """kcore_filter, user_sequences and global_time_split work on numpy columns (shards/interactions.py):
+    the same rows, sequences and samples as the row-by-row definitions, with tied timestamps kept in file
+    order, and ratings read back as the numbers they were given as (ints stay ints)."""
+    from shards.interactions import as_table
+    from shards.samples import user_sequences
+
+    rng = np.random.default_rng(seed)
+    rows = [(int(u), int(i), int(r), int(t)) for u, i, r, t in
+            zip(rng.integers(0, 60, 600), rng.integers(100, 200, 600), rng.integers(1, 6, 600), rng.integers(0, 50, 600))]
+    kept = kcore_filter(rows, 5)
+    assert list(kept) == _kcore_rows(rows, 5) and 0 < len(kept) < len(rows)  # repeated: users drop, then items
+    dense = {raw: d for d, raw in enumerate(sorted({i for _, i, *_ in kept}))}
+    seqs = user_sequences(kept, dense)
+    by_user = {}
+    for order, (u, i, _r, t) in enumerate(kept):
+        by_user.setdefault(u, []).append((t, order, dense[i]))
+    assert list(seqs) == sorted(by_user)
+    assert all(seqs[u].tolist() == [d for *_, d in sorted(by_user[u])] for u in by_user)
+    out = global_time_split(kept, dense, history_len=3)
+    ordered = sorted((t, order, u, dense[i], r) for order, (u, i, r, t) in enumerate(kept))
+    first = [s for s in out["train"]][0]
+    seen_before = [row for row in ordered if row[2] == first["user"]][:first["position"]]
+    assert first["history"] == [d for *_, d, _r in seen_before][-3:] and type(first["rating"]) is int
+    assert sum(map(len, out.values())) == len(kept) - len(by_user)  # every interaction but each user's first
+    assert type(list(as_table([(1, 2, 4.5, 3)]))[0][2]) is float
 
 
 def test_leave_one_out():
