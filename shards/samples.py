@@ -99,19 +99,26 @@ class Windows(Sequence):
                 "target": int(seq[t]), "position": t}
 
 
-def _windows(sequences, history_len, pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Windows]:
-    return {s: Windows(sequences, history_len, [u for u, _ in pairs[s]], [t for _, t in pairs[s]]) for s in SPLITS}
+def _ranges(users: np.ndarray, start, stop) -> tuple[np.ndarray, np.ndarray]:
+    """(user, position) for position in range(start, stop) of each user, users in the order given; start
+    and stop are per user (arrays) or one number. Built as arrays: no Python object per sample."""
+    start = np.broadcast_to(np.asarray(start, np.int64), users.shape)
+    counts = np.maximum(np.asarray(stop, np.int64) - start, 0)
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)  # where each user's run begins
+    return np.repeat(users, counts), np.arange(int(counts.sum()), dtype=np.int64) - offsets + np.repeat(start, counts)
+
+
+def _users_and_lengths(sequences, users=None) -> tuple[np.ndarray, np.ndarray]:
+    users = list(sequences) if users is None else users
+    return np.asarray(users, np.int64), np.asarray([len(sequences[u]) for u in users], np.int64)
 
 
 def leave_one_out(sequences: dict[int, list[int]], history_len: int) -> dict[str, Windows]:
     """Last item -> test, second-last -> val, every earlier position with a history -> train."""
-    pairs: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
-    for user, seq in sequences.items():
-        if len(seq) < 3:
-            continue
-        for t in range(1, len(seq)):
-            pairs["test" if t == len(seq) - 1 else "val" if t == len(seq) - 2 else "train"].append((user, t))
-    return _windows(sequences, history_len, pairs)
+    users, lengths = _users_and_lengths(sequences)
+    users, lengths = users[lengths >= 3], lengths[lengths >= 3]
+    pairs = {"train": _ranges(users, 1, lengths - 2), "val": (users, lengths - 2), "test": (users, lengths - 1)}
+    return {s: Windows(sequences, history_len, *pairs[s]) for s in SPLITS}
 
 
 def sample_candidates(sample: dict, num_items: int, num_candidates: int, seed: int, split: str) -> list[int]:
@@ -144,19 +151,19 @@ def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, rat
     """LLaRA's sliding windows: users are split 8:1:1 by a seeded permutation; every position of a
     training user's sequence (with a non-empty history) is a training sample; a validation or test
     user gives one sample, their last item with the history before it."""
-    users = sorted(sequences)
+    users, lengths = _users_and_lengths(sequences, sorted(sequences))
     order = np.random.default_rng([seed, 11]).permutation(len(users))
     n_train = int(round(ratios[0] * len(users)))
     n_val = int(round(ratios[1] * len(users)))
-    role = {}
-    for rank, idx in enumerate(order):
-        role[users[idx]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    pairs: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
-    for user in users:
-        seq = sequences[user]
-        positions = range(1, len(seq)) if role[user] == "train" else [len(seq) - 1] if len(seq) > 1 else []
-        pairs[role[user]] += [(user, t) for t in positions]
-    return _windows(sequences, history_len, pairs)
+    role = np.empty(len(users), np.int64)  # by rank in the permutation: 0 train, 1 val, 2 test
+    role[order] = np.where(np.arange(len(users)) < n_train, 0, np.where(np.arange(len(users)) < n_train + n_val, 1, 2))
+    out = {}
+    for code, split in enumerate(SPLITS):
+        mine = (role == code) & (lengths > 1)
+        u, n = users[mine], lengths[mine]
+        pairs = _ranges(u, 1, n) if split == "train" else (u, n - 1)
+        out[split] = Windows(sequences, history_len, *pairs)
+    return out
 
 
 def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
