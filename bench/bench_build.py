@@ -4,7 +4,7 @@ tree's build and, with --baseline-rev, the build of an older revision measured i
 minutes per million interactions on 2 cores.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_build.py --out /tmp/bench_build --interactions 1000000,5000000 \
-        --baseline-rev 66b4610 --ray-workers 1,2
+        --baseline-rev 66b4610 --ray-workers 1,2 --ray-interactions 200000
 
 Prints one row per (build, size): samples, seconds, samples/s, the main process's peak RSS and the peak of
 the main process and its tokenizing processes together (with --ray-workers, the build as Ray tasks on a
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--baseline-rev", default=None, help="a git revision whose build is measured too")
     p.add_argument("--ray-workers", default="", help="e.g. 1,2: this tree's build as Ray tasks with each count")
+    p.add_argument("--ray-interactions", type=int, default=0, help="the size the Ray rows run at (default: every size)")
     a = p.parse_args()
     sizes = [int(x) for x in a.interactions.split(",")]
     os.makedirs(a.out, exist_ok=True)
@@ -112,9 +113,11 @@ def main() -> None:
     rows = []
     print("| build | interactions | samples | seconds | samples/s | main peak RSS | with tokenizing processes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for n in sizes:
+    for n in sorted(set(sizes) | ({a.ray_interactions} if a.ray_interactions else set())):
         inter, items = write_csv(os.path.join(a.out, f"csv-{n}"), n, a.items)
         for name, tree, how in trees:
+            if n not in sizes and not name.startswith("Ray") or a.ray_interactions and name.startswith("Ray") and n != a.ray_interactions:
+                continue
             out = os.path.join(a.out, f"shards-{n}-{len(rows)}")
             cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
                    f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
@@ -128,6 +131,8 @@ def main() -> None:
         json.dump(rows, f, indent=1)
     for name, *_ in trees:
         mine = [r for r in rows if r["build"] == name]
+        if len(mine) < 2:
+            continue
         print(f"{name}: main peak RSS at {sizes[-1]:,} / at {sizes[0]:,} interactions = "
               f"{mine[-1]['main_peak_gb'] / mine[0]['main_peak_gb']:.2f}x")
     if a.baseline_rev:
@@ -138,8 +143,8 @@ def main() -> None:
 
     ray_rows = [t[0] for t in trees if t[0].startswith("Ray")]
     if len(ray_rows) > 1:
-        few, many = ([r for r in rows if r["build"] == t and r["interactions"] == sizes[-1]][0] for t in (ray_rows[0], ray_rows[-1]))
-        print(f"{sizes[-1]:,} interactions, {many['build']} / {few['build']}: samples/s "
+        few, many = ([r for r in rows if r["build"] == t][-1] for t in (ray_rows[0], ray_rows[-1]))
+        print(f"{many['interactions']:,} interactions, {many['build']} / {few['build']}: samples/s "
               f"{(many['samples'] / many['seconds']) / (few['samples'] / few['seconds']):.2f}x, "
               f"peak RSS (all processes) {many['total_peak_gb'] / few['total_peak_gb']:.2f}x")
 
