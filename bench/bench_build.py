@@ -63,7 +63,9 @@ def measure(cmd: list[str], cwd: str, env: dict) -> dict:
     import psutil
 
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr to a file: the build's progress bar writes more than a pipe holds, and nothing reads it until the end
+    err_file = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
     main, total = 0, 0
     p = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -74,7 +76,9 @@ def measure(cmd: list[str], cwd: str, env: dict) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.2)
-    out, err = proc.communicate()
+    out, _ = proc.communicate()
+    err_file.seek(0)
+    err = err_file.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     stats = json.loads(out[out.index("{"):])
