@@ -103,13 +103,23 @@ def sigterm_at_step(cmd: list[str], out, step: int) -> str:
     step in flight is finished and checkpointed and the driver exits 75 (asserted). Returns its output."""
     import signal
 
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, log_path = start_logged(cmd, out)
     try:
         wait_for_step(out, step, proc)
         os.kill(int((out / "logs" / "worker_0.pid").read_text()), signal.SIGTERM)
-        log, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+    log = log_path.read_text(errors="replace")
     assert proc.returncode == 75, log[-4000:]
     return log
+
+
+def start_logged(cmd: list[str], out):
+    """Popen of `cmd` with stdout and stderr in a file beside `out` (a pipe that nobody reads while the
+    test waits would fill and stop the run): (process, the log's path)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.{time.monotonic_ns()}.log"
+    with open(log_path, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True), log_path

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, sigterm_at_step, wait_for_step
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, sigterm_at_step, start_logged, wait_for_step
 from trainer.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
@@ -64,7 +64,7 @@ def test_sigterm_then_sigkill_of_a_worker_resume_at_zero_stage_2(reference, tmp_
     assert (out / "PREEMPTED").read_text() == stopped
 
     kill_at = random.Random(os.getpid()).randint(max(steps) + 7, 20)  # after the next checkpoint, between or on one
-    proc = subprocess.Popen(_cmd(out, stage2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, log_path = start_logged(_cmd(out, stage2), out)
     try:
         wait_for_step(out, kill_at, proc)
         t0 = time.time()
@@ -72,10 +72,11 @@ def test_sigterm_then_sigkill_of_a_worker_resume_at_zero_stage_2(reference, tmp_
             assert time.time() - t0 < 300 and proc.poll() is None, "no checkpoint was completed"
             time.sleep(0.2)
         os.kill(int((out / "logs" / "worker_1.pid").read_text()), signal.SIGKILL)
-        log, _ = proc.communicate(timeout=1200)
+        proc.wait(timeout=1200)
     finally:
         if proc.poll() is None:
             proc.kill()
+    log = log_path.read_text(errors="replace")
     assert proc.returncode == 0, log[-4000:]
     assert f"resumed from {stopped}" in log  # the SIGTERMed run's checkpoint, then Ray's restart after the SIGKILL:
     assert log.count("resumed from step_") == 2, f"killed at step {kill_at}: {log[-3000:]}"
