@@ -12,7 +12,10 @@ local cluster the build starts, N workers: Ray's processes count as its children
 (largest size over smallest) of each build, this tree's samples/s and peak RSS against the baseline's at
 each size, and the last line: Ray with the most workers against Ray with the fewest. Writes the rows to
 <out>/bench_build.json. The CSV and the shards are written under --out (about 5.5 GB of shards per
-million interactions: delete them after).
+million interactions: delete them after). --stop-after S stops the builds at the largest size after S
+seconds (marked "stopped"): the peak RSS of the load and of the shards written by then, the samples/s
+over that part; the streamed build's memory does not grow after the load (at most 2 x workers shards
+in flight), so the peak is the build's, but the row is not a whole build.
 """
 
 from __future__ import annotations
@@ -58,15 +61,20 @@ def tokenizer(folder: str) -> str:
     return out
 
 
-def measure(cmd: list[str], cwd: str, env: dict) -> dict:
-    """Run cmd; poll the RSS of it and its children every 0.2 s."""
+def measure(cmd: list[str], cwd: str, env: dict, out_dir: str, stop_after: float = 0) -> dict:
+    """Run cmd; poll the RSS of it and its children every 0.2 s. With stop_after, SIGKILL the build (its
+    whole session) after that many seconds and count the samples of the shards it recorded as written
+    (out_dir/build-progress.jsonl): the row is then marked "stopped"."""
+    import signal
+
     import psutil
 
     t0 = time.monotonic()
     # stderr to a file: the build's progress bar writes more than a pipe holds, and nothing reads it until the end
     err_file = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
-    main, total = 0, 0
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                            start_new_session=True)
+    main, total, stopped = 0, 0, False
     p = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -75,15 +83,28 @@ def measure(cmd: list[str], cwd: str, env: dict) -> dict:
             main, total = max(main, rss), max(total, rss + kids)
         except psutil.Error:
             pass
+        if stop_after and time.monotonic() - t0 > stop_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stopped = True
+            break
         time.sleep(0.2)
     out, _ = proc.communicate()
+    seconds = time.monotonic() - t0
+    if stopped:
+        try:
+            with open(os.path.join(out_dir, "build-progress.jsonl")) as f:
+                entries = [json.loads(line) for line in f][1:]  # the first line is the header
+        except FileNotFoundError:  # stopped before its first shard, or a build that keeps no record
+            entries = []
+        return {"samples": sum(e["count"] for e in entries), "seconds": seconds, "main_peak_gb": main / 2**30,
+                "total_peak_gb": total / 2**30, "stopped": True}
     err_file.seek(0)
     err = err_file.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     stats = json.loads(out[out.index("{"):])
     samples = sum(stats[f"{s}_samples"] for s in ("train", "val", "test"))
-    return {"samples": samples, "seconds": time.monotonic() - t0, "main_peak_gb": main / 2**30, "total_peak_gb": total / 2**30}
+    return {"samples": samples, "seconds": seconds, "main_peak_gb": main / 2**30, "total_peak_gb": total / 2**30}
 
 
 def checkout(rev: str, folder: str) -> str:
@@ -104,6 +125,9 @@ def main() -> None:
     p.add_argument("--baseline-rev", default=None, help="a git revision whose build is measured too")
     p.add_argument("--ray-workers", default="", help="e.g. 1,2: this tree's build as Ray tasks with each count")
     p.add_argument("--ray-interactions", type=int, default=0, help="the size the Ray rows run at (default: every size)")
+    p.add_argument("--stop-after", type=float, default=0,
+                   help="seconds: stop the builds at the largest size then, counting the samples written so far "
+                        "(peak RSS of the load and the first shards; samples/s over that part)")
     a = p.parse_args()
     sizes = [int(x) for x in a.interactions.split(",")]
     os.makedirs(a.out, exist_ok=True)
@@ -126,9 +150,10 @@ def main() -> None:
             cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
                    f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
             env = dict(os.environ, PYTHONPATH=tree)
-            r = {"build": name, "interactions": n, **measure(cmd, tree, env)}
+            stop = a.stop_after if n == max(sizes) else 0
+            r = {"build": name, "interactions": n, **measure(cmd, tree, env, out, stop)}
             rows.append(r)
-            print(f"| {name} | {n:,} | {r['samples']:,} | {r['seconds']:.0f} | {r['samples'] / r['seconds']:,.0f} | "
+            print(f"| {name}{' (stopped)' if r.get('stopped') else ''} | {n:,} | {r['samples']:,} | {r['seconds']:.0f} | {r['samples'] / r['seconds']:,.0f} | "
                   f"{r['main_peak_gb']:.2f} GB | {r['total_peak_gb']:.2f} GB |", flush=True)
             subprocess.run(["rm", "-rf", out], check=True)
     with open(os.path.join(a.out, "bench_build.json"), "w") as f:
