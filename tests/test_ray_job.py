@@ -139,10 +139,14 @@ def test_ray_job_submit_needs_the_token_and_an_elastic_job_goes_on_when_a_node_i
             job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             while job.poll() is None and not (out / "logs" / "metrics.jsonl").exists():
                 time.sleep(0.5)
-            if job.poll() is None or "No available agent to submit job" not in job.stdout.read():
+            ended = job.stdout.read() if job.poll() is not None else ""
+            if "No available agent to submit job" not in ended:
                 break
             time.sleep(5)
-        wait_for_step(out, 5, job)  # a checkpoint at step 4
+        try:
+            wait_for_step(out, 5, job)  # a checkpoint at step 4
+        except AssertionError:
+            raise AssertionError(f"`ray job submit` ended with {job.poll()}:\n{(ended or job.stdout.read())[-4000:]}")
         _kill_tree(node)  # the second node is lost, with the worker on it
         log, _ = job.communicate(timeout=1200)
     finally:
