@@ -132,29 +132,32 @@ def main() -> None:
     sizes = [int(x) for x in a.interactions.split(",")]
     os.makedirs(a.out, exist_ok=True)
     tok = tokenizer(a.out)
-    trees = [("this tree", REPO, ["--workers", str(a.workers)])]
+    # (name, source tree, build options, the sizes it runs at)
+    trees = [("this tree", REPO, ["--workers", str(a.workers)], sizes)]
     if a.baseline_rev:
         base = checkout(a.baseline_rev, tempfile.mkdtemp(dir=a.out, prefix="rev-"))
-        trees.insert(0, (f"baseline {a.baseline_rev}", base, ["--workers", str(a.workers)]))
-    trees += [(f"Ray, {n} worker{'s' if n > 1 else ''}", REPO, ["--ray", "--workers", str(n)])
+        trees.insert(0, (f"baseline {a.baseline_rev}", base, ["--workers", str(a.workers)], sizes))
+    trees += [(f"Ray, {n} worker{'s' if n > 1 else ''}", REPO, ["--ray", "--workers", str(n)],
+               [a.ray_interactions] if a.ray_interactions else sizes)
               for n in (int(x) for x in a.ray_workers.split(",") if x)]
     rows = []
     print("| build | interactions | samples | seconds | samples/s | main peak RSS | with tokenizing processes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for n in sorted(set(sizes) | ({a.ray_interactions} if a.ray_interactions else set())):
+    for n in sorted({size for *_, tree_sizes in trees for size in tree_sizes}):
         inter, items = write_csv(os.path.join(a.out, f"csv-{n}"), n, a.items)
-        for name, tree, how in trees:
-            if n not in sizes and not name.startswith("Ray") or a.ray_interactions and name.startswith("Ray") and n != a.ray_interactions:
+        for name, tree, how, tree_sizes in trees:
+            if n not in tree_sizes:
                 continue
             out = os.path.join(a.out, f"shards-{n}-{len(rows)}")
-            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic", f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
+            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic",
+                   f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
                    f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
             env = dict(os.environ, PYTHONPATH=tree)
             stop = a.stop_after if n == max(sizes) else 0
             r = {"build": name, "interactions": n, **measure(cmd, tree, env, out, stop)}
             rows.append(r)
-            print(f"| {name}{' (stopped)' if r.get('stopped') else ''} | {n:,} | {r['samples']:,} | {r['seconds']:.0f} | {r['samples'] / r['seconds']:,.0f} | "
-                  f"{r['main_peak_gb']:.2f} GB | {r['total_peak_gb']:.2f} GB |", flush=True)
+            print(f"| {name}{' (stopped)' if r.get('stopped') else ''} | {n:,} | {r['samples']:,} | {r['seconds']:.0f} | "
+                  f"{r['samples'] / r['seconds']:,.0f} | {r['main_peak_gb']:.2f} GB | {r['total_peak_gb']:.2f} GB |", flush=True)
             subprocess.run(["rm", "-rf", out], check=True)
     with open(os.path.join(a.out, "bench_build.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -61,9 +61,6 @@ class TableBuilder:
         self.rating.append(rating)
         self.timestamp.append(timestamp)
 
-    def __len__(self) -> int:
-        return len(self.user)
-
     def table(self) -> Interactions:
         return Interactions(np.frombuffer(self.user, np.int64), np.frombuffer(self.item, np.int64),
                             np.frombuffer(self.rating, np.float64), np.frombuffer(self.timestamp, np.int64))

@@ -155,8 +155,9 @@ def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, rat
     order = np.random.default_rng([seed, 11]).permutation(len(users))
     n_train = int(round(ratios[0] * len(users)))
     n_val = int(round(ratios[1] * len(users)))
-    role = np.empty(len(users), np.int64)  # by rank in the permutation: 0 train, 1 val, 2 test
-    role[order] = np.where(np.arange(len(users)) < n_train, 0, np.where(np.arange(len(users)) < n_train + n_val, 1, 2))
+    rank = np.empty(len(users), np.int64)
+    rank[order] = np.arange(len(users))  # each user's place in the permutation
+    role = (rank >= n_train).astype(np.int64) + (rank >= n_train + n_val)  # 0 train, 1 val, 2 test
     out = {}
     for code, split in enumerate(SPLITS):
         mine = (role == code) & (lengths > 1)
