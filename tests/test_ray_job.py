@@ -45,14 +45,31 @@ def ray_cluster(request):
     assert os.stat(token).st_mode & 0o077 == 0
     port, dash = _free_port(), _free_port()
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--num-cpus={getattr(request, 'param', 2)}", "--include-dashboard=true", f"--temp-dir={temp}"]
-    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+             f"--dashboard-port={dash}", f"--num-cpus={getattr(request, 'param', 2)}", "--include-dashboard=true", f"--temp-dir={temp}",
+             "--dashboard-agent-listen-port=0"]  # README: Ray's fixed 52365 may be another cluster's on this machine
+    held = _held(52365)  # Ray's default agent port, taken as by another cluster on this machine (a local training's)
     try:
+        r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         yield ray, env, f"http://127.0.0.1:{dash}", port
     finally:
+        held.close()
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _held(port):
+    """A socket listening on `port` (the caller closes it), unless something else listens there already. Ray's dashboard agent takes
+    52365 unless told otherwise; where that port is taken its job server is off, and `ray job submit` answers
+    "No available agent to submit job" for as long as the cluster lives (README's --dashboard-agent-listen-port=0)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+        s.listen()
+    except OSError:
+        pass  # taken already: the same for the test
+    return s
 
 
 def _stop_cluster(temp):
@@ -121,7 +138,7 @@ def test_ray_job_submit_needs_the_token_and_an_elastic_job_goes_on_when_a_node_i
         assert r.returncode != 0 and "OUTSIDER-RAN" not in r.stdout + r.stderr, name
         assert "auth" in (r.stdout + r.stderr).lower(), (name, (r.stdout + r.stderr)[-2000:])
     node = subprocess.Popen([ray, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--num-cpus=1", "--dashboard-agent-listen-port=0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     job = None
     try:
