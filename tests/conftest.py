@@ -15,13 +15,17 @@ SMALL = ["data.synthetic.num_users=120", "data.synthetic.num_items=120", "srec.e
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """A prepared run folder (tokenizer, tiny Llama, shards, SASRec) on a small synthetic set."""
+    """A prepared run folder (tokenizer, tiny Llama, shards, SASRec) on a small synthetic set, made once per
+    pytest run (the other xdist worker waits on the lock, then prepare() finds it made). Tests only read it."""
+    from filelock import FileLock
+
     from trainer.config import load_config
     from trainer.prepare import prepare
 
-    out = tmp_path_factory.mktemp("small_run")
-    cfg = load_config(None, [f"output_dir={out}", *SMALL])
-    return cfg, prepare(cfg)
+    root = run_wide_dir(tmp_path_factory)
+    with FileLock(str(root / "small_run.lock")):
+        cfg = load_config(None, [f"output_dir={root / 'small_run'}", *SMALL])
+        return cfg, prepare(cfg)
 
 
 # One trained run shared by the tests that need one (test_eval, test_resume's reference): 24 steps,
@@ -96,6 +100,20 @@ def wait_for_step(out, step, proc, timeout=600):
                 return
         time.sleep(0.2)
     raise TimeoutError(step)
+
+
+def ray_logs(text: str, chars: int = 1500) -> str:
+    """The tails of gcs_server.out and raylet.out of the local Ray cluster a run started (its log names the
+    folder: "Ray's logs for this cluster: ..."), for an assertion message when Ray itself failed."""
+    import re
+
+    found = re.findall(r"Ray's logs for this cluster: (\S+)", text)
+    tails = []
+    for name in ("gcs_server.out", "raylet.out"):
+        path = os.path.join(found[-1], name) if found else ""
+        if os.path.isfile(path):
+            tails.append(f"--- {path}\n" + open(path, errors="replace").read()[-chars:])
+    return "\n".join(tails)
 
 
 def sigterm_at_step(cmd: list[str], out, step: int) -> str:

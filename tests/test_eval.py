@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, ray_logs
 
 pytestmark = pytest.mark.slow  # launch/eval.py in subprocesses on conftest's trained_run (a Ray training)
 
@@ -27,7 +27,7 @@ def _eval(run, *args):
 
 def test_eval_of_the_export_and_of_the_checkpoint(run):
     r = _eval(run)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:] + ray_logs(r.stderr)
     out = run / "eval" / "export_test"
     m = json.loads((out / "metrics.json").read_text())
     assert m["samples"] == 16 and m["prompts"] == "hybrid"
@@ -44,7 +44,7 @@ def test_eval_of_the_export_and_of_the_checkpoint(run):
     assert "(CPU, the LLM in fp32)" in (out / "report.md").read_text() and m["precision"] == "fp32"
 
     r = _eval(run, "--checkpoint", "latest", "--modes", "score")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:] + ray_logs(r.stderr)
     c = json.loads((run / "eval" / "step_000024_test" / "metrics.json").read_text())
     ranks = lambda d: [row["score_rank"] for row in csv.DictReader(open(d / "predictions.csv"))]  # noqa: E731
     assert ranks(run / "eval" / "step_000024_test") == ranks(out)  # the checkpoint holds the exported model

@@ -19,7 +19,9 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # three model trainings (600-1200 steps each) in spawned processes
+# slow: three model trainings (600-1200 steps each) in spawned processes; one xdist worker runs the module
+# (its prepared data, a module fixture, is then made once, not once per worker)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fidelity")]
 
 # a CI-sized task: the default data (500 users, 300 items in 10 clusters) with a history of 5 and 10
 # candidates (LLaRA: 10 and 20), 600 steps of hybrid training. (At 300 or 400 steps the model is still

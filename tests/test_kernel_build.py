@@ -15,7 +15,9 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # Python subprocesses and a ~40 s g++ build
+# slow: Python subprocesses and a ~40 s g++ build; one xdist worker runs the module (its build, a module
+# fixture, is then made once, not once per worker)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kernel_build")]
 
 BOUND_S = 300  # a process that needs the op has it within this (one build on a busy 2-core box: ~55-90 s)
 

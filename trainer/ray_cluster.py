@@ -120,6 +120,18 @@ def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: b
         # another job's, another user's). Without an address ray.init would join the newest one it finds in
         # /tmp/ray, and refuse num_cpus there
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, runtime_env=env)
+        log.info("Ray's logs for this cluster: %s", _logs_dir())
+
+
+def _logs_dir() -> str:
+    """The started cluster's log folder (gcs_server.out, raylet.out, ...): where to look when Ray itself fails.
+    Ray 2.60 has no public call for it."""
+    try:
+        from ray._private.worker import global_worker
+
+        return global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API: a log line is not worth a failed start
+        return "unknown (see Ray's temp folder, /tmp/ray by default)"
 
 
 def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_worker: int, use_gpu: bool,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from shards.prompts import PLACEHOLDERS, USER_EMB, check_placeholder_tokens
 from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
@@ -39,6 +37,8 @@ def prepare_tokenizer(base_dir: str, out_dir: str, user_token: bool = False):
 
 def load_tokenizer(tokenizer_dir: str, user_token: bool = False):
     """The run's tokenizer; refused (a ValueError naming the pieces) when it lacks LLaRA's tokens."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     check_placeholder_tokens(tok, user_token, tokenizer_dir)
     return tok
@@ -98,6 +98,10 @@ def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dty
     layers' activations are recomputed in backward (non-reentrant: works with frozen inputs, LoRA and
     ZeRO-3's parameter hooks; the injection runs before the first layer, outside the recomputation).
     """
+    # imported here: launch/train.py's config check reads ATTENTIONS and should not pay for peft (~4 s)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
     if isinstance(model_dir, PretrainedConfig):
         model = AutoModelForCausalLM.from_config(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     else:
