@@ -102,6 +102,38 @@ def wait_for_step(out, step, proc, timeout=600):
     raise TimeoutError(step)
 
 
+def processes_naming(text: str) -> list:
+    """The live processes with `text` in their command line (a Ray cluster's temp folder, a GCS port)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL the processes with `text` in their command line and their descendants: a Ray cluster a test
+    started, named by its temp folder (`ray stop` would stop every Ray cluster of this user on the machine,
+    other tests' too)."""
+    import psutil
+
+    procs = {}
+    for p in processes_naming(text):
+        try:
+            for q in [p, *p.children(recursive=True)]:
+                procs[q.pid] = q
+        except psutil.NoSuchProcess:
+            pass
+    for q in procs.values():
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=30)
+
+
 def ray_logs(text: str, chars: int = 1500) -> str:
     """The tails of gcs_server.out and raylet.out of the local Ray cluster a run started (its log names the
     folder: "Ray's logs for this cluster: ..."), for an assertion message when Ray itself failed."""

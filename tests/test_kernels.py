@@ -292,7 +292,7 @@ def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     assert len(one) == 3 and one[0] != one[2]  # the model trains
     knobs = {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}
     for name, overrides in (("two.json", {}), ("two_knobs.json", knobs), ("two_stage2.json", None)):
-        two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
+        two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
                   name, ["train.zero_stage=2"] if overrides is None  # README's choice for LoRA when the base fits
                   else [f"train.deepspeed.zero_optimization.{k}={v}" for k, v in overrides.items()])
         assert two["losses"] == pytest.approx(one, rel=1e-5, abs=1e-6), name

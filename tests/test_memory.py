@@ -116,7 +116,7 @@ def test_activation_checkpointing_under_zero3_on_two_ranks_matches_one_process(s
     one = subprocess.run([sys.executable, script, paths["llm"], str(tmp_path / "one.json"), "--single"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                           script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO,
                          env=dict(env, ACTIVATION_CHECKPOINTING="1"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

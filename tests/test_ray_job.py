@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL, copy_prepared
+from conftest import REPO, SMALL, copy_prepared, kill_processes_naming
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster (ray start) and submits a training job
 
@@ -54,7 +54,7 @@ def ray_cluster(request):
         yield ray, env, f"http://127.0.0.1:{dash}", port
     finally:
         held.close()
-        _stop_cluster(temp)
+        kill_processes_naming(temp)  # not `ray stop`: it stops every Ray cluster of this user on the machine
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -70,24 +70,6 @@ def _held(port):
     except OSError:
         pass  # taken already: the same for the test
     return s
-
-
-def _stop_cluster(temp):
-    """This cluster's processes only (their command lines name its temp dir) and their descendants:
-    `ray stop` would stop every Ray cluster of this user on the machine, other test runs' too."""
-    import psutil
-
-    procs = {}
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp in part for part in (p.info["cmdline"] or [])):
-            for q in [p, *p.children(recursive=True)]:
-                procs[q.pid] = q
-    for q in procs.values():
-        try:
-            q.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=30)
 
 
 def _kill_tree(proc):

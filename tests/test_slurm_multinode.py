@@ -18,7 +18,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import REPO, SMALL, copy_prepared
+from conftest import REPO, SMALL, copy_prepared, kill_processes_naming, processes_naming
 
 # slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the daemons' ports are fixed)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -33,11 +33,47 @@ def slurm2():
     yield from slurm_cluster.running("slurm2", fake_nodes=["n1", "n2"], cpus=1)
 
 
-def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_there(slurm2, trained_run, tmp_path):
+def _start_bystander(tmp_path):
+    """`ray start --head` of this user beside the job (as another job's on a shared node): its temp folder."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=0",
+                        "--include-dashboard=false", "--dashboard-agent-listen-port=0", f"--temp-dir={temp}"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return temp
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_ray_processes(port):
+    """The Ray processes of the cluster whose GCS listens on `port` (the GCS itself, the raylets, ...)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        parts = p.info["cmdline"] or []
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(x.endswith(f":{port}") or x == f"--gcs_server_port={port}" for x in parts):
+            found.append(p)
+    return found
+
+
+def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_there(slurm2, trained_run, tmp_path, request):
     out, log = copy_prepared(trained_run, tmp_path / "run"), tmp_path / "job.out"  # the data build is not the subject
     slurm2.env.update(LLMREC_REPO=REPO, LLMREC_PYTHON=sys.executable,
                       LLMREC_RAY=shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray"),
                       LLMREC_RAY_PORT="6399")
+    bystander = _start_bystander(tmp_path)  # this user's Ray cluster of another job, on the same machine
+    request.addfinalizer(lambda: kill_processes_naming(bystander))
     r = slurm2.run("sbatch", "--parsable", "--nodes=1-2", "--cpus-per-task=1", f"--output={log}",
                    f"--chdir={REPO}", os.path.join(REPO, "launch", "slurm", "train_multinode.sbatch"),
                    "configs/llara_default.yaml", str(out), *ARGS, cwd=REPO)
@@ -85,6 +121,12 @@ def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_ther
         slurm2.run("scontrol", "update", "NodeName=n2", "State=RESUME")
     text = log.read_text()
     assert slurm2.job_state(job) == ("COMPLETED", 1), text[-4000:]
+    # Ray down: the job's own processes ended, the other cluster of the same user untouched (no `ray stop`)
+    deadline = time.time() + 60
+    while _job_ray_processes(6399) and time.time() < deadline:
+        time.sleep(1)
+    assert not _job_ray_processes(6399), [p.info["cmdline"][:2] for p in _job_ray_processes(6399)]
+    assert any("gcs_server" in " ".join(p.info["cmdline"] or []) for p in processes_naming(bystander)), "the other cluster was stopped"
     assert not os.path.exists(token_file) and not os.path.exists(first_token) and token not in text  # removed, never logged
     assert "Ray head on n1" in text and "2 nodes" in text and "Ray nodes alive: 2 of 2" in text, text[-4000:]
     nodes = dict(re.findall(r"rank (\d) of 2 on Ray node (\w+)", text))

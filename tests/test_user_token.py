@@ -301,8 +301,8 @@ def test_zero3_two_ranks_with_the_user_token_match_one_process(user_run, tmp_pat
     single = subprocess.run([sys.executable, script, paths["llm"], str(tmp_path / "one.json"), "--single"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29533", script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO, env=env,
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert dist.returncode == 0, dist.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("one", "two"))
