@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -237,28 +238,41 @@ def shard_plan(splits: dict, samples_per_shard: int):
 def resume_shards(out_dir: str, config_hash: str) -> dict[str, dict]:
     """The shards an unfinished build of the same data and settings wrote (PROGRESS), each checked against
     its recorded sha256: {name: manifest entry}. A shard whose bytes do not match is left out (written
-    again); a PROGRESS of other settings is ignored (the build starts over)."""
+    again), and so is a line that is not such an entry (cut short when the build stopped, or edited: a
+    name that is not a shard's of this folder, a count that is not a number); a PROGRESS of other settings
+    is ignored (the build starts over)."""
     path = os.path.join(out_dir, PROGRESS)
     if not os.path.exists(path):
         return {}
     done = {}
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         lines = f.read().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except ValueError:
-        header = {}
-    if header.get("config_hash") != config_hash:
+    header = _json_object(lines[0]) if lines else None
+    if header is None or header.get("config_hash") != config_hash:
         return {}
     for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except ValueError:  # the line being written when the build stopped
+        entry = _json_object(line)
+        if entry is None or not _is_shard_entry(entry):
             continue
         shard = os.path.join(out_dir, entry["name"])
-        if os.path.exists(shard) and sha256_file(shard) == entry["sha256"]:
+        if os.path.isfile(shard) and sha256_file(shard) == entry["sha256"]:
             done[entry["name"]] = entry
     return done
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_shard_entry(entry: dict) -> bool:
+    """What the build itself records for a shard: {"name": "<split>-NNNNN.tar", "split", "count", "sha256"}."""
+    name, split, count, digest = (entry.get(k) for k in ("name", "split", "count", "sha256"))
+    return (split in SPLITS and isinstance(name, str) and re.fullmatch(rf"{split}-\d{{5}}\.tar", name) is not None
+            and type(count) is int and count > 0 and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) is not None)
 
 
 def _in_order(submit, tasks, window: int):
@@ -379,7 +393,8 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
     def tasks():
         for split, index, shard in shard_plan(splits, samples_per_shard):
             name = f"{split}-{index:05d}.tar"
-            args = None if name in done else (shard, num_items, num_candidates, max_len, seed, user_token, task,
+            kept = done.get(name)
+            args = None if kept and (kept["split"], kept["count"]) == (split, len(shard)) else (shard, num_items, num_candidates, max_len, seed, user_token, task,
                                               {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles},
                                               domain)
             yield (name, split, len(shard)), args

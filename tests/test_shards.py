@@ -306,3 +306,36 @@ def test_a_tokenizing_process_that_cannot_start_ends_the_build_with_its_error(tm
     build._init_pool_worker(str(tmp_path / "no-tokenizer"), ["a"])
     with pytest.raises(RuntimeError, match="a tokenizing process could not start: .*no-tokenizer"):
         build._encode_shard(([], 1, 20, 100, 0, False, "llara", {}, "movie"))
+
+
+def test_a_progress_file_with_bad_lines_keeps_only_the_shards_it_can_check(tmp_path):
+    """build-progress.jsonl as a stopped build or a hand left it: lines that are not a shard entry of this
+    folder (cut short, not an object, a name outside the folder or of another form, a count that is not a
+    number, a digest that does not match, bytes that are not text) are left out, and the shard is written
+    again; nothing raises."""
+    import hashlib
+
+    from shards.build import PROGRESS, resume_shards
+
+    out = tmp_path / "build"
+    out.mkdir()
+
+    def shard(path, data):
+        path.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
+    good = {"name": "train-00000.tar", "split": "train", "count": 3, "sha256": shard(out / "train-00000.tar", b"one")}
+    outside = shard(tmp_path / "outside.tar", b"two")  # a file whose digest the line gives, outside the folder
+    lines = [json.dumps({"config_hash": "h"}), json.dumps(good),
+             '{"name": "train-00001.tar", "split": "tr',  # cut short
+             json.dumps([good]),
+             json.dumps({**good, "name": "../outside.tar", "sha256": outside}),
+             json.dumps({**good, "name": "valid-00000.tar"}),  # its split says train
+             json.dumps({**good, "name": "train-00002.tar", "count": "3", "sha256": shard(out / "train-00002.tar", b"three")}),
+             json.dumps({**good, "name": "train-00003.tar", "sha256": "0" * 64}),
+             json.dumps({"name": "train-00004.tar"})]
+    (out / PROGRESS).write_bytes("\n".join(lines).encode() + b"\n\xff\xfe{\n")
+    assert resume_shards(str(out), "h") == {"train-00000.tar": good}
+    assert resume_shards(str(out), "another config") == {}  # another build's progress: start over
+    (out / PROGRESS).write_text("[1, 2]\n" + json.dumps(good) + "\n")  # a header that is not one
+    assert resume_shards(str(out), "h") == {}
