@@ -102,6 +102,15 @@ def wait_for_step(out, step, proc, timeout=600):
     raise TimeoutError(step)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a daemon a test starts; another may take it before it does)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def processes_naming(text: str) -> list:
     """The live processes with `text` in their command line (a Ray cluster's temp folder, a GCS port)."""
     import psutil

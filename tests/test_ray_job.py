@@ -14,15 +14,9 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL, copy_prepared, kill_processes_naming
+from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_naming
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster (ray start) and submits a training job
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def ray_cluster(request):
     token = os.path.join(home, ".ray", "auth_token")
     assert r.returncode == 0 and os.path.getsize(token) > 0, r.stderr
     assert os.stat(token).st_mode & 0o077 == 0
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", f"--num-cpus={getattr(request, 'param', 2)}", "--include-dashboard=true", f"--temp-dir={temp}",
              "--dashboard-agent-listen-port=0"]  # README: Ray's fixed 52365 may be another cluster's on this machine

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import REPO, SMALL, copy_prepared, kill_processes_naming, processes_naming
+from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_naming, processes_naming
 
 # slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the daemons' ports are fixed)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -40,19 +40,11 @@ def _start_bystander(tmp_path):
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=0",
+    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
                         "--include-dashboard=false", "--dashboard-agent-listen-port=0", f"--temp-dir={temp}"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return temp
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job_ray_processes(port):
