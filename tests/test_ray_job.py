@@ -49,6 +49,7 @@ def ray_cluster(request):
     finally:
         held.close()
         kill_processes_naming(temp)  # not `ray stop`: it stops every Ray cluster of this user on the machine
+        kill_processes_naming(f":{port}")  # the head's Ray client server, whose command line names only the GCS
         shutil.rmtree(temp, ignore_errors=True)
 
 

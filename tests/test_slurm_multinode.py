@@ -34,17 +34,19 @@ def slurm2():
 
 
 def _start_bystander(tmp_path):
-    """`ray start --head` of this user beside the job (as another job's on a shared node): its temp folder."""
+    """`ray start --head` of this user beside the job (as another job's on a shared node): its temp folder and
+    GCS port (the head's Ray client server names only the port)."""
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
+    port = free_port()
+    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
                         "--include-dashboard=false", "--dashboard-agent-listen-port=0", f"--temp-dir={temp}"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return temp
+    return temp, port
 
 
 def _job_ray_processes(port):
@@ -64,8 +66,8 @@ def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_ther
     slurm2.env.update(LLMREC_REPO=REPO, LLMREC_PYTHON=sys.executable,
                       LLMREC_RAY=shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray"),
                       LLMREC_RAY_PORT="6399")
-    bystander = _start_bystander(tmp_path)  # this user's Ray cluster of another job, on the same machine
-    request.addfinalizer(lambda: kill_processes_naming(bystander))
+    bystander, bystander_port = _start_bystander(tmp_path)  # this user's Ray cluster of another job, on the same machine
+    request.addfinalizer(lambda: [kill_processes_naming(x) for x in (bystander, f":{bystander_port}")])
     r = slurm2.run("sbatch", "--parsable", "--nodes=1-2", "--cpus-per-task=1", f"--output={log}",
                    f"--chdir={REPO}", os.path.join(REPO, "launch", "slurm", "train_multinode.sbatch"),
                    "configs/llara_default.yaml", str(out), *ARGS, cwd=REPO)
