@@ -47,8 +47,14 @@ def main():
     train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
     for name, ranks in baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed).items():
         print(f"baseline {name}: HR@1 {ranking_metrics(ranks)['hr@1']:.3f}", flush=True)
-    for mode in a.modes.split(","):
-        train_and_rank(cfg, paths, mode, a.steps, broken=a.broken, eval_samples=a.eval_samples)
+    trained = {mode: train_and_rank(cfg, paths, mode, a.steps, broken=a.broken, eval_samples=a.eval_samples)
+               for mode in a.modes.split(",")}
+    if {"curriculum", "text"} <= set(trained):  # the check tests/test_fidelity.py made before 2026-12-01
+        c, t, n = trained["curriculum"]["hybrid"], trained["text"]["text"], trained["curriculum"]["samples"]
+        two_se = 2 * ((c * (1 - c) + t * (1 - t)) / n) ** 0.5
+        shown = c - t > two_se and trained["curriculum"]["hybrid"] > trained["curriculum"]["text"]
+        print(f"curriculum - text-only: {c - t:+.3f} HR@1, two standard errors {two_se:.3f}, curriculum read without "
+              f"its tokens {trained['curriculum']['text']:.3f}: margin {'shown' if shown else 'NOT shown'}")
 
 
 if __name__ == "__main__":

@@ -393,10 +393,10 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
     def tasks():
         for split, index, shard in shard_plan(splits, samples_per_shard):
             name = f"{split}-{index:05d}.tar"
-            kept = done.get(name)
-            args = None if kept and (kept["split"], kept["count"]) == (split, len(shard)) else (shard, num_items, num_candidates, max_len, seed, user_token, task,
-                                              {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles},
-                                              domain)
+            kept = name in done and done[name]["count"] == len(shard)  # its split is in its name (resume_shards)
+            args = None if kept else (shard, num_items, num_candidates, max_len, seed, user_token, task,
+                                      {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles},
+                                      domain)
             yield (name, split, len(shard)), args
 
     submit, close = _submitter(tokenizer_dir, titles, workers, ray_tasks)

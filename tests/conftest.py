@@ -111,25 +111,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def processes_naming(text: str) -> list:
-    """The live processes with `text` in their command line (a Ray cluster's temp folder, a GCS port)."""
+def naming(text: str):
+    """A command-line part that contains `text` (a Ray cluster's temp folder)."""
+    return lambda part: text in part
+
+
+def on_gcs_port(port: int):
+    """A command-line part that names the GCS at `port`: a GCS's own --gcs_server_port, or an address
+    ending in :port (raylets, the head's Ray client server, whose command lines name nothing else of theirs)."""
+    return lambda part: part.endswith(f":{port}") or part == f"--gcs_server_port={port}"
+
+
+def processes_matching(match) -> list:
+    """The live processes with a command-line part for which `match` holds (naming, on_gcs_port)."""
     import psutil
 
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in part for part in (p.info["cmdline"] or [])):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(match(part) for part in (p.info["cmdline"] or [])):
             found.append(p)
     return found
 
 
-def kill_processes_naming(text: str) -> None:
-    """SIGKILL the processes with `text` in their command line and their descendants: a Ray cluster a test
-    started, named by its temp folder (`ray stop` would stop every Ray cluster of this user on the machine,
-    other tests' too)."""
+def kill_processes_matching(match) -> None:
+    """SIGKILL processes_matching(match) and their descendants: a Ray cluster a test started (`ray stop`
+    would stop every Ray cluster of this user on the machine, other tests' too)."""
     import psutil
 
     procs = {}
-    for p in processes_naming(text):
+    for p in processes_matching(match):
         try:
             for q in [p, *p.children(recursive=True)]:
                 procs[q.pid] = q

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_naming
+from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_matching, naming, on_gcs_port
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster (ray start) and submits a training job
 
@@ -48,8 +48,8 @@ def ray_cluster(request):
         yield ray, env, f"http://127.0.0.1:{dash}", port
     finally:
         held.close()
-        kill_processes_naming(temp)  # not `ray stop`: it stops every Ray cluster of this user on the machine
-        kill_processes_naming(f":{port}")  # the head's Ray client server, whose command line names only the GCS
+        kill_processes_matching(naming(temp))  # not `ray stop`: it stops every Ray cluster of this user on the machine
+        kill_processes_matching(on_gcs_port(port))  # the head's Ray client server names only the GCS
         shutil.rmtree(temp, ignore_errors=True)
 
 

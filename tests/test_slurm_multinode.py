@@ -18,7 +18,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_naming, processes_naming
+from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_matching, naming, on_gcs_port, processes_matching
 
 # slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the daemons' ports are fixed)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -49,25 +49,14 @@ def _start_bystander(tmp_path):
     return temp, port
 
 
-def _job_ray_processes(port):
-    """The Ray processes of the cluster whose GCS listens on `port` (the GCS itself, the raylets, ...)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        parts = p.info["cmdline"] or []
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(x.endswith(f":{port}") or x == f"--gcs_server_port={port}" for x in parts):
-            found.append(p)
-    return found
-
-
 def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_there(slurm2, trained_run, tmp_path, request):
     out, log = copy_prepared(trained_run, tmp_path / "run"), tmp_path / "job.out"  # the data build is not the subject
     slurm2.env.update(LLMREC_REPO=REPO, LLMREC_PYTHON=sys.executable,
                       LLMREC_RAY=shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray"),
                       LLMREC_RAY_PORT="6399")
     bystander, bystander_port = _start_bystander(tmp_path)  # this user's Ray cluster of another job, on the same machine
-    request.addfinalizer(lambda: [kill_processes_naming(x) for x in (bystander, f":{bystander_port}")])
+    request.addfinalizer(lambda: kill_processes_matching(naming(bystander)))
+    request.addfinalizer(lambda: kill_processes_matching(on_gcs_port(bystander_port)))
     r = slurm2.run("sbatch", "--parsable", "--nodes=1-2", "--cpus-per-task=1", f"--output={log}",
                    f"--chdir={REPO}", os.path.join(REPO, "launch", "slurm", "train_multinode.sbatch"),
                    "configs/llara_default.yaml", str(out), *ARGS, cwd=REPO)
@@ -117,10 +106,10 @@ def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_ther
     assert slurm2.job_state(job) == ("COMPLETED", 1), text[-4000:]
     # Ray down: the job's own processes ended, the other cluster of the same user untouched (no `ray stop`)
     deadline = time.time() + 60
-    while _job_ray_processes(6399) and time.time() < deadline:
+    while processes_matching(on_gcs_port(6399)) and time.time() < deadline:
         time.sleep(1)
-    assert not _job_ray_processes(6399), [p.info["cmdline"][:2] for p in _job_ray_processes(6399)]
-    assert any("gcs_server" in " ".join(p.info["cmdline"] or []) for p in processes_naming(bystander)), "the other cluster was stopped"
+    assert not processes_matching(on_gcs_port(6399)), [p.info["cmdline"][:2] for p in processes_matching(on_gcs_port(6399))]
+    assert any("gcs_server" in " ".join(p.info["cmdline"] or []) for p in processes_matching(naming(bystander))), "the other cluster was stopped"
     assert not os.path.exists(token_file) and not os.path.exists(first_token) and token not in text  # removed, never logged
     assert "Ray head on n1" in text and "2 nodes" in text and "Ray nodes alive: 2 of 2" in text, text[-4000:]
     nodes = dict(re.findall(r"rank (\d) of 2 on Ray node (\w+)", text))
