@@ -91,12 +91,26 @@ def test_a_local_start_is_a_cluster_of_its_own_beside_a_running_one(ray_cluster)
     with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
         f.write(f"127.0.0.1:{port}")
     env = dict(env, RAY_TMPDIR=tmp)
-    probe = ("import json, ray\nfrom trainer.ray_cluster import connect\nconnect(None, 1, 128, False)\n"
-             "print(json.dumps([ray.cluster_resources().get('CPU'), ray.get_runtime_context().gcs_address]))")
+    # and its processes ask their own cluster when they use Ray's state API (Ray Train's PlacementGroupCleaner
+    # asks it every second whether the run's controller is alive; asked of the other cluster, the answer is no)
+    probe = """import json, os, ray
+from trainer.ray_cluster import connect
+connect(None, 1, 128, False)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ask(self):
+        from ray.util.state import get_actor
+        me = get_actor(ray.get_runtime_context().get_actor_id(), timeout=60)
+        return os.environ.get("RAY_ADDRESS"), me.state if me else None
+
+print(json.dumps([ray.cluster_resources().get("CPU"), ray.get_runtime_context().gcs_address, *ray.get(Probe.remote().ask.remote())]))
+"""
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    cpus, gcs = json.loads(r.stdout.strip().splitlines()[-1])
+    cpus, gcs, worker_address, state = json.loads(r.stdout.strip().splitlines()[-1])
     assert cpus == 1 and not gcs.endswith(f":{port}")  # its own 1-CPU cluster, not the 2-CPU head at `port`
+    assert worker_address == gcs and state == "ALIVE", (worker_address, state, r.stderr[-3000:])
 
 
 @pytest.mark.parametrize("ray_cluster", [1], indirect=True)  # a head of 1 CPU, a second node of 1 CPU

@@ -4,9 +4,9 @@
     run_on_workers(fn, config, workers, cpus_per_worker, use_gpu, storage_path, name, ...)
 
 Every job (training, evaluation, SUBR's item embeddings) goes through these two, so every worker
-process gets the same setup: the SIGUSR1/SIGTERM handlers (trainer/signals.py, installed by Ray's
-worker_process_setup_hook), DeepSpeed's CPU accelerator on CPU runs, OMP_WAIT_POLICY passed on, and
-the worker-side console filter (trainer/console.py).
+process gets the same setup (on_worker_process_start, Ray's worker_process_setup_hook): the SIGUSR1/SIGTERM
+handlers (trainer/signals.py), RAY_ADDRESS naming its own cluster; and DeepSpeed's CPU accelerator on CPU
+runs, OMP_WAIT_POLICY passed on, and the worker-side console filter (trainer/console.py).
 
 Authentication (ray.auth): every cluster this module starts or joins uses Ray's token authentication
 (RAY_AUTH_MODE=token) unless ray.auth=disabled, which is unsafe on a shared network: a Ray cluster
@@ -34,7 +34,27 @@ def worker_runtime_env(use_gpu: bool) -> dict:
         env_vars["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("OMP_WAIT_POLICY"):  # a 2-core box needs PASSIVE (../shared/notes/cpu-stack.md)
         env_vars["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
-    return {"worker_process_setup_hook": "trainer.signals.install_worker_handlers", "env_vars": env_vars}
+    return {"worker_process_setup_hook": "trainer.ray_cluster.on_worker_process_start", "env_vars": env_vars}
+
+
+def on_worker_process_start() -> None:
+    """Ray's worker_process_setup_hook: runs first in every worker process of the job (Ray Train's
+    controller and its helper actors included).
+
+    RAY_ADDRESS is set to the cluster the process belongs to. Ray Train 2.60's PlacementGroupCleaner actor
+    asks Ray's state API every second whether the run's controller is alive, and that API, without an
+    address, takes the cluster named in /tmp/ray/ray_current_cluster (the last `ray start` on the machine:
+    another job's or user's cluster, or one that is gone), else any GCS process it finds. Measured here with
+    another cluster on the machine: a "Found multiple active Ray instances ... Connecting to latest cluster"
+    line every second, the cleaner asking the other cluster, finding no such controller and ending itself
+    (had the run's placement group been registered by then, it would have removed it: the workers with it);
+    with a stale file, 40-s timeouts and a 12-s wait with a traceback at the end of every run."""
+    import ray
+
+    from trainer.signals import install_worker_handlers
+
+    install_worker_handlers()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def default_token_file() -> str:
