@@ -8,8 +8,8 @@ once (the workers' sample logs against the shards' keys), the trained state afte
 the checkpoint's bit for bit (the workers' check), the log and metrics naming each resize, the steps
 before the first stop bit-identical to the uninterrupted 2-worker run and the rest close to it. And the
 trained state saved on one number of DeepSpeed ranks and restored on another directly (torch.distributed.run,
-ZeRO-3 2 -> 1, 3 and 1 -> 2; ZeRO-2 2 -> 1): equal bit for bit, and the next step's loss and update as
-on the old count.
+ZeRO-3 2 -> 3, where the partitions are padded; ZeRO-2 2 -> 1): equal bit for bit, and the next step's loss and
+update as on the old count. (ZeRO-3 2 -> 1 and 1 -> 3 are the training's resizes above.)
 """
 
 import json
@@ -113,7 +113,7 @@ def test_two_workers_stopped_resume_on_one_then_on_three_each_sample_once(uninte
     assert metrics[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=0.03)
 
 
-@pytest.mark.parametrize("stage, saved_on, loads", [(3, 2, (1, 3)), (3, 1, (2,)), (2, 2, (1,))])
+@pytest.mark.parametrize("stage, saved_on, loads", [(3, 2, (3,)), (2, 2, (1,))])
 def test_trained_state_saved_on_one_rank_count_restores_on_another(small_run, tmp_path, stage, saved_on, loads):
     """ZeRO-3 on 3 ranks pads the partitions (the tensors' sizes are not multiples of 3)."""
     import torch

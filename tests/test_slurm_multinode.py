@@ -128,3 +128,39 @@ def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_ther
             for line in open(out / "logs" / "samples" / name) for k in json.loads(line)["keys"]]
     assert len(keys) == len(set(keys)) == STEPS * 16  # within the epoch: each sample once across the requeue
     assert (out / "export" / "projector.safetensors").exists()
+
+
+@pytest.mark.parametrize("cause", ["the head's port is taken", "ray cannot start"])
+def test_a_cluster_that_cannot_form_ends_the_job_at_once_saying_why(slurm2, tmp_path, cause):
+    """Another program (another job's Ray) listens on the head's port: the job stops before starting Ray,
+    naming the port and LLMREC_RAY_PORT. A Ray step that ends before the nodes joined (here `ray` is
+    /bin/false): the job stops, naming the node. Either within seconds, with exit 1, instead of waiting."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    log = tmp_path / "job.out"
+    ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    slurm2.env.update(LLMREC_REPO=REPO, LLMREC_PYTHON=sys.executable, LLMREC_RAY_PORT=str(port if "port" in cause else free_port()),
+                      LLMREC_RAY=ray if "port" in cause else shutil.which("false"))
+    try:
+        r = slurm2.run("sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", f"--output={log}", f"--chdir={REPO}",
+                       os.path.join(REPO, "launch", "slurm", "train_multinode.sbatch"), "configs/llara_default.yaml",
+                       str(tmp_path / "run"), *ARGS, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip().split(";")[0]
+        t0 = time.time()
+        while slurm2.job_state(job)[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            assert time.time() - t0 < 120, "the job still runs after 120 s:\n" + (log.read_text()[-3000:] if log.exists() else "")
+            time.sleep(0.5)
+    finally:
+        holder.close()
+    text = log.read_text()
+    assert slurm2.job_state(job)[0] == "FAILED", text[-3000:]
+    if "port" in cause:
+        assert f"error: port {port} on n1" in text and "LLMREC_RAY_PORT" in text, text[-3000:]
+    else:
+        assert "error: the Ray head on n1 ended before the nodes joined" in text, text[-3000:]
+    assert "Ray nodes alive" not in text and not (tmp_path / "run" / "logs").exists()
