@@ -4,7 +4,7 @@ tree's build and, with --baseline-rev, the build of an older revision measured i
 minutes per million interactions on 2 cores.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_build.py --out /tmp/bench_build --interactions 1000000,5000000 \
-        --baseline-rev 66b4610 --ray-workers 1,2 --ray-interactions 200000
+        --baseline-rev 66b4610 --baseline-interactions 1000000 --ray-workers 1,2 --ray-interactions 200000
 
 Prints one row per (build, size): samples, seconds, samples/s, the main process's peak RSS and the peak of
 the main process and its tokenizing processes together (with --ray-workers, the build as Ray tasks on a
@@ -123,6 +123,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--baseline-rev", default=None, help="a git revision whose build is measured too")
+    p.add_argument("--baseline-interactions", default="",
+                   help="the sizes the baseline runs at (default: every size); the build before issue 26 holds ~5 KB "
+                        "a sample: 5M interactions would need ~25 GB")
     p.add_argument("--ray-workers", default="", help="e.g. 1,2: this tree's build as Ray tasks with each count")
     p.add_argument("--ray-interactions", type=int, default=0, help="the size the Ray rows run at (default: every size)")
     p.add_argument("--stop-after", type=float, default=0,
@@ -136,7 +139,8 @@ def main() -> None:
     trees = [("this tree", REPO, ["--workers", str(a.workers)], sizes)]
     if a.baseline_rev:
         base = checkout(a.baseline_rev, tempfile.mkdtemp(dir=a.out, prefix="rev-"))
-        trees.insert(0, (f"baseline {a.baseline_rev}", base, ["--workers", str(a.workers)], sizes))
+        base_sizes = [int(x) for x in a.baseline_interactions.split(",")] if a.baseline_interactions else sizes
+        trees.insert(0, (f"baseline {a.baseline_rev}", base, ["--workers", str(a.workers)], base_sizes))
     trees += [(f"Ray, {n} worker{'s' if n > 1 else ''}", REPO, ["--ray", "--workers", str(n)],
                [a.ray_interactions] if a.ray_interactions else sizes)
               for n in (int(x) for x in a.ray_workers.split(",") if x)]
@@ -168,7 +172,7 @@ def main() -> None:
         print(f"{name}: main peak RSS at {sizes[-1]:,} / at {sizes[0]:,} interactions = "
               f"{mine[-1]['main_peak_gb'] / mine[0]['main_peak_gb']:.2f}x")
     if a.baseline_rev:
-        for n in sizes:
+        for n in trees[0][3]:
             base, new = (next(r for r in rows if r["interactions"] == n and r["build"] == t) for t, *_ in trees[:2])
             print(f"{n:,} interactions: this tree / baseline: peak RSS {new['main_peak_gb'] / base['main_peak_gb']:.2f}x, "
                   f"samples/s {(new['samples'] / new['seconds']) / (base['samples'] / base['seconds']):.2f}x")

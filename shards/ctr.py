@@ -10,6 +10,10 @@ shown is either the K = data.history_len most recent items, or (data.ctr.retriev
 items of the user's last data.retrieval.pool_len that are most similar to the target (ReLLa's SUBR,
 trainer/retrieval.py), ordered by data.retrieval.order.
 
+Every split stays a sequence of samples made when read (shards.samples.Windows underneath, and the
+wrappers below for the labels, the K most recent, SUBR's histories in blocks, ReiT's pairs): the shard
+build streams them and memory does not grow with the number of samples.
+
 Training set (in this order): few-shot (data.ctr.few_shot=N: N training samples drawn with a
 generator seeded by (seed, 13), kept in their original order), then ReiT (data.ctr.reit: each of
 those in two versions, K most recent and SUBR-retrieved, 1:1, next to each other). Validation and
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,24 +40,89 @@ TASKS = ("llara", "ctr")  # data.task
 CTR_RETRIEVALS = ("none", "subr")  # data.ctr.retrieval
 
 
+class Mapped(Sequence):
+    """fn(rows[i]) for i in `index` (default: every row), made when read."""
+
+    def __init__(self, rows, fn, index=None):
+        self.rows, self.fn, self.index = rows, fn, None if index is None else np.asarray(index, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.index is None else len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.fn(self.rows[i if self.index is None else int(self.index[i])])
+
+
+class Interleaved(Sequence):
+    """a[0], b[0], a[1], b[1], ... (ReiT's pairs) for two sequences of one length, made when read."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return 2 * len(self.a)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return (self.a, self.b)[i % 2][i // 2]
+
+
+class Retrieved(Sequence):
+    """retrieve_histories over rows, computed a block of `block` samples at a time when read (the block
+    read last is kept: the shard build reads in order)."""
+
+    def __init__(self, rows, item_vecs, k: int, order: str, query: str = "target", block: int = 4096):
+        self.rows, self.item_vecs, self.k, self.order, self.query, self.block = rows, item_vecs, k, order, query, block
+        self._cached = (None, [])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        b = i // self.block
+        if self._cached[0] != b:
+            rows = [self.rows[j] for j in range(b * self.block, min(len(self), (b + 1) * self.block))]
+            self._cached = (b, retrieve_histories(rows, self.item_vecs, self.k, self.order, self.query))
+        return self._cached[1][i - b * self.block]
+
+
+def with_history(rows):
+    """rows without the samples whose history is empty (one pass; nothing copied when none is)."""
+    has = np.fromiter((bool(s["history"]) for s in rows), bool, len(rows))
+    return rows if has.all() else Mapped(rows, lambda s: s, np.flatnonzero(has))
+
+
 def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
     """Add `label` (rating >= threshold) to every time-split sample; warn of a split with one class,
-    refuse data whose samples are all one class."""
-    out = {}
+    refuse data whose samples are all one class. The labels are counted in one pass; the labelled
+    samples are made when read."""
+    out, positives, total = {}, 0, 0
     for split, rows in splits.items():
-        if rows and "rating" not in rows[0]:
+        if len(rows) and "rating" not in rows[0]:
             raise ValueError("data.task=ctr needs ratings on every sample: use data.split=time (ReLLa's split)")
-        out[split] = [dict(s, label=int(float(s["rating"]) >= threshold), retrieved=False) for s in rows if s["history"]]
-        pos = sum(s["label"] for s in out[split])
-        if out[split] and pos in (0, len(out[split])):  # AUC is undefined on it
-            log.warning("data.ctr.threshold=%s: all %d %s samples are %s", threshold, len(out[split]), split,
+        rows = with_history(rows)
+        out[split] = Mapped(rows, lambda s: dict(s, label=int(float(s["rating"]) >= threshold), retrieved=False))
+        pos = sum(float(s["rating"]) >= threshold for s in rows)
+        if len(rows) and pos in (0, len(rows)):  # AUC is undefined on it
+            log.warning("data.ctr.threshold=%s: all %d %s samples are %s", threshold, len(rows), split,
                         "positive" if pos else "negative")
-    labels = [s["label"] for rows in out.values() for s in rows]
-    if not labels:
+        positives, total = positives + pos, total + len(rows)
+    if not total:
         raise ValueError("data.task=ctr: no sample has a history")
-    if sum(labels) in (0, len(labels)):
-        raise ValueError(f"data.ctr.threshold={threshold}: every one of the {len(labels)} samples is "
-                         f"{'positive' if sum(labels) else 'negative'} (ratings >= threshold are positive); pick a "
+    if positives in (0, total):
+        raise ValueError(f"data.ctr.threshold={threshold}: every one of the {total} samples is "
+                         f"{'positive' if positives else 'negative'} (ratings >= threshold are positive); pick a "
                          "threshold inside the data's rating range")
     return out
 
@@ -64,7 +134,7 @@ def recent(sample: dict, k: int) -> dict:
 
 def retrieve_histories(samples: list[dict], item_vecs, k: int, order: str, query: str = "target") -> list[dict]:
     """Each sample with its history replaced by the k items SUBR picks (query: the target, or the
-    most recent history item); ratings follow their items."""
+    most recent history item); ratings follow their items. (Retrieved: the same, made when read.)"""
     import torch
 
     from trainer.retrieval import retrieve
@@ -113,8 +183,7 @@ def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> di
     if task == "llara":
         if not retrieval["hybrid"]:
             return splits
-        return {s: retrieve_histories([x for x in rows if x["history"]], item_vecs, k, retrieval["order"], query="last")
-                for s, rows in splits.items()}
+        return {s: Retrieved(with_history(rows), item_vecs, k, retrieval["order"], query="last") for s, rows in splits.items()}
     if task not in TASKS:
         raise ValueError(f"data.task={task!r}: expected llara or ctr")
     ctr = data_cfg["ctr"]
@@ -127,10 +196,9 @@ def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> di
         if split == "train":
             rows = few_shot(rows, int(ctr["few_shot"]), seed)
             if ctr["reit"]:
-                rec, ret = [recent(s, k) for s in rows], retrieve_histories(rows, item_vecs, k, retrieval["order"])
-                out[split] = [x for pair in zip(rec, ret) for x in pair]
+                out[split] = Interleaved(Mapped(rows, lambda s: recent(s, k)), Retrieved(rows, item_vecs, k, retrieval["order"]))
                 continue
-        out[split] = retrieve_histories(rows, item_vecs, k, retrieval["order"]) if subr else [recent(s, k) for s in rows]
+        out[split] = Retrieved(rows, item_vecs, k, retrieval["order"]) if subr else Mapped(rows, lambda s: recent(s, k))
     return out
 
 

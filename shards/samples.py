@@ -3,12 +3,12 @@
 A sample is a plain dict:
     {"user": int, "history": [item, ...], "target": item, "candidates": [item x 20]}
 with dense item ids 0..num_items-1 (the vocabulary maps raw ids to dense ones). The next-item
-splits (leave_one_out, user_split) are Windows: sequences of such dicts made when read.
+splits (leave_one_out, user_split) and the time split (global_time_split, with the ratings) are
+Windows: sequences of such dicts made when read.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,10 +80,12 @@ class Windows(Sequence):
     """The samples of one split, each made when it is read: sample i is user users[i]'s item at
     positions[i] with the history_len items before it, as the plain dict of the module docstring
     (with its "position"). Holds two integers per sample and the users' sequences, not the samples:
-    a split of millions stays small (the shard build streams it, shards/build.py)."""
+    a split of millions stays small (the shard build streams it, shards/build.py). With `ratings` (each
+    user's ratings in the order of their sequence: the time split) a sample also has "history_ratings" and
+    "rating"."""
 
-    def __init__(self, sequences: dict[int, list[int]], history_len: int, users, positions):
-        self.sequences, self.history_len = sequences, history_len
+    def __init__(self, sequences: dict[int, list[int]], history_len: int, users, positions, ratings=None):
+        self.sequences, self.history_len, self.ratings = sequences, history_len, ratings
         self.users, self.positions = np.asarray(users, dtype=np.int64), np.asarray(positions, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -95,8 +97,12 @@ class Windows(Sequence):
         user, t = int(self.users[i]), int(self.positions[i])
         seq = self.sequences[user]
         history = seq[max(0, t - self.history_len):t]
-        return {"user": user, "history": history.tolist() if isinstance(history, np.ndarray) else history,
-                "target": int(seq[t]), "position": t}
+        sample = {"user": user, "history": history.tolist() if isinstance(history, np.ndarray) else history,
+                  "target": int(seq[t]), "position": t}
+        if self.ratings is not None:
+            rated = self.ratings[user]
+            sample["history_ratings"], sample["rating"] = rated[max(0, t - self.history_len):t].tolist(), rated[t].item()
+        return sample
 
 
 def _ranges(users: np.ndarray, start, stop) -> tuple[np.ndarray, np.ndarray]:
@@ -167,25 +173,27 @@ def user_split(sequences: dict[int, list[int]], history_len: int, seed: int, rat
     return out
 
 
-def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
-    """ReLLa's split: all interactions ordered by time and cut 8:1:1; a sample's target is one
-    interaction, its history the user's previous interactions (from any earlier period)."""
+def global_time_split(interactions, dense: dict[int, int], history_len: int, ratios=(0.8, 0.1, 0.1)) -> dict[str, Windows]:
+    """ReLLa's split: all interactions ordered by time (ties in file order) and cut 8:1:1; a sample's target
+    is one interaction, its history the user's previous interactions (from any earlier period) with their
+    ratings. Every interaction but each user's first is a sample. Built as arrays (Windows over each
+    user's time-ordered items and ratings): no Python object per sample."""
     table = as_table(interactions)
-    order = np.lexsort((np.arange(len(table)), table.timestamp))  # time, then file order
-    items = dense_items(table, dense)[order]
-    rows = zip(table.timestamp[order].tolist(), order.tolist(), table.user[order].tolist(), items.tolist(),
-               table.rating[order].tolist())
     n = len(table)
+    order = np.lexsort((np.arange(n), table.timestamp))  # time, then file order
+    users, items, ratings = table.user[order], dense_items(table, dense)[order], table.rating[order]
+    by_user = np.argsort(users, kind="stable")  # each user's interactions together, in time order
+    grouped = users[by_user]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, n])
+    position = np.empty(n, np.int64)
+    position[by_user] = np.arange(n) - np.repeat(starts, counts)  # each interaction's place in its user's sequence
+    item_seq, rating_seq = items[by_user], ratings[by_user]
+    sequences = {int(grouped[a]): item_seq[a:a + c] for a, c in zip(starts, counts)}
+    user_ratings = {int(grouped[a]): rating_seq[a:a + c] for a, c in zip(starts, counts)}
     cut1, cut2 = int(ratios[0] * n), int((ratios[0] + ratios[1]) * n)
-    seen: dict[int, list[int]] = defaultdict(list)
-    ratings: dict[int, list[float]] = defaultdict(list)
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for k, (ts, _order, user, item, rating) in enumerate(rows):
-        split = "train" if k < cut1 else "val" if k < cut2 else "test"
-        hist = seen[user]
-        if hist:
-            out[split].append({"user": user, "history": hist[-history_len:], "target": item, "position": len(hist),
-                               "history_ratings": ratings[user][-history_len:], "rating": rating})
-        hist.append(item)
-        ratings[user].append(rating)
+    out = {}
+    for split, (lo, hi) in zip(SPLITS, ((0, cut1), (cut1, cut2), (cut2, n))):
+        k = lo + np.flatnonzero(position[lo:hi] > 0)  # a sample needs a history
+        out[split] = Windows(sequences, history_len, users[k], position[k], user_ratings)
     return out
