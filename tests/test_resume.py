@@ -1,9 +1,8 @@
 """Preemption and exact resume, on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3, fp32 on CPU).
 
-One uninterrupted reference run (conftest's trained_run); then the same run at ZeRO stage 2 stopped
-by SIGTERM to a worker and started again, and in that run a worker killed by SIGKILL at a random step
-(Ray restarts the workers, they resume from the newest checkpoint): the reference's losses and
-weights to float tolerance. Refusals of a resume that cannot work, the export, the logs."""
+One uninterrupted reference run (conftest's trained_run); then the same run at ZeRO stage 2 with a
+worker killed by SIGKILL at a random step (Ray restarts the workers, they resume from the newest
+checkpoint): the reference's losses and weights to float tolerance. Refusals of a resume that cannot work, the export, the logs."""
 
 import json
 import os
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, sigterm_at_step, start_logged, wait_for_step
+from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, start_logged, wait_for_step
 from trainer.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
@@ -45,30 +44,24 @@ def reference(trained_run):
     return trained_run
 
 
-def test_sigterm_then_sigkill_of_a_worker_resume_at_zero_stage_2(reference, tmp_path):
-    """SIGTERM to a Ray worker (a preempted node's processes get one): the step in flight finishes on every
-    rank, a checkpoint is written, the driver exits 75. The same command resumes, and in that run a worker is
-    SIGKILLed at a random step after a checkpoint: Ray's FailureConfig restarts the workers, which resume from
-    the newest complete checkpoint, and the run ends with exit 0. Run at train.zero_stage=2 (README's choice
-    for LoRA when the base fits on every GPU): its checkpoints, resume and export go through the same code,
-    and the run ends with the ZeRO-3 reference's losses and weights to float tolerance (the two stages reduce
-    in another order; measured here: losses 1e-7 relative or less at every step, weights 5e-5 of each tensor's
-    largest entry; a resume that lost the optimizer state is off by more than 1e-4). Bit-identical resumes at
-    ZeRO-3 after SIGKILL and SIGTERM: tests/test_kills.py and tests/test_slurm.py."""
+def test_sigkill_of_a_worker_resume_at_zero_stage_2(reference, tmp_path):
+    """The run at ZeRO stage 2 (README's choice for LoRA when the base fits on every GPU), a worker SIGKILLed at
+    a random step after a checkpoint: Ray's FailureConfig restarts the workers, which resume from the newest
+    complete checkpoint, and the run ends with exit 0. Its checkpoints, resume and export go through the same
+    code as ZeRO-3's, and it ends with the ZeRO-3 reference's losses and weights to float tolerance (the two
+    stages reduce in another order; measured here: losses 1e-7 relative or less at every step, weights 5e-5 of
+    each tensor's largest entry; a resume that lost the optimizer state is off by more than 1e-4). A worker's
+    SIGTERM (a preempted node's processes get one: the step in flight finished everywhere, a checkpoint,
+    exit 75): tests/test_resize.py; bit-identical resumes at ZeRO-3 after SIGKILL and SIGTERM:
+    tests/test_kills.py and tests/test_slurm.py."""
     out = copy_prepared(reference, tmp_path / "run")
     stage2 = "train.zero_stage=2"
-    sigterm_at_step(_cmd(out, stage2), out, 5)
-    stopped = find_latest(str(out / "checkpoints"))
-    steps = [s for s, _ in _losses(out)]
-    assert stopped == f"step_{max(steps):06d}" and max(steps) < STEPS  # the step in flight was finished and saved
-    assert (out / "PREEMPTED").read_text() == stopped
-
-    kill_at = random.Random(os.getpid()).randint(max(steps) + 7, 20)  # after the next checkpoint, between or on one
+    kill_at = random.Random(os.getpid()).randint(7, 20)  # after the first checkpoint (step 6), between or on one
     proc, log_path = start_logged(_cmd(out, stage2), out)
     try:
         wait_for_step(out, kill_at, proc)
         t0 = time.time()
-        while find_latest(str(out / "checkpoints")) == stopped:  # a restart resumes from the newest complete one
+        while find_latest(str(out / "checkpoints")) is None:  # a restart resumes from the newest complete one
             assert time.time() - t0 < 300 and proc.poll() is None, "no checkpoint was completed"
             time.sleep(0.2)
         os.kill(int((out / "logs" / "worker_1.pid").read_text()), signal.SIGKILL)
@@ -78,8 +71,7 @@ def test_sigterm_then_sigkill_of_a_worker_resume_at_zero_stage_2(reference, tmp_
             proc.kill()
     log = log_path.read_text(errors="replace")
     assert proc.returncode == 0, log[-4000:]
-    assert f"resumed from {stopped}" in log  # the SIGTERMed run's checkpoint, then Ray's restart after the SIGKILL:
-    assert log.count("resumed from step_") == 2, f"killed at step {kill_at}: {log[-3000:]}"
+    assert log.count("resumed from step_") == 1, f"killed at step {kill_at}: {log[-3000:]}"  # Ray's restart
     assert json.load(open(out / "logs" / "deepspeed_config.json"))["zero_optimization"]["stage"] == 2
     steps, losses = zip(*_losses(out))
     ref_steps, ref_losses = zip(*_losses(reference))
