@@ -103,10 +103,13 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         else:
             raise ValueError(f"data.source={src!r}: expected one of {', '.join(readers.SOURCES)}")
         interactions, items = raw.interactions, raw.items
+        del raw  # the table below is then the only copy
     interactions = as_table(interactions)  # numpy columns (shards/interactions.py): ~32 bytes an interaction
     n_raw = len(interactions)
     interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
+    stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
+             "users": len(np.unique(interactions.user)), "raw_item_ids": vocab["raw_item_ids"]}
     from shards.ctr import pool_len
 
     h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
@@ -114,13 +117,12 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     if split == "time":
         splits = global_time_split(interactions, vocab["dense"], h)
     else:
-        seqs = user_sequences(interactions, vocab["dense"])
-        splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed) if split == "sliding" else None
-        if splits is None:
+        if split not in ("loo", "sliding"):
             raise ValueError(f"data.split={split!r}: expected one of {', '.join(SPLIT_SCHEMES)}")
+        seqs = user_sequences(interactions, vocab["dense"])
+        interactions = None  # the sequences hold what the splits need: the table goes before they are made
+        splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed)
     items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
-    stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
-             "users": len(np.unique(interactions.user)), "raw_item_ids": vocab["raw_item_ids"]}
     return items, splits, stats
 
 

@@ -86,7 +86,7 @@ class Windows(Sequence):
 
     def __init__(self, sequences: dict[int, list[int]], history_len: int, users, positions, ratings=None):
         self.sequences, self.history_len, self.ratings = sequences, history_len, ratings
-        self.users, self.positions = np.asarray(users, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        self.users, self.positions = _compact(users), _compact(positions)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -105,13 +105,22 @@ class Windows(Sequence):
         return sample
 
 
+def _compact(values) -> np.ndarray:
+    """values as int32 where they fit (4 bytes a sample, not 8), else int64."""
+    values = np.asarray(values, dtype=np.int64)
+    fits = not len(values) or (values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max)
+    return values.astype(np.int32) if fits else values
+
+
 def _ranges(users: np.ndarray, start, stop) -> tuple[np.ndarray, np.ndarray]:
     """(user, position) for position in range(start, stop) of each user, users in the order given; start
-    and stop are per user (arrays) or one number. Built as arrays: no Python object per sample."""
+    and stop are per user (arrays) or one number. Built as arrays: no Python object per sample, and one
+    temporary array of the samples' length besides the two returned."""
     start = np.broadcast_to(np.asarray(start, np.int64), users.shape)
     counts = np.maximum(np.asarray(stop, np.int64) - start, 0)
-    offsets = np.repeat(np.cumsum(counts) - counts, counts)  # where each user's run begins
-    return np.repeat(users, counts), np.arange(int(counts.sum()), dtype=np.int64) - offsets + np.repeat(start, counts)
+    positions = np.arange(int(counts.sum()), dtype=np.int64)
+    positions += np.repeat(start - (np.cumsum(counts) - counts), counts)  # minus where each user's run begins
+    return np.repeat(users, counts), positions
 
 
 def _users_and_lengths(sequences, users=None) -> tuple[np.ndarray, np.ndarray]:
