@@ -55,7 +55,19 @@ class Mapped(Sequence):
         return self.fn(self.rows[i if self.index is None else int(self.index[i])])
 
 
-class Interleaved(Sequence):
+class _MadeWhenRead(Sequence):
+    """A sequence whose sample i is self.sample(i), 0 <= i < len: slices give lists, negative i counts from
+    the end, anything else is an IndexError (which also ends iteration)."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.sample(i % len(self))
+
+
+class Interleaved(_MadeWhenRead):
     """a[0], b[0], a[1], b[1], ... (ReiT's pairs) for two sequences of one length, made when read."""
 
     def __init__(self, a, b):
@@ -64,16 +76,11 @@ class Interleaved(Sequence):
     def __len__(self) -> int:
         return 2 * len(self.a)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
+    def sample(self, i: int):
         return (self.a, self.b)[i % 2][i // 2]
 
 
-class Retrieved(Sequence):
+class Retrieved(_MadeWhenRead):
     """retrieve_histories over rows, computed a block of `block` samples at a time when read (the block
     read last is kept: the shard build reads in order)."""
 
@@ -84,12 +91,7 @@ class Retrieved(Sequence):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
+    def sample(self, i: int):
         b = i // self.block
         if self._cached[0] != b:
             rows = [self.rows[j] for j in range(b * self.block, min(len(self), (b + 1) * self.block))]
