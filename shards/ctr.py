@@ -99,10 +99,14 @@ class Retrieved(_MadeWhenRead):
         return self._cached[1][i - b * self.block]
 
 
+def _kept(rows, keep: np.ndarray):
+    """The rows where `keep` is true, made when read (rows itself when every one is kept)."""
+    return rows if keep.all() else Mapped(rows, lambda s: s, np.flatnonzero(keep))
+
+
 def with_history(rows):
     """rows without the samples whose history is empty (one pass; nothing copied when none is)."""
-    has = np.fromiter((bool(s["history"]) for s in rows), bool, len(rows))
-    return rows if has.all() else Mapped(rows, lambda s: s, np.flatnonzero(has))
+    return _kept(rows, np.fromiter((bool(s["history"]) for s in rows), bool, len(rows)))
 
 
 def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
@@ -113,9 +117,11 @@ def label_samples(splits: dict, threshold: float, history_len: int) -> dict:
     for split, rows in splits.items():
         if len(rows) and "rating" not in rows[0]:
             raise ValueError("data.task=ctr needs ratings on every sample: use data.split=time (ReLLa's split)")
-        rows = with_history(rows)
+        has, liked = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
+        for j, s in enumerate(rows):  # one pass: which samples have a history, which are positive
+            has[j], liked[j] = bool(s["history"]), float(s["rating"]) >= threshold
+        rows, pos = _kept(rows, has), int(liked[has].sum())
         out[split] = Mapped(rows, lambda s: dict(s, label=int(float(s["rating"]) >= threshold), retrieved=False))
-        pos = sum(float(s["rating"]) >= threshold for s in rows)
         if len(rows) and pos in (0, len(rows)):  # AUC is undefined on it
             log.warning("data.ctr.threshold=%s: all %d %s samples are %s", threshold, len(rows), split,
                         "positive" if pos else "negative")

@@ -55,9 +55,14 @@ def user_sequences(interactions, dense: dict[int, int], source: str = "interacti
     items = dense_items(table, dense, source)
     order = np.lexsort((np.arange(len(table)), table.timestamp, table.user))  # user, then time, then file order
     users, items = table.user[order], items[order].astype(np.int32)
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+    starts = _run_starts(users)
     ends = np.r_[starts[1:], len(users)]
     return {int(users[a]): items[a:b] for a, b in zip(starts.tolist(), ends.tolist())}
+
+
+def _run_starts(grouped: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins in `grouped` (values already grouped, e.g. sorted)."""
+    return np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, np.int64)
 
 
 def kcore_filter(interactions, k: int) -> Interactions:
@@ -193,7 +198,7 @@ def global_time_split(interactions, dense: dict[int, int], history_len: int, rat
     users, items, ratings = table.user[order], dense_items(table, dense)[order], table.rating[order]
     by_user = np.argsort(users, kind="stable")  # each user's interactions together, in time order
     grouped = users[by_user]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+    starts = _run_starts(grouped)
     counts = np.diff(np.r_[starts, n])
     position = np.empty(n, np.int64)
     position[by_user] = np.arange(n) - np.repeat(starts, counts)  # each interaction's place in its user's sequence

@@ -34,7 +34,8 @@ def training(active: bool) -> None:
 
 
 def install_worker_handlers() -> None:
-    """Ray's worker_process_setup_hook: runs in each worker process's main thread at start."""
+    """Run in each Ray worker process's main thread at start (trainer.ray_cluster.on_worker_process_start,
+    Ray's worker_process_setup_hook)."""
     signal.signal(signal.SIGUSR1, _on_signal)
     try:
         import ray._private.utils as ray_utils
