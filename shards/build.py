@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -43,6 +44,7 @@ from shards.prompts import (CTR_TEMPLATES, check_domain, check_placeholder_token
                             tokenize_llara)
 from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
 
@@ -104,12 +106,12 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
             raise ValueError(f"data.source={src!r}: expected one of {', '.join(readers.SOURCES)}")
         interactions, items = raw.interactions, raw.items
         del raw  # the table below is then the only copy
-    interactions = as_table(interactions)  # numpy columns (shards/interactions.py): ~32 bytes an interaction
+    interactions = as_table(interactions)  # numpy columns (shards/interactions.py): 16-32 bytes an interaction
     n_raw = len(interactions)
     interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
     stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
-             "users": len(np.unique(interactions.user)), "raw_item_ids": vocab["raw_item_ids"]}
+             "users": 0, "raw_item_ids": vocab["raw_item_ids"]}
     from shards.ctr import pool_len
 
     h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
@@ -122,6 +124,7 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         seqs = user_sequences(interactions, vocab["dense"])
         interactions = None  # the sequences hold what the splits need: the table goes before they are made
         splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed)
+    stats["users"] = len(splits["train"].sequences)  # every user's sequence (a sort of the user column would cost more)
     items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
     return items, splits, stats
 
@@ -166,11 +169,45 @@ def _encode_shard(args) -> bytes:
     return buf.getvalue()
 
 
-def _encode_shard_on_ray(tokenizer_dir, titles, args) -> bytes:
-    """A Ray task: _encode_shard in a Ray worker process (the tokenizer is loaded once per process)."""
-    if _LOADED_FOR != tokenizer_dir:
-        _init_worker(tokenizer_dir, titles)
-    return _encode_shard(args)
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+
+
+def tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:
+    """The files of a tokenizer folder a tokenizer may need (every plain file but model weights), by name:
+    what a Ray task on another node loads the tokenizer from, so the build needs no shared file system."""
+    names = sorted(n for n in os.listdir(tokenizer_dir)
+                   if os.path.isfile(os.path.join(tokenizer_dir, n)) and not n.endswith(_WEIGHTS))
+    out = {}
+    for name in names:
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def tokenizer_folder(files: dict[str, bytes]) -> str:
+    """tokenizer_files written into a new private temporary folder (mkdtemp: no name another user can take)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="llmrec-tokenizer-")
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return folder
+
+
+def _encode_shard_on_ray(tokenizer: dict[str, bytes], titles, args) -> tuple[bytes, str]:
+    """A Ray task: _encode_shard in a Ray worker process, on any node. The tokenizer comes as its files
+    (tokenizer_files), written once per process into a private temporary folder and loaded from there.
+    Returns the shard's bytes and the node it was encoded on (the build counts them)."""
+    import ray
+
+    global _LOADED_FOR
+    key = hashlib.sha256(b"".join(hashlib.sha256(name.encode() + data).digest()
+                                  for name, data in sorted(tokenizer.items()))).hexdigest()
+    if _LOADED_FOR != key:
+        _init_worker(tokenizer_folder(tokenizer), titles)
+        _LOADED_FOR = key
+    return _encode_shard(args), ray.get_runtime_context().get_node_id()
 
 
 def _encode_chunk(args):
@@ -301,13 +338,24 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
     if ray_tasks:
         import ray
 
-        titles_ref = ray.put(titles)
+        titles_ref, tokenizer_ref = ray.put(titles), ray.put(tokenizer_files(tokenizer_dir))
         remote = ray.remote(num_cpus=1, max_retries=2)(_encode_shard_on_ray)
+        nodes: dict[str, int] = {}
 
         def submit(args):
-            ref = remote.remote(tokenizer_dir, titles_ref, args)
-            return lambda: ray.get(ref)
-        return submit, lambda: None
+            ref = remote.remote(tokenizer_ref, titles_ref, args)
+
+            def result():
+                data, node = ray.get(ref)
+                nodes[node] = nodes.get(node, 0) + 1
+                return data
+            return result
+
+        def close():
+            if nodes:
+                log.info("encoded %d shards as Ray tasks on %d node(s): %s", sum(nodes.values()), len(nodes),
+                         ", ".join(f"{node[:8]} {n}" for node, n in sorted(nodes.items())))
+        return submit, close
     if workers > 1:
         import multiprocessing as mp
 

@@ -33,31 +33,55 @@ def build_vocab(interactions, items) -> dict:
     }
 
 
-def dense_items(interactions, dense: dict[int, int], source: str = "interactions") -> np.ndarray:
-    """Each interaction's item as its dense id; an item the items table lacks is an error naming the record."""
+_BLOCK = 1 << 20  # rows mapped at a time (dense_items, user_sequences): temporaries of ~8 MB, not the table's length
+
+
+def dense_items(interactions, dense: dict[int, int], source: str = "interactions", order=None) -> np.ndarray:
+    """Each interaction's item as its dense id (int32), in file order or in `order` (row indices); mapped a
+    block of rows at a time, so nothing of the table's length is made but the result. An item the items
+    table lacks is an error naming the record (the first such in the file)."""
     table = as_table(interactions)
     raw = np.fromiter(dense, np.int64, len(dense))
     ids = np.fromiter(dense.values(), np.int64, len(dense))
-    order = np.argsort(raw)
-    raw, ids = raw[order], ids[order]
-    at = np.minimum(np.searchsorted(raw, table.item), max(len(raw) - 1, 0))
-    unknown = raw[at] != table.item if len(raw) else np.ones(len(table), bool)
-    if unknown.any():
-        k = int(np.argmax(unknown))
+    by_raw = np.argsort(raw)
+    raw, ids = raw[by_raw], ids[by_raw]
+    n = len(table)
+    out, first_unknown = np.empty(n, np.int32), n
+    for a in range(0, n, _BLOCK):
+        rows = slice(a, a + _BLOCK) if order is None else order[a:a + _BLOCK]
+        items = table.item[rows]
+        at = np.minimum(np.searchsorted(raw, items), max(len(raw) - 1, 0))
+        unknown = raw[at] != items if len(raw) else np.ones(len(items), bool)
+        if unknown.any():
+            first_unknown = min(first_unknown, a + int(np.argmax(unknown)) if order is None else int(rows[unknown].min()))
+        out[a:a + _BLOCK] = ids[at]
+    if first_unknown < n:
+        k = first_unknown
         raise ValueError(f"{source}: record {k + 1} names item {int(table.item[k])}, which is not in the items table")
-    return ids[at]
+    return out
 
 
 def user_sequences(interactions, dense: dict[int, int], source: str = "interactions") -> dict[int, np.ndarray]:
     """Group by user, sort by (timestamp, original order), map raw item ids to dense ones. Each user's
-    sequence is an int32 array, a view into one array holding them all (4 bytes an interaction)."""
+    sequence is an int32 array, a view into one array holding them all (4 bytes an interaction). Besides
+    the table and the result it holds one sort order (8 bytes an interaction) and blocks of rows."""
     table = as_table(interactions)
-    items = dense_items(table, dense, source)
-    order = np.lexsort((np.arange(len(table)), table.timestamp, table.user))  # user, then time, then file order
-    users, items = table.user[order], items[order].astype(np.int32)
-    starts = _run_starts(users)
-    ends = np.r_[starts[1:], len(users)]
-    return {int(users[a]): items[a:b] for a, b in zip(starts.tolist(), ends.tolist())}
+    order = np.lexsort((table.timestamp, table.user))  # user, then time; lexsort is stable: then file order
+    items = dense_items(table, dense, source, order)
+    starts, users, last = [], [], None
+    for a in range(0, len(order), _BLOCK):  # where each user's run begins, a block of the sorted users at a time
+        block = table.user[order[a:a + _BLOCK]]
+        begins = _run_starts(block)
+        if last is not None and block[0] == last:
+            begins = begins[1:]  # the run goes on from the block before
+        starts.append(a + begins)
+        users.append(block[begins])
+        last = block[-1]
+    del order
+    starts = np.concatenate(starts).tolist() if starts else []
+    users = np.concatenate(users).tolist() if users else []
+    ends = starts[1:] + [len(items)]
+    return {int(u): items[a:b] for u, a, b in zip(users, starts, ends)}
 
 
 def _run_starts(grouped: np.ndarray) -> np.ndarray:
@@ -194,8 +218,8 @@ def global_time_split(interactions, dense: dict[int, int], history_len: int, rat
     user's time-ordered items and ratings): no Python object per sample."""
     table = as_table(interactions)
     n = len(table)
-    order = np.lexsort((np.arange(n), table.timestamp))  # time, then file order
-    users, items, ratings = table.user[order], dense_items(table, dense)[order], table.rating[order]
+    order = np.argsort(table.timestamp, kind="stable")  # time, then file order
+    users, items, ratings = table.user[order], dense_items(table, dense, order=order), table.rating[order]
     by_user = np.argsort(users, kind="stable")  # each user's interactions together, in time order
     grouped = users[by_user]
     starts = _run_starts(grouped)

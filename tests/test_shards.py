@@ -281,20 +281,52 @@ def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
     _same_build(out, reference)
 
 
-@pytest.mark.slow  # a local Ray cluster in this process
-def test_ray_tasks_write_the_same_shards_with_1_2_3_workers(small_run, tmp_path):
+@pytest.mark.slow  # a Ray cluster of two nodes (two raylets on this machine), driven from this process
+def test_ray_tasks_on_two_nodes_write_the_same_shards_with_1_2_3_workers(small_run, tmp_path, monkeypatch, caplog):
+    """The build as Ray tasks on a cluster of two nodes (1 CPU + 2 CPUs) writes the same bytes and manifest
+    as one local process, with 1, 2 and 3 tasks at a time; with 3 the tasks run on both nodes. The tasks get
+    the tokenizer as its files through the object store, not as a path: the folder is deleted once the
+    driver has read it, so no task can load it from the disk (a node without a shared file system)."""
+    import logging
+    import shutil
+
     import ray
+    from ray.cluster_utils import Cluster
+
+    import shards.build as build
 
     _, paths = small_run
     local = tmp_path / "local"
     _build(paths["llm"], local, workers=1)
-    ray.init(address="local", num_cpus=3, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    read_files = build.tokenizer_files
+
+    def read_then_delete(folder):
+        files = read_files(folder)
+        shutil.rmtree(folder)
+        return files
+
+    monkeypatch.setattr(build, "tokenizer_files", read_then_delete)
+    caplog.set_level(logging.INFO, logger="shards.build")
+    store = {"object_store_memory": 128 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **store})
+    cluster.add_node(num_cpus=2, **store)
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
+        cluster.wait_for_nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         for workers in (1, 2, 3):
-            _build(paths["llm"], tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
+            tokenizer = shutil.copytree(paths["llm"], tmp_path / f"copy{workers}" / os.path.basename(paths["llm"]))
+            caplog.clear()
+            _build(str(tokenizer), tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
+            assert not tokenizer.exists()
             _same_build(tmp_path / f"ray{workers}", local)
+            line = [r.getMessage() for r in caplog.records if "as Ray tasks on" in r.getMessage()]
+            assert len(line) == 1, caplog.text
+            if workers == 3:
+                assert "on 2 node(s)" in line[0], line[0]
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 def test_a_tokenizing_process_that_cannot_start_ends_the_build_with_its_error(tmp_path, monkeypatch):

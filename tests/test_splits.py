@@ -56,6 +56,48 @@ def test_the_compact_table_gives_the_row_by_row_results(seed):
     assert type(list(as_table([(1, 2, 4.5, 3)]))[0][2]) is float
 
 
+def test_the_table_holds_16_bytes_an_interaction_and_widens_a_column_that_does_not_fit():
+    """The readers' TableBuilder keeps ids, timestamps and ratings in 4 bytes while they fit and widens a
+    column to 8 the first time one does not (an id of 2^31, a rating float32 rounds): what is read back
+    is always what was appended."""
+    from shards.interactions import TableBuilder
+
+    typical = [(7, 1193, 5.0, 978300760), (7, 661, 3.5, 978302109), (2**31 - 1, 0, 1.0, -5)]
+    b = TableBuilder()
+    for row in typical:
+        b.append(row)
+    t = b.table()
+    assert sum(c.itemsize for c in (t.user, t.item, t.rating, t.timestamp)) == 16 and list(t) == typical
+    wide = [(1, 2, 4.0, 3), (2**31, 5, 0.1, 1_700_000_000_000), (3, 2**40, float("inf"), 4)]
+    b = TableBuilder()
+    for row in wide:
+        b.append(row)
+    t = b.table()
+    assert [c.itemsize for c in (t.user, t.item, t.rating, t.timestamp)] == [8, 8, 8, 8]
+    assert list(t) == wide and type(t[0][2]) is float and type(t[0][0]) is int
+
+
+def test_user_sequences_are_the_same_whatever_the_block_size(monkeypatch):
+    """user_sequences maps and groups the sorted rows a block at a time: blocks that cut a user's run,
+    or hold only part of one, give the same sequences; an unknown item names the first such record in the file."""
+    import shards.samples as samples
+
+    rng = np.random.default_rng(3)
+    n = 500
+    table = samples.as_table(list(zip(rng.integers(0, 40, n).tolist(), rng.integers(100, 130, n).tolist(),
+                                      [1.0] * n, rng.integers(0, 9, n).tolist())))
+    dense = {raw: d for d, raw in enumerate(range(100, 130))}
+    whole = samples.user_sequences(table, dense)
+    for block in (1, 7, 64):
+        monkeypatch.setattr(samples, "_BLOCK", block)
+        cut = samples.user_sequences(table, dense)
+        assert list(cut) == list(whole) and all(cut[u].tolist() == whole[u].tolist() for u in whole)
+    assert sum(map(len, whole.values())) == n and len(whole) == len(set(table.user.tolist()))
+    table.item[[400, 12, 250]] = 999
+    with pytest.raises(ValueError, match="record 13 names item 999"):
+        samples.user_sequences(table, dense)
+
+
 def test_leave_one_out():
     out = leave_one_out({7: [1, 2, 3, 4, 5]}, history_len=2)
     assert [(s["history"], s["target"]) for s in out["test"]] == [([3, 4], 5)]

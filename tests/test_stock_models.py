@@ -78,6 +78,25 @@ def test_shards_built_with_the_stock_tokenizer_name_the_split_placeholder(stock_
                      samples_per_shard=100, seed=0, workers=1)
 
 
+@pytest.mark.parametrize("kind", ["llama2", "qwen2"])
+def test_the_tokenizer_a_ray_task_gets_as_files_tokenizes_as_the_folder(kind, stock_folders):
+    """The shard build's Ray tasks load the tokenizer from its files sent through the object store
+    (shards/build.py tokenizer_files, tokenizer_folder), not from a path: a stock folder's files (its
+    SentencePiece or BPE files, not its weights) give the same tokens, specials and pad as the folder."""
+    from transformers import AutoTokenizer
+
+    from shards.build import tokenizer_files, tokenizer_folder
+
+    files = tokenizer_files(stock_folders[kind])
+    assert "tokenizer_config.json" in files and not any(n.endswith(".safetensors") for n in files)
+    assert any(n in files for n in ("tokenizer.model", "tokenizer.json"))
+    here, there = AutoTokenizer.from_pretrained(stock_folders[kind]), AutoTokenizer.from_pretrained(tokenizer_folder(files))
+    text = "The user watched: Toy Story (1995), Heat (1995). Which one is next? <s></s>"
+    assert there(text).input_ids == here(text).input_ids and len(there) == len(here)
+    assert (there.bos_token, there.eos_token, there.pad_token, there.unk_token) == \
+        (here.bos_token, here.eos_token, here.pad_token, here.unk_token)
+
+
 def test_a_7b_shaped_build_trains_llaras_parameter_count(tmp_path):
     """Llama-2-7B's shape on the meta device (no weights): LoRA r=8 on the seven projections plus the
     adapter (64 -> 4096 -> 4096) is LLaRA's 37,036,032 trainable parameters, and the vocabulary grows
