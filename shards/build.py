@@ -195,18 +195,23 @@ def tokenizer_folder(files: dict[str, bytes]) -> str:
     return folder
 
 
-def _encode_shard_on_ray(tokenizer: dict[str, bytes], titles, args) -> tuple[bytes, str]:
-    """A Ray task: _encode_shard in a Ray worker process, on any node. The tokenizer comes as its files
-    (tokenizer_files), written once per process into a private temporary folder and loaded from there.
+def _encode_shard_on_ray(tokenizer: tuple[str, dict[str, bytes]], titles, args) -> tuple[bytes, str]:
+    """A Ray task: _encode_shard in a Ray worker process, on any node. The tokenizer comes as (a digest, its
+    files) (tokenizer_files), loaded once per process from a private temporary folder, deleted once loaded.
     Returns the shard's bytes and the node it was encoded on (the build counts them)."""
+    import shutil
+
     import ray
 
     global _LOADED_FOR
-    key = hashlib.sha256(b"".join(hashlib.sha256(name.encode() + data).digest()
-                                  for name, data in sorted(tokenizer.items()))).hexdigest()
-    if _LOADED_FOR != key:
-        _init_worker(tokenizer_folder(tokenizer), titles)
-        _LOADED_FOR = key
+    digest, files = tokenizer
+    if _LOADED_FOR != digest:
+        folder = tokenizer_folder(files)
+        try:
+            _init_worker(folder, titles)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _LOADED_FOR = digest
     return _encode_shard(args), ray.get_runtime_context().get_node_id()
 
 
@@ -338,7 +343,9 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
     if ray_tasks:
         import ray
 
-        titles_ref, tokenizer_ref = ray.put(titles), ray.put(tokenizer_files(tokenizer_dir))
+        files = tokenizer_files(tokenizer_dir)
+        digest = hashlib.sha256(json.dumps({n: hashlib.sha256(d).hexdigest() for n, d in files.items()}).encode())
+        titles_ref, tokenizer_ref = ray.put(titles), ray.put((digest.hexdigest(), files))
         remote = ray.remote(num_cpus=1, max_retries=2)(_encode_shard_on_ray)
         nodes: dict[str, int] = {}
 

@@ -63,7 +63,7 @@ class TableBuilder:
     at 4 bytes a value (user, item, timestamp int32; rating float32) and is copied once into 8 (int64,
     float64) the first time a value does not fit: an id or timestamp of 2^31 or more, a rating float32
     does not hold exactly (e.g. 0.1). Typical data (MovieLens, Amazon: second timestamps, ratings 1-5)
-    stays at 16 bytes an interaction, which halves the shard build's peak memory (BENCHMARKS.md)."""
+    stays at 16 bytes an interaction, half of what 8-byte columns take (BENCHMARKS.md, "Shard build")."""
 
     def __init__(self):
         self.columns = [array("i"), array("i"), array("f"), array("i")]  # user, item, rating, timestamp

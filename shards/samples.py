@@ -220,15 +220,20 @@ def global_time_split(interactions, dense: dict[int, int], history_len: int, rat
     n = len(table)
     order = np.argsort(table.timestamp, kind="stable")  # time, then file order
     users, items, ratings = table.user[order], dense_items(table, dense, order=order), table.rating[order]
+    del order  # each temporary goes as soon as it is used: the peak is the table and ~36 bytes an interaction
     by_user = np.argsort(users, kind="stable")  # each user's interactions together, in time order
     grouped = users[by_user]
     starts = _run_starts(grouped)
     counts = np.diff(np.r_[starts, n])
-    position = np.empty(n, np.int64)
-    position[by_user] = np.arange(n) - np.repeat(starts, counts)  # each interaction's place in its user's sequence
+    index = np.int32 if n < 2**31 else np.int64
+    position = np.empty(n, index)  # each interaction's place in its user's sequence
+    position[by_user] = np.arange(n, dtype=index) - np.repeat(starts.astype(index), counts)
     item_seq, rating_seq = items[by_user], ratings[by_user]
-    sequences = {int(grouped[a]): item_seq[a:a + c] for a, c in zip(starts, counts)}
-    user_ratings = {int(grouped[a]): rating_seq[a:a + c] for a, c in zip(starts, counts)}
+    del items, ratings, by_user
+    heads, starts, counts = grouped[starts].tolist(), starts.tolist(), counts.tolist()
+    del grouped
+    sequences = {u: item_seq[a:a + c] for u, a, c in zip(heads, starts, counts)}
+    user_ratings = {u: rating_seq[a:a + c] for u, a, c in zip(heads, starts, counts)}
     cut1, cut2 = int(ratios[0] * n), int((ratios[0] + ratios[1]) * n)
     out = {}
     for split, (lo, hi) in zip(SPLITS, ((0, cut1), (cut1, cut2), (cut2, n))):

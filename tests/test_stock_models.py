@@ -3,6 +3,7 @@ pad = eos, bos or none, tied embeddings) as model.base: prepare, the model, trai
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,7 +91,9 @@ def test_the_tokenizer_a_ray_task_gets_as_files_tokenizes_as_the_folder(kind, st
     files = tokenizer_files(stock_folders[kind])
     assert "tokenizer_config.json" in files and not any(n.endswith(".safetensors") for n in files)
     assert any(n in files for n in ("tokenizer.model", "tokenizer.json"))
-    here, there = AutoTokenizer.from_pretrained(stock_folders[kind]), AutoTokenizer.from_pretrained(tokenizer_folder(files))
+    folder = tokenizer_folder(files)
+    here, there = AutoTokenizer.from_pretrained(stock_folders[kind]), AutoTokenizer.from_pretrained(folder)
+    shutil.rmtree(folder)  # as the Ray task does once it has loaded the tokenizer: what follows needs no file
     text = "The user watched: Toy Story (1995), Heat (1995). Which one is next? <s></s>"
     assert there(text).input_ids == here(text).input_ids and len(there) == len(here)
     assert (there.bos_token, there.eos_token, there.pad_token, there.unk_token) == \
