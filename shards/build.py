@@ -110,8 +110,7 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     n_raw = len(interactions)
     interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
-    stats = {"source": src, "interactions": len(interactions), "interactions_before_kcore": n_raw,
-             "users": 0, "raw_item_ids": vocab["raw_item_ids"]}
+    n_kept = len(interactions)
     from shards.ctr import pool_len
 
     h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
@@ -124,8 +123,10 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         seqs = user_sequences(interactions, vocab["dense"])
         interactions = None  # the sequences hold what the splits need: the table goes before they are made
         splits = leave_one_out(seqs, h) if split == "loo" else user_split(seqs, h, seed)
-    stats["users"] = len(splits["train"].sequences)  # every user's sequence (a sort of the user column would cost more)
     items = [(d, vocab["titles"][d], vocab["genres"][d]) for d in range(len(vocab["raw_item_ids"]))]
+    stats = {"source": src, "interactions": n_kept, "interactions_before_kcore": n_raw,
+             # the users counted from their sequences: a sort of the user column would cost more memory
+             "users": len(splits["train"].sequences), "raw_item_ids": vocab["raw_item_ids"]}
     return items, splits, stats
 
 

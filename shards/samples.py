@@ -56,8 +56,8 @@ def dense_items(interactions, dense: dict[int, int], source: str = "interactions
             first_unknown = min(first_unknown, a + int(np.argmax(unknown)) if order is None else int(rows[unknown].min()))
         out[a:a + _BLOCK] = ids[at]
     if first_unknown < n:
-        k = first_unknown
-        raise ValueError(f"{source}: record {k + 1} names item {int(table.item[k])}, which is not in the items table")
+        raise ValueError(f"{source}: record {first_unknown + 1} names item {int(table.item[first_unknown])}, "
+                         "which is not in the items table")
     return out
 
 
@@ -81,7 +81,7 @@ def user_sequences(interactions, dense: dict[int, int], source: str = "interacti
     starts = np.concatenate(starts).tolist() if starts else []
     users = np.concatenate(users).tolist() if users else []
     ends = starts[1:] + [len(items)]
-    return {int(u): items[a:b] for u, a, b in zip(users, starts, ends)}
+    return {u: items[a:b] for u, a, b in zip(users, starts, ends)}
 
 
 def _run_starts(grouped: np.ndarray) -> np.ndarray:
@@ -220,7 +220,7 @@ def global_time_split(interactions, dense: dict[int, int], history_len: int, rat
     n = len(table)
     order = np.argsort(table.timestamp, kind="stable")  # time, then file order
     users, items, ratings = table.user[order], dense_items(table, dense, order=order), table.rating[order]
-    del order  # each temporary goes as soon as it is used: the peak is the table and ~36 bytes an interaction
+    del order  # each temporary goes as soon as it is used (BENCHMARKS.md, "Shard build": the time split's load peak)
     by_user = np.argsort(users, kind="stable")  # each user's interactions together, in time order
     grouped = users[by_user]
     starts = _run_starts(grouped)
