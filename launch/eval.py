@@ -101,7 +101,7 @@ def check_arguments(args) -> tuple[list[str], dict, tuple]:
             raise ValueError(f"--{option.replace('_', '-')}={getattr(args, option)}: expected an integer >= 1")
     if args.max_samples == 0 or args.max_samples < -1:
         raise ValueError(f"--max-samples={args.max_samples}: expected -1 (all) or an integer >= 1")
-    resolve_precision(args.precision, args.gpu, bf16_supported=True, option="--precision", gpu_option="--gpu")
+    resolve_precision(args.precision, args.gpu, bf16_supported=True, option="--precision")
     paths = prepared_paths(args.run)
     if not os.path.exists(os.path.join(paths["data"], MANIFEST)):
         raise ValueError(f"{args.run} is not a training run folder (no data/{MANIFEST})")
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from trainer.evaluation import EvalJob, eval_worker
     from trainer.gpus import require_gpus
-    from trainer.ray_cluster import connect, run_on_workers
+    from trainer.ray_cluster import JobFailed, connect, run_on_workers
 
     hybrid = (args.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(args.out or os.path.join(paths["eval"], f"{name}_{args.split}"))
@@ -139,8 +139,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_on_workers(eval_worker, {"job": job}, args.workers, args.cpus_per_worker, args.gpu,
-                   storage_path=os.path.join(out, "ray"), name="eval")
+    try:
+        run_on_workers(eval_worker, {"job": job}, args.workers, args.cpus_per_worker, args.gpu,
+                       storage_path=os.path.join(out, "ray"), name="eval")
+    except JobFailed as e:  # no restart can fix it: said once, in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     with open(os.path.join(out, "report.md")) as f:
         print("\n" + f.read())
     print(f"written: {out}/metrics.json, predictions.csv, report.md")

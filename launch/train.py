@@ -8,8 +8,11 @@ Joins the Ray cluster named by ray.address or RAY_ADDRESS (as `ray job submit` s
 a local one. Re-running with the same output_dir resumes from its newest complete checkpoint.
 SIGTERM or SIGUSR1 (to this process, or to a worker) finishes the current optimizer step, writes a
 checkpoint and exits with code 75. Exit codes: 0 done; 2 refused before training starts, with a
-message (a bad config key or value, bad raw data or shards, an output folder that is locked or not
-writable, GPUs the cluster does not have); 75 stopped on request; 1 any other failure.
+message (a bad config key or value, a model.base folder that is missing or holds a cut-short weight
+file, raw data that is missing or malformed, bad shards, an output folder that is locked or not
+writable, GPUs the cluster does not have); 75 stopped on request; 1 any other failure: an error on the
+workers that no restart can fix (a config DeepSpeed refuses, a corrupt file, a full disk) ends the run
+at once with its one line; a lost worker is restarted up to train.max_failures times first.
 """
 
 from __future__ import annotations
@@ -77,14 +80,24 @@ def lock_output_dir(output_dir: str):
 
 def check_choices(cfg) -> None:
     """What the workers would refuse only after the data build and load_config's checks of single
-    keys (trainer/config.py) do not cover, refused now (ValueError): half precision on CPU and
-    train.deepspeed's keys, flash-attention without a GPU or its package, a Ray cluster to join without
-    its token. The GPU's bf16 support is asked on the workers."""
+    keys (trainer/config.py) do not cover, refused now (ValueError): the model.base folder and its weight
+    files' headers, the raw data the source reads (when the run folder is not built yet), srec.path,
+    train.deepspeed's keys, flash-attention in fp32, without a GPU or without its package, a Ray cluster to
+    join without its token. The GPU's bf16 support is asked on the workers."""
+    from shards.readers import check_source
     from trainer.ds_config import check_deepspeed_overrides
+    from trainer.model.folder import check_base_folder
     from trainer.precision import resolve_precision
+    from trainer.prepare import run_paths
     from trainer.ray_cluster import token_source
 
-    resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
+    if cfg.model.base:
+        check_base_folder(cfg.model.base)
+    if not os.path.exists(run_paths(cfg.output_dir)["stamp"]):  # a built run folder no longer reads the raw data
+        check_source(cfg.data.source, cfg.data.path, cfg.data.items_path)
+    if cfg.srec.path and not os.path.exists(cfg.srec.path):
+        raise ValueError(f"srec.path={cfg.srec.path}: no such file or folder")
+    precision = resolve_precision(cfg.train.precision, cfg.train.use_gpu, bf16_supported=True)
     check_deepspeed_overrides(cfg)
     if cfg.ray.auth == "token":  # a cluster to join needs its token: said now, not after the data build
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -95,6 +108,9 @@ def check_choices(cfg) -> None:
         if not cfg.train.use_gpu:
             raise ValueError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true (flash-attn runs on "
                              "CUDA only); use sdpa on CPU")
+        if precision == "fp32":
+            raise ValueError("model.attn_implementation=flash_attention_2 runs in bf16 or fp16 only, and "
+                             "train.precision=fp32 was asked: use train.precision=auto (or bf16/fp16), or sdpa")
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package on every node "
                              "(pip install flash-attn); or use sdpa")
@@ -184,19 +200,23 @@ def main(argv=None) -> int:
         check_choices(cfg)
         out, paths, _LOCK = prepare_run(cfg)  # the lock is held until the process exits
     except (ValueError, FileNotFoundError, UnsafePickle) as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(f"  ({raised_at(e)})", file=sys.stderr)  # a bug that raises ValueError is found from here
+        # one line; where it was raised, so that a bug that raises ValueError is found from there too
+        print(f"error: {e} ({raised_at(e)})", file=sys.stderr)
         return 2
-    from trainer.ray_cluster import run_on_workers
+    from trainer.ray_cluster import JobFailed, run_on_workers
     from trainer.train_loop import train_worker
 
     connect_ray(cfg, out)
     # the workers write (and prune) their checkpoints in <output_dir>/checkpoints; Ray's own run state
     # goes to logs/ray (trainer/ray_cluster.py)
     workers = (cfg.train.min_workers, cfg.train.num_workers) if cfg.train.min_workers else cfg.train.num_workers
-    run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, workers,
-                   cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["ray"], name="train",
-                   max_failures=cfg.train.max_failures)
+    try:
+        run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, workers,
+                       cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["ray"], name="train",
+                       max_failures=cfg.train.max_failures)
+    except JobFailed as e:  # no restart can fix it: said once, in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return print_outcome(cfg, paths)
 
 

@@ -36,6 +36,43 @@ class MalformedRecord(ValueError):
     pass
 
 
+# what each source reads from data.path (a folder, or a file where the value is None): checked before anything
+# starts (check_source), so that a run missing its data fails in one line, not in the data build or on a worker
+SOURCE_FILES = {"ml-100k": ("u.data", "u.item"), "ml-1m": ("ratings.dat", "movies.dat"),
+                "lastfm": ("user_artists.dat", "artists.dat"), "llara": (),
+                "sequences": None, "generic": None}
+
+
+def check_source(source: str, path: str | None, items_path: str | None = None) -> None:
+    """ValueError (one line) when data.path / data.items_path lack what `source` reads."""
+    if source == "synthetic":
+        return
+    if source not in SOURCE_FILES:
+        raise ValueError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+    wanted = SOURCE_FILES[source]
+    if not path:
+        what = "a file" if wanted is None else "a folder with " + (", ".join(wanted) or "LLaRA's .df files and id2name.txt")
+        raise ValueError(f"data.source={source} needs data.path ({what})")
+    if wanted is None:
+        if not os.path.isfile(path):
+            raise ValueError(f"data.path={path}: no such file (data.source={source} reads a file)")
+    else:
+        if not os.path.isdir(path):
+            raise ValueError(f"data.path={path}: no such folder (data.source={source} reads its files there)")
+        missing = [f for f in wanted if not os.path.isfile(os.path.join(path, f))]
+        if source == "llara":  # titles, and at least one split
+            for either in (("id2name.txt", "u.item"), ("train_data.df", "Val_data.df", "Test_data.df")):
+                if not any(os.path.isfile(os.path.join(path, f)) for f in either):
+                    missing.append(" or ".join(either))
+        if missing:
+            raise ValueError(f"data.path={path}: data.source={source} needs {', '.join(missing)} there")
+    if source == "generic":
+        if not items_path:
+            raise ValueError("data.source=generic needs data.items_path (the items table: item, title[, genre])")
+        if not os.path.isfile(items_path):
+            raise ValueError(f"data.items_path={items_path}: no such file")
+
+
 @dataclass
 class RawData:
     interactions: Interactions

@@ -21,13 +21,19 @@ def _any_rank_worker(rank, port, out):
     try:
         # rank 0 alone says yes to the first, rank 1 alone to the second, nobody to the third
         out[rank] = collectives.any_rank(rank == 0, rank == 1, False)
+        # the step's loss, tokens and LM-head positions over both ranks (the logged throughput and MFU):
+        # rank 0 had 2 micro-batches, 100 tokens, 10 head positions; rank 1 one, 101 tokens, 20 positions
+        from trainer.train_loop import _step_sums
+
+        out[f"sums{rank}"] = _step_sums([1.0, 3.0] if rank == 0 else [2.0], 100 + rank, 10 * (rank + 1))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two processes (torch.multiprocessing.spawn)
 def test_any_rank_gives_every_rank_the_same_decisions():
-    """The training loop's stop and Ray-report decisions: a flag raised by one rank reaches all (2 gloo ranks)."""
+    """The training loop's stop and Ray-report decisions: a flag raised by one rank reaches all (2 gloo ranks);
+    the step's sums (loss, tokens, head positions) are every rank's."""
     import socket
 
     import torch.multiprocessing as mp
@@ -38,6 +44,7 @@ def test_any_rank_gives_every_rank_the_same_decisions():
     out = mp.Manager().dict()
     mp.spawn(_any_rank_worker, args=(port, out), nprocs=2, join=True)
     assert out[0] == out[1] == (True, True, False)
+    assert out["sums0"] == out["sums1"] == (2.0, 201, 30)  # every rank's tokens, not rank 0's times 2
     assert collectives.any_rank(True, False) == (True, False)  # one process: the flags themselves
 
 
@@ -54,16 +61,19 @@ def test_nccl_collectives_use_the_current_gpu(monkeypatch):
 def test_resolve_precision():
     assert resolve_precision("auto", use_gpu=False, bf16_supported=True) == "fp32"
     assert resolve_precision("fp32", use_gpu=False, bf16_supported=True) == "fp32"
-    with pytest.raises(ValueError, match="train.precision=fp16 needs train.use_gpu=true"):
-        resolve_precision("fp16", use_gpu=False, bf16_supported=True)
+    # DeepSpeed's CPU accelerator runs both half precisions: the GPU's precision path is tested on CPU
+    assert resolve_precision("bf16", use_gpu=False, bf16_supported=False) == "bf16"
+    assert resolve_precision("fp16", use_gpu=False, bf16_supported=False) == "fp16"
     with pytest.raises(ValueError, match="expected one of auto, bf16, fp16, fp32"):
         resolve_precision("half", use_gpu=False, bf16_supported=True)
     assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
     assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"  # V100, T4
     assert resolve_precision("fp32", use_gpu=True, bf16_supported=True) == "fp32"
-    # launch/eval.py names its own options
-    with pytest.raises(ValueError, match="--precision=bf16 needs --gpu"):
-        resolve_precision("bf16", use_gpu=False, bf16_supported=True, option="--precision", gpu_option="--gpu")
+    with pytest.raises(ValueError, match="train.precision=bf16: this GPU has no bfloat16"):
+        resolve_precision("bf16", use_gpu=True, bf16_supported=False)
+    # launch/eval.py names its own option
+    with pytest.raises(ValueError, match="--precision='half'"):
+        resolve_precision("half", use_gpu=False, bf16_supported=True, option="--precision")
 
 
 def test_deepspeed_config_follows_the_precision():

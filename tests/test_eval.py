@@ -64,8 +64,8 @@ def test_bad_arguments_fail_before_ray(run, tmp_path):
     assert r.returncode == 2 and "--batch-size=0: expected an integer >= 1" in r.stderr
     r = _eval(run, "--candidates-per-pass", "0")
     assert r.returncode == 2 and "--candidates-per-pass=0" in r.stderr
-    r = _eval(run, "--precision", "bf16")  # half precision is for GPUs
-    assert r.returncode == 2 and "--precision=bf16 needs --gpu" in r.stderr
+    r = _eval(run, "--precision", "half")
+    assert r.returncode == 2 and "--precision='half': expected one of auto, bf16, fp16, fp32" in r.stderr
 
 
 LLARA_ML = os.path.join(SHARED_DATA, "llara-data", "movielens")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from trainer import trainable_state
+from trainer.failures import Unrecoverable
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -64,7 +65,58 @@ def save_checkpoint(engine, root: str, step: int, state: dict, rank: int, keep_l
     """Collective: every rank writes its partitions and RNG states; rank 0 then writes the trainer
     state, COMPLETE and `latest`, and only then deletes what is no longer needed (prune). This module
     is the one owner of the checkpoint folder: Ray Train is never told of checkpoints, so no run
-    snapshot of Ray's can name a folder that is gone."""
+    snapshot of Ray's can name a folder that is gone. A full disk raises NoSpaceForCheckpoint (the
+    folder, what the checkpoint needs, what is free); the torn folder is never loaded (no COMPLETE)."""
+    try:
+        return _save(engine, root, step, state, rank, keep_last)
+    except (OSError, RuntimeError) as e:
+        needed, how = checkpoint_bytes(engine, root)
+        if not _out_of_space(e, root, needed):
+            raise
+        raise NoSpaceForCheckpoint(no_space_message(root, tag_for(step), needed, how)) from e
+
+
+class NoSpaceForCheckpoint(Unrecoverable, OSError):
+    """The file system of the checkpoints is full: a restart would write the same bytes to it."""
+
+
+def _out_of_space(e: BaseException, root: str, needed: int) -> bool:
+    """ENOSPC / EDQUOT as an OSError, or any write error with less free space left under `root` than a
+    checkpoint needs (torch.save then raises RuntimeErrors such as "basic_ios::clear: iostream error")."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return os.path.isdir(root) and shutil.disk_usage(root).free < needed
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
+               if os.path.isfile(os.path.join(d, f)))
+
+
+def checkpoint_bytes(engine, root: str) -> tuple[int, str]:
+    """(bytes, how known) a checkpoint takes: the newest complete one's size, else an estimate from the
+    trained parameters (DeepSpeed's files: the module copy, the fp32 master and AdamW's two fp32 moments;
+    trainable.safetensors: the master and the moments again)."""
+    tag = find_latest(root)
+    if tag:
+        return _folder_bytes(os.path.join(root, tag)), f"the size of {tag}"
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in trained)
+    module_bytes = trained[0].element_size() if trained else 4
+    return n * (module_bytes + 12 + 12), "estimated from the trained parameters"
+
+
+def no_space_message(root: str, tag: str, needed: int, how: str) -> str:
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+    return (f"no space left on the device of {root} while writing checkpoint {tag}: a checkpoint needs about "
+            f"{needed / 2**20:.1f} MB ({how}), {free / 2**20:.1f} MB are free there (the part written is left "
+            f"without COMPLETE, never loaded). Free space or lower train.keep_last, then run the same command: "
+            f"it resumes from {find_latest(root) or 'the start (no complete checkpoint yet)'}")
+
+
+def _save(engine, root: str, step: int, state: dict, rank: int, keep_last: int) -> str:
     tag = tag_for(step)
     path = os.path.join(root, tag)
     started = time.perf_counter()
@@ -136,7 +188,7 @@ def _load_trained(src: dict, dst) -> None:
     result = dst.load_state_dict(src, strict=False)
     lost = sorted(set(result.missing_keys) & {n for n, p in dst.named_parameters() if p.requires_grad})
     if lost or result.unexpected_keys:
-        raise RuntimeError(f"the checkpoint does not match the model: trained parameters missing {lost[:3]}, "
+        raise ValueError(f"the checkpoint does not match the model: trained parameters missing {lost[:3]}, "
                            f"unknown {result.unexpected_keys[:3]}")
 
 
@@ -180,7 +232,7 @@ def load_checkpoint(engine, root: str, tag: str, rank: int) -> dict:
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                           custom_load_fn=_load_trained)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        raise ValueError(f"DeepSpeed could not load checkpoint {path}")
     rng = os.path.join(path, f"rng_rank{rank}.safetensors")
     if os.path.exists(rng):
         _set_rng_states(load_file(rng))

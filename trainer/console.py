@@ -9,6 +9,7 @@ warns); anything else, from the same libraries too, still shows.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -20,6 +21,21 @@ GRADIENT_CHECKPOINTING_MODULE = "transformers.modeling_utils"
 
 # Ray Train's switch for its PreemptionWatcher actor (ray.train.v2._internal.constants)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+# Ray Train 2.60's loggers that print a worker's exception with its traceback: the worker's "Error in
+# training function:" and the controller's "[FailurePolicy] RAISE/RETRY ... Error: ..."
+RAY_TRACEBACK_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.failure_handling.default")
+FATAL_ERROR_NAME = "WorkerFatalError"  # trainer/failures.py
+
+
+class _DropFatalTracebacks(logging.Filter):
+    """Drops a record about a WorkerFatalError: its one line reaches the driver, which prints it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += type(record.exc_info[1]).__name__ + str(record.exc_info[1])
+        return FATAL_ERROR_NAME not in text
 
 
 def quiet_known_noise() -> None:
@@ -45,3 +61,12 @@ def quiet_known_noise() -> None:
     #    started: one actor process less, and no error line. Ray reads the switch in the driver at
     #    fit() and passes it on to the controller; RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 brings it back.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    # 3. A worker's error that no restart can fix (trainer/failures.py WorkerFatalError) printed with its
+    #    traceback by Ray Train, once by the worker and once by the controller, each forwarded to the
+    #    driver; the driver prints the error's one line itself, and the whole traceback is in the file the
+    #    line names (trainer/ray_cluster.py). Only records about WorkerFatalError are dropped; a failure a
+    #    restart may fix still shows Ray's lines.
+    for name in RAY_TRACEBACK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropFatalTracebacks) for f in logger.filters):
+            logger.addFilter(_DropFatalTracebacks())

@@ -53,6 +53,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.failures import Unrecoverable
+
+
+class CorruptShard(Unrecoverable, RuntimeError):
+    """A shard that is cut short or does not match its manifest: a restart would read the same bytes."""
+
 
 def iter_tar(path: str):
     """Yield (member name, bytes) of a plain tar file such as webdataset's TarWriter writes.
@@ -67,7 +73,7 @@ def iter_tar(path: str):
     off, n = 0, len(data)
     while True:
         if off + 512 > n:
-            raise RuntimeError(f"shard {path} is truncated or corrupt: it ends inside a tar header at byte {off}")
+            raise CorruptShard(f"shard {path} is truncated or corrupt: it ends inside a tar header at byte {off}")
         header = data[off:off + 512]
         if header == b"\0" * 512:
             return  # end-of-archive marker
@@ -75,14 +81,14 @@ def iter_tar(path: str):
             size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
             stored = int(header[148:156].rstrip(b"\0 ").decode() or "0", 8)
         except ValueError:
-            raise RuntimeError(f"shard {path} is truncated or corrupt: bad tar header at byte {off}") from None
+            raise CorruptShard(f"shard {path} is truncated or corrupt: bad tar header at byte {off}") from None
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise RuntimeError(f"shard {path} is truncated or corrupt: tar header checksum mismatch at byte {off}")
+            raise CorruptShard(f"shard {path} is truncated or corrupt: tar header checksum mismatch at byte {off}")
         name = header[:100].split(b"\0", 1)[0].decode()
         prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
         off += 512
         if off + size > n:
-            raise RuntimeError(f"shard {path} is truncated or corrupt: member {name} is cut short")
+            raise CorruptShard(f"shard {path} is truncated or corrupt: member {name} is cut short")
         if header[156:157] in (b"0", b"\0"):
             yield (prefix + "/" + name if prefix else name), data[off:off + size]
         off += (size + 511) // 512 * 512
@@ -112,7 +118,7 @@ def record_length(rec: dict, path: str = "") -> int:
     try:
         return int.from_bytes(rec["llara.bin"][:4], "little", signed=True)
     except KeyError:
-        raise RuntimeError(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} "
+        raise CorruptShard(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} "
                            "has no llara.bin") from None
 
 
@@ -137,7 +143,7 @@ def decode(rec: dict, path: str = "") -> dict:
             sample["user_pos"], sample["history"] = user_pos, sample["slot_item"][:hist_len]
         return sample
     except (KeyError, ValueError) as e:
-        raise RuntimeError(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} is incomplete "
+        raise CorruptShard(f"shard {path} is truncated or corrupt: record {rec.get('__key__')} is incomplete "
                            f"({type(e).__name__}: {e})") from e
 
 
@@ -155,7 +161,7 @@ def read_shard(path: str, expected: int | None = None):
         yield decode(rec, path)
         n += 1
     if expected is not None and n != expected:
-        raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {n} samples, the manifest says {expected}")
+        raise CorruptShard(f"shard {path} is truncated or corrupt: it holds {n} samples, the manifest says {expected}")
 
 
 @dataclass
@@ -204,7 +210,7 @@ class SplitReader:
         path = os.path.join(self.data_dir, self.shards[s]["name"])
         records = list(_raw_records(path))
         if len(records) != count:
-            raise RuntimeError(f"shard {path} is truncated or corrupt: it holds {len(records)} samples, "
+            raise CorruptShard(f"shard {path} is truncated or corrupt: it holds {len(records)} samples, "
                                f"the manifest says {count}")
         inner = np.random.default_rng([self.seed, epoch, s]).permutation(count).tolist() if self.shuffle else range(count)
         return [records[i] for i in inner], path

@@ -326,14 +326,19 @@ def eval_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_worker_process(job.gpu, job.threads)
     # On GPU (--gpu; written with the same care, but run only on CPU here): the worker's GPU, the LLM and
-    # adapter read in --precision (auto: bf16 where the GPU has it, else fp16, as training picks; LoRA
-    # stays fp32, as peft keeps it), the SRec in fp32 (the adapter casts its vectors).
+    # adapter read in --precision (auto: bf16 where the GPU has it, else fp16, as training picks; on CPU
+    # fp32 unless asked: DeepSpeed's CPU accelerator runs bf16 and fp16 too), LoRA in it as well
+    # (trainer/precision.py), the SRec in fp32 (the adapter casts its vectors).
     device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")  # the GPU Ray gave it
     on_gpu = device.type == "cuda"
     precision = resolve_precision(job.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
-                                  option="--precision", gpu_option="--gpu")
+                                  option="--precision")
     srec = load_srec(job.paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(job.source, job.paths, srec.hidden, TORCH_DTYPES[precision])
+    if on_gpu and embed.injection == "fused":  # its Triton kernels need a C compiler here: said before the first batch
+        from trainer.kernels.build import check_triton_compiler
+
+        check_triton_compiler()
     model.to(device)
     manifest = load_manifest(job.paths["data"])
     titles = load_items(job.paths["data"])["titles"]

@@ -87,7 +87,8 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
         user_adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
         user_adapter.load_state_dict(load_file(os.path.join(export_dir, "user_projector.safetensors")))
     model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection, user_adapter))
-    peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"))  # LoRA kept in fp32 by peft
+    # LoRA in `dtype`, as training held it (trainer/precision.py), not upcast to fp32 as peft would
+    peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"), autocast_adapter_dtype=False)
     base = load_file(os.path.join(export_dir, "trained_base.safetensors"))
     params = dict(peft_model.named_parameters())
     missing = [n for n in base if n not in params]

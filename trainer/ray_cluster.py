@@ -18,11 +18,14 @@ only) when it is missing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import stat
 import time
+
+from trainer.failures import fatal_error_of, fatal_errors
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,10 @@ def on_worker_process_start() -> None:
     with a stale file, 40-s timeouts and a 12-s wait with a traceback at the end of every run."""
     import ray
 
+    from trainer.console import quiet_known_noise
     from trainer.signals import install_worker_handlers
 
+    quiet_known_noise()  # the controller's lines too
     install_worker_handlers()
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
@@ -156,14 +161,20 @@ def _logs_dir() -> str:
 
 def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_worker: int, use_gpu: bool,
                    storage_path: str, name: str, max_failures: int = 0):
-    """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them; Ray
-    restarts them up to max_failures times (-1: without limit). workers=(min, max): Ray Train's elastic
-    mode, as many as the cluster has room for in that range, fewer after a lost node, more again when room
-    appears (each change restarts the workers, which resume from the newest checkpoint). Ray Train keeps its run state in
-    storage_path/name, a folder of its own per call (name made unique with the time and this process):
-    no job's state, nor Ray's bookkeeping of checkpoints, is ever read back by another. The jobs keep
-    their checkpoints themselves (trainer/checkpoint.py). Ray must be connected (connect)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them.
+
+    Failures (trainer/failures.py): an error no restart can fix (a config DeepSpeed refuses, a corrupt
+    file, a full disk) ends the job at once with JobFailed, whose message is the worker's one line; any
+    other failure (a lost worker or node, and the errors of the ranks that were talking to it) starts
+    the workers again, up to max_failures times (-1: without limit), each resuming from the job's newest
+    checkpoint. The restarts are made here, each a new Ray Train run, and not by Ray's FailureConfig,
+    which cannot tell the two apart; Ray still waits out a preemption itself. workers=(min, max): Ray
+    Train's elastic mode, as many as the cluster has room for in that range, fewer after a lost node,
+    more again when room appears. Ray Train keeps its run state in storage_path/name-<time>-<pid>, a
+    folder of its own per run: no job's state, nor Ray's bookkeeping of checkpoints, is ever read back
+    by another. The jobs keep their checkpoints themselves (trainer/checkpoint.py). Ray must be
+    connected (connect)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from trainer.console import quiet_known_noise
@@ -171,15 +182,38 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
     quiet_known_noise()  # before fit(): Ray Train reads its switches in the driver
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker=fn,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=os.path.abspath(storage_path),
-                             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    return trainer.fit()
+    restarts = 0
+    while True:
+        trainer = TorchTrainer(
+            train_loop_per_worker=functools.partial(_guarded, fn, os.path.abspath(storage_path)),
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(storage_path=os.path.abspath(storage_path),
+                                 name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{restarts}",
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        try:
+            return trainer.fit()
+        except TrainingFailedError as e:
+            fatal = fatal_error_of(e)
+            if fatal is not None:
+                raise JobFailed(fatal) from None
+            restarts += 1
+            if max_failures != -1 and restarts > max_failures:
+                raise
+            log.warning("the %s workers failed (%s): starting them again from the newest checkpoint, restart %d of %s",
+                        name, " ".join(str(e).split())[:300], restarts, "unlimited" if max_failures == -1 else max_failures)
+
+
+class JobFailed(RuntimeError):
+    """A job's workers met an error that no restart can fix; the message is the one line to show."""
+
+
+def _guarded(fn, traceback_dir: str, config):
+    """What each worker runs: fn, with the errors no restart can fix made WorkerFatalError, whose one line
+    names the file its whole traceback went to (traceback_dir/failure-rank<r>.txt)."""
+    with fatal_errors(traceback_dir):
+        return fn(config)
 
 
 def setup_worker_process(use_gpu: bool, threads: int) -> None:

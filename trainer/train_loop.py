@@ -74,8 +74,8 @@ class Run:
     checkpoint: tuple = (None, None)  # (tag, trainer state) of the newest complete checkpoint when set up
     resizes: list = field(default_factory=list)  # {"step", "from", "to"} of each resume on another worker count
     partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
-    flops_shape: dict = field(default_factory=dict)  # params, trained, layers, hidden: trainer/flops.py
-    peak_flops: float | None = None  # one device's peak FLOP/s (None on CPU: no MFU)
+    flops_shape: dict = field(default_factory=dict)  # trainer/flops.py model_shape
+    peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision (None on CPU: no MFU)
 
     @property
     def is_main(self) -> bool:
@@ -100,11 +100,14 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
 
     from trainer.data import SplitReader
     from trainer.ds_config import deepspeed_config
-    from trainer.flops import peak_flops
+    from trainer.flops import model_shape, peak_flops
+    from trainer.kernels.build import check_triton_compiler
     from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.precision import TORCH_DTYPES, resolve_precision
 
     setup_worker_process(cfg.train.use_gpu, cfg.train.cpus_per_worker)
+    if cfg.train.use_gpu and cfg.model.injection == "fused":
+        check_triton_compiler()  # a node without gcc/clang says so now, not in the first forward
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
@@ -139,19 +142,18 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     steps_per_epoch = reader.batches_per_epoch() // train_cfg.grad_accum
     total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * steps_per_epoch
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    llm_config = model.get_base_model().config
-    flops_shape = {"params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()), "trained": n_trainable,
-                   "layers": llm_config.num_hidden_layers, "hidden": llm_config.hidden_size}
     engine = build_engine(cfg, model, ds_config, device, total_steps, paths["deepspeed_config"] if rank == 0 else None)
     if rank == 0:
         log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
                  "ZeRO stage %d; %d trainable parameters", train_cfg.micro_batch * train_cfg.grad_accum * world,
                  train_cfg.micro_batch, train_cfg.grad_accum, world, total_steps, steps_per_epoch,
                  train_cfg.zero_stage, n_trainable)
-    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train_cfg.peak_tflops)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, precision,
+                      train_cfg.peak_tflops)
     return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
                progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
-               checkpoint=(tag, state), partitioned_loading=loading, flops_shape=flops_shape, peak_flops=peak)
+               checkpoint=(tag, state), partitioned_loading=loading, flops_shape=model_shape(model, embed),
+               peak_flops=peak)
 
 
 def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
@@ -288,7 +290,7 @@ def train(run: Run) -> str:
     micro_step_samples = run.world * train_cfg.micro_batch  # samples (fillers included) per micro-step, all ranks
     step_samples = micro_step_samples * train_cfg.grad_accum  # per optimizer step
     ph_id = run.tokenizer.convert_tokens_to_ids("[PH]")
-    meter, step_log, losses = Throughput(), StepLog(run), []
+    meter, step_log, losses, tokens, heads = Throughput(), StepLog(run), [], 0, 0
     sample_log = _sample_log(run) if train_cfg.sample_log else None
     _write_pid(run)
     run.engine.train()
@@ -312,13 +314,16 @@ def train(run: Run) -> str:
                                              "position": progress["position"], "keys": batch["keys"]}) + "\n")
             meter.lap("optimizer")
             progress["position"] += micro_step_samples
-            meter.count(micro_step_samples, int(batch["attention_mask"].sum()) * run.world)
+            tokens += int(batch["attention_mask"].sum())  # this rank's; summed over ranks with the loss
+            heads += len(batch["labels"]) * len(answer_positions(batch["labels"]))  # where the LM head ran
             if progress["position"] % step_samples:
                 continue  # gradients accumulate until the optimizer step
             progress["global_step"] += 1
             progress["hybrid_steps"] += int(hybrid)
-            record = step_log.record(_mean_over_ranks(losses), hybrid, meter)
-            losses = []
+            loss, step_tokens, step_heads = _step_sums(losses, tokens, heads)
+            meter.count(step_samples, step_tokens, step_heads)
+            record = step_log.record(loss, hybrid, meter)
+            losses, tokens, heads = [], 0, 0
             if sample_log:
                 sample_log.flush()  # before the step's checkpoint: a resume from it keeps these lines
             if end_of_step(run, record, step_log):
@@ -402,11 +407,12 @@ def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
     return stop
 
 
-def _mean_over_ranks(losses: list[float]) -> float:
-    """The step's loss: the mean of its micro-batches' losses over every rank, fillers-only ones left out (an
-    epoch's last step would otherwise report a loss lowered by their zeros, by how many the layout made)."""
-    total, count = all_reduce_sums(sum(losses), len(losses))
-    return total / max(count, 1)
+def _step_sums(losses: list[float], tokens: int, heads: int) -> tuple[float, float, float]:
+    """One collective per step: (the step's loss, tokens, LM-head positions), over every rank. The loss is the
+    mean of the micro-batches' losses, fillers-only ones left out (an epoch's last step would otherwise report
+    a loss lowered by their zeros, by how many the layout made)."""
+    total, count, tokens, heads = all_reduce_sums(sum(losses), len(losses), tokens, heads)
+    return total / max(count, 1), tokens, heads
 
 
 def _close(step_log, sample_log) -> None:
@@ -446,7 +452,7 @@ class Throughput:
 
     def _reset(self) -> None:
         self.since, self.phases = time.time(), dict.fromkeys(PHASES, 0.0)
-        self.samples = self.tokens = self.steps = 0
+        self.samples = self.tokens = self.head_positions = self.steps = 0
 
     def restart(self) -> None:
         """The next lap starts now."""
@@ -458,9 +464,11 @@ class Throughput:
         self.phases[phase] += now - self.tick
         self.tick = now
 
-    def count(self, samples: int, tokens: int) -> None:
+    def count(self, samples: float, tokens: float, head_positions: float) -> None:
+        """An optimizer step's samples (fillers included), tokens and LM-head positions, over every rank."""
         self.samples += samples
         self.tokens += tokens
+        self.head_positions += head_positions
 
     def summary(self, steps: int) -> dict:
         """The figures over the last `steps` optimizer steps; starts the next window."""
@@ -468,6 +476,7 @@ class Throughput:
         per_step = {k: 1e3 * v / steps for k, v in self.phases.items()}
         per_step["other"] = 1e3 * elapsed / steps - sum(per_step.values())
         out = {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
+               "head_positions_per_s": self.head_positions / elapsed,
                **{f"{k}_ms": round(v, 3) for k, v in per_step.items()}}
         self._reset()
         return out
@@ -503,12 +512,12 @@ class StepLog:
 
     def utilisation(self, record: dict) -> dict:
         """MFU over the window (None without a known peak: CPU) and peak memory (trainer/flops.py)."""
-        from trainer.flops import peak_memory_gib, training_flops_per_token
+        from trainer.flops import peak_memory_gib, throughput_flops
 
-        run, seq_len = self.run, record["tokens_per_s"] / max(record["samples_per_s"], 1e-9)
-        flops = training_flops_per_token(**run.flops_shape, seq_len=seq_len) * record["tokens_per_s"]
+        run = self.run
+        flops, mfu = throughput_flops(run.flops_shape, record["samples_per_s"], record["tokens_per_s"],
+                                      record["head_positions_per_s"], run.peak_flops, run.world)
         memory, kind = peak_memory_gib(run.device)
-        mfu = flops / (run.peak_flops * run.world) if run.peak_flops else None
         return {"tflops_per_s": flops / 1e12, "mfu": mfu, "peak_memory_gib": round(memory, 3), "memory": kind}
 
     def write(self, record: dict) -> None:

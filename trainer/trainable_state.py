@@ -25,7 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trainer.failures import Unrecoverable
+
 FILE = "trainable.safetensors"
+
+
+class ResizeMismatch(Unrecoverable, RuntimeError):
+    """The engine does not hold what the checkpoint's file says after a restore: restarting restores the same."""
 
 
 def trained_parameters(engine) -> list[tuple[str, torch.nn.Parameter]]:
@@ -161,8 +167,8 @@ def verify(engine, checkpoint_dir: str) -> None:
         for key in f.keys():
             saved = f.get_tensor(key)
             if not torch.equal(gathered[key], saved):
-                raise RuntimeError(f"resize: {key} in the engine differs from {FILE} of {checkpoint_dir}")
+                raise ResizeMismatch(f"resize: {key} in the engine differs from {FILE} of {checkpoint_dir}")
             if key.startswith("param."):
                 name = key[len("param."):]
                 if not torch.equal(module[name], saved.view(module[name].shape).to(module[name].dtype)):
-                    raise RuntimeError(f"resize: the module's {name} differs from {FILE} of {checkpoint_dir}")
+                    raise ResizeMismatch(f"resize: the module's {name} differs from {FILE} of {checkpoint_dir}")

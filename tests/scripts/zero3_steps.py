@@ -51,10 +51,13 @@ def main():
     from trainer.config import load_config
     from trainer.ds_config import check_deepspeed_overrides, deepspeed_config
     from trainer.model.build import build_llara_model
+    from trainer.precision import TORCH_DTYPES
     from trainer.train_loop import answer_loss
 
     lora = {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    precision = os.environ.get("PRECISION", "fp32")
     model, embed = build_llara_model(llm, 64, lora, unfreeze=os.environ.get("UNFREEZE", "lm_head").split(","), seed=0,
+                                     dtype=TORCH_DTYPES[precision],
                                      injection=os.environ.get("INJECTION", "fused"), user_token=USER,
                                      activation_checkpointing=bool(os.environ.get("ACTIVATION_CHECKPOINTING")))
     model.train()
@@ -86,7 +89,7 @@ def main():
                                  f"train.zero_stage={int(os.environ.get('ZERO_STAGE', 3))}",
                                  "train.deepspeed.zero_allow_untested_optimizer=true", *overrides])
         check_deepspeed_overrides(cfg)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, precision))
         # what the engine runs with: parameters ZeRO-3 keeps whole on every rank, prefetching
         engine_config = {"persisted_parameters": sum(bool(getattr(p, "ds_persist", False)) for p in model.parameters()),
                          "prefetch_bucket_size": engine.zero_prefetch_bucket_size()}

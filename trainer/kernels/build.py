@@ -194,6 +194,30 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
+def triton_c_compiler() -> str | None:
+    """The C compiler Triton uses on a GPU node (its runtime/build.py, Triton 3.x): $CC, else gcc, else clang."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("gcc") or shutil.which("clang")
+
+
+def check_triton_compiler(option: str = "model.injection=fused") -> None:
+    """ValueError naming this node when Triton will run (the fused op on CUDA) and finds no C compiler.
+
+    Triton compiles, with a C compiler, the small host-side launcher of its CUDA driver and of each kernel,
+    on each node, on first use (then it is cached in $TRITON_CACHE_DIR, ~/.triton/cache); the GPU code
+    itself goes through the ptxas that Triton ships. So unlike the C++ library (which nodes can load
+    prebuilt, above), the Triton path needs gcc or clang on every GPU node. Checked on the workers before
+    the first step, not met halfway through the first forward."""
+    if triton_c_compiler() is None:
+        cc = os.environ.get("CC")
+        raise ValueError(f"{option} on a GPU runs Triton kernels, and Triton compiles their launchers with a C "
+                         f"compiler on first use; node {socket.gethostname()} has none "
+                         f"({f'CC={cc} not found' if cc else 'no CC, gcc or clang on PATH'}): install gcc there "
+                         "(apt-get install gcc), or set model.injection=reference")
+
+
 def _build(folder: str, lib: str, source: str, cflags: list[str], ldflags: list[str]) -> None:
     if _compiler() is None:
         raise NoCompiler(

@@ -122,7 +122,7 @@ def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dty
     peft_model = get_peft_model(model, LoraConfig(
         r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
         target_modules=list(lora_cfg["target_modules"]), task_type="CAUSAL_LM",
-    ))
+    ), autocast_adapter_dtype=False)  # LoRA in `dtype` too: the dtype policy (module docstring)
     embed = peft_model.get_input_embeddings()
     assert isinstance(embed, HybridEmbedding)
     embed.adapter.requires_grad_(True)
