@@ -1,6 +1,13 @@
-"""A real SLURM on this machine for tests: munge, slurmctld and one slurmd per fake node, started
-from Debian's packages with a generated slurm.conf, stopped by pid (see
-../shared/notes/slurm-on-one-machine.md for the facts this relies on)."""
+"""A real SLURM on this machine for tests: munged, slurmctld and one slurmd per fake node, started
+from Debian's packages with a generated slurm.conf (see ../shared/notes/slurm-on-one-machine.md for
+the facts this relies on).
+
+Each test cluster is its own: its own munged (its socket in a folder of its own, named in slurm.conf's
+AuthInfo, which SLURM's daemons and clients read), and ports nothing listened on when it started (two
+clusters at once, as pytest-xdist runs test_slurm.py beside test_slurm_multinode.py, never share one,
+and a slurmd left by an earlier cluster cannot register with a new slurmctld). Its daemons are stopped
+whatever happens to the test, a start that failed halfway included: by the pids in their pid files,
+then every process still naming this cluster's files (SIGKILL after a grace period)."""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket={munge_socket}
 StateSaveLocation={base}/state
 SlurmdSpoolDir={base}/spool/%n
 SlurmctldPidFile={base}/slurmctld.pid
@@ -43,6 +50,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _free_ports(n: int) -> list[int]:
+    """n TCP ports nothing listened on just now, all different."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def available() -> str | None:
     """None when SLURM can be started here, else the reason it cannot."""
     for tool in ("slurmctld", "slurmd", "sbatch", "munged"):
@@ -60,6 +81,8 @@ class Slurm:
         self.fake = fake_nodes
         self.cpus = cpus
         self.env = dict(os.environ, SLURM_CONF=os.path.join(base, "slurm.conf"))
+        self.munge_dir = f"/run/munge-{os.path.basename(base)}"
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
 
     def start(self) -> None:
         for d in ("state", "spool", "log"):
@@ -71,16 +94,20 @@ class Slurm:
             subprocess.run(["mungekey", "--create"], check=True)
             shutil.chown("/etc/munge/munge.key", "munge", "munge")
             os.chmod("/etc/munge/munge.key", 0o400)
-        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "/run/munge"], check=True)
-        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
-            subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"], check=True)
+        # this cluster's munged, in a folder the munge user owns (the test's base folder is root's, 0700)
+        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", self.munge_dir], check=True)
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force", f"--socket={self.munge_socket}",
+                        f"--pid-file={self.munge_dir}/munged.pid", f"--log-file={self.munge_dir}/munged.log",
+                        f"--seed-file={self.munge_dir}/munged.seed"], check=True)
+        ctld_port, d_port, *node_ports = _free_ports(2 + len(self.fake or []))
         if self.fake:
-            nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={17001 + i} "
-                              f"CPUs={self.cpus} RealMemory=8000 State=UNKNOWN" for i, n in enumerate(self.fake))
+            nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} "
+                              f"CPUs={self.cpus} RealMemory=8000 State=UNKNOWN" for n, port in zip(self.fake, node_ports))
         else:
             nodes = f"NodeName={self.host} CPUs={self.cpus} RealMemory=8000 State=UNKNOWN"
         with open(self.env["SLURM_CONF"], "w") as f:
-            f.write(CONF.format(host=self.host, base=self.base, ctld_port=16817, d_port=16818, nodes=nodes))
+            f.write(CONF.format(host=self.host, base=self.base, ctld_port=ctld_port, d_port=d_port, nodes=nodes,
+                                munge_socket=self.munge_socket))
         subprocess.run(["slurmctld", "-f", self.env["SLURM_CONF"]], env=self.env, check=True)
         for n in self.fake or [None]:
             cmd = ["slurmd", "-f", self.env["SLURM_CONF"]] + (["-N", n] if n else [])
@@ -92,17 +119,33 @@ class Slurm:
             time.sleep(0.5)
         raise RuntimeError(f"SLURM did not come up: {r.stdout} {r.stderr}")
 
+    def daemons(self) -> list:
+        """The live processes of this cluster: those naming its slurm.conf or its munge socket."""
+        import psutil
+
+        mine = (self.env["SLURM_CONF"], self.munge_socket)
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in mine):
+                found.append(p)
+        return found
+
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM each daemon by the pid in its pid file, then wait until they are gone (their ports free)."""
+        """SIGTERM each daemon by the pid in its pid file, wait until they are gone (their ports free), then
+        SIGKILL whatever of this cluster is still there (a daemon whose pid file was never written)."""
+        import psutil
+
         pids = []
-        for name in os.listdir(self.base):
-            if name.endswith(".pid"):
-                try:
-                    pid = int(open(os.path.join(self.base, name)).read().strip())
-                    os.kill(pid, 15)
-                    pids.append(pid)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    pass
+        for folder in (self.base, self.munge_dir):
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if name.endswith(".pid"):
+                    try:
+                        pid = int(open(os.path.join(folder, name)).read().strip())
+                        os.kill(pid, 15)
+                        pids.append(pid)
+                    except (ValueError, ProcessLookupError, FileNotFoundError):
+                        pass
         deadline = time.time() + timeout
         for pid in pids:
             while time.time() < deadline:
@@ -111,6 +154,14 @@ class Slurm:
                 except ProcessLookupError:
                     break
                 time.sleep(0.2)
+        left = self.daemons()
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def run(self, *args, **kw):
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, **kw)
@@ -130,8 +181,8 @@ def running(prefix: str, **kwargs):
     if why:
         pytest.skip(why)
     cluster = Slurm(tempfile.mkdtemp(prefix=prefix, dir="/tmp"), **kwargs)
-    cluster.start()
     try:
+        cluster.start()  # inside: a start that fails halfway still stops what it started
         yield cluster
     finally:
         cluster.stop()

@@ -127,3 +127,21 @@ def test_without_a_compiler_a_shared_build_loads_and_a_missing_one_says_what_to_
     assert r.returncode == 1 and time.monotonic() - start < 60
     assert "no C++ compiler" in r.stderr and "python -m trainer.kernels.build --dir DIR" in r.stderr, r.stderr
     assert "model.injection=reference" in r.stderr
+
+
+def test_a_gpu_node_without_a_c_compiler_for_triton_is_named_before_the_first_step(monkeypatch, tmp_path):
+    """Triton compiles its launchers with $CC, else gcc, else clang, on each GPU node on first use: the
+    workers check before the first step (trainer/train_loop.py setup) and name the node when none is there."""
+    import socket
+
+    from trainer.kernels.build import check_triton_compiler, triton_c_compiler
+
+    monkeypatch.delenv("CC", raising=False)
+    assert triton_c_compiler() is not None  # gcc here
+    check_triton_compiler()
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no gcc, no clang
+    with pytest.raises(ValueError, match=f"node {socket.gethostname()} has none \\(no CC, gcc or clang on PATH\\)"):
+        check_triton_compiler()
+    monkeypatch.setenv("CC", "/opt/nowhere/cc")
+    with pytest.raises(ValueError, match="CC=/opt/nowhere/cc not found.*model.injection=reference"):
+        check_triton_compiler()

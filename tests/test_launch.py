@@ -20,11 +20,39 @@ def test_unknown_key_exits_2_naming_it(tmp_path):
     assert r.returncode == 2 and "unknown config key 'train.lrr'" in r.stderr
 
 
-def test_a_half_precision_run_on_cpu_is_refused_before_anything_starts(tmp_path):
-    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path / 'run'}", "train.precision=bf16"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "train.precision=bf16 needs train.use_gpu=true" in r.stderr
-    assert not (tmp_path / "run").exists()
+def _cut_model_folder(folder):
+    """A model folder whose model.safetensors was cut short (a copy that stopped halfway)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(64, 64)}, str(folder / "model.safetensors"))
+    os.truncate(folder / "model.safetensors", 5000)
+    return folder
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["model.base=/nonexistent/folder"], "model.base=/nonexistent/folder: no such folder; give a Hugging Face model "
+                                         "folder on disk"),
+    (["model.base={cut}"], "{cut}/model.safetensors: cut short (5000 bytes; its tensors need"),
+    (["data.source=llara"], "data.source=llara needs data.path (a folder with LLaRA's .df files and id2name.txt)"),
+    (["data.source=ml-100k", "data.path={tmp}"], "data.path={tmp}: data.source=ml-100k needs u.data, u.item there"),
+    (["srec.path=/nonexistent/lastfm.pt"], "srec.path=/nonexistent/lastfm.pt: no such file or folder"),
+    (["model.attn_implementation=flash_attention_2", "train.use_gpu=true", "train.precision=fp32"],
+     "model.attn_implementation=flash_attention_2 runs in bf16 or fp16 only"),
+])
+def test_a_start_that_cannot_succeed_ends_at_once_in_one_line(bad, message, tmp_path):
+    """What every worker would meet after Ray started and the data were built (a traceback each, retried by
+    Ray's FailureConfig before this project checked them) is said before anything starts: exit 2, one line."""
+    cut = _cut_model_folder(tmp_path / "cut") if any("{cut}" in b for b in bad) else None
+    fill = {"cut": cut, "tmp": tmp_path}
+    args = [b.format(**fill) for b in bad]
+    r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path / 'run'}", *args], capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + message.format(**fill)), r.stderr
+    assert "Ray" not in r.stderr + r.stdout and not (tmp_path / "run" / "data").exists()
 
 
 @pytest.mark.parametrize("bad, message", [

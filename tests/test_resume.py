@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, start_logged, wait_for_step
 from trainer.checkpoint import find_latest
@@ -122,3 +123,31 @@ def test_logs_tensorboard_and_loss_png(reference):
     logs = reference / "logs"
     assert (logs / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(logs / "tensorboard"))
+
+
+def test_bf16_run_stopped_by_sigterm_and_resumed_ends_where_the_uninterrupted_one_ends(reference, tmp_path):
+    """The GPU's precision on DeepSpeed's CPU accelerator (train.precision=bf16, ZeRO-3, 2 workers): a run
+    stopped by SIGTERM to a worker (the step in flight finished, a checkpoint, exit 75) and run again ends
+    with the uninterrupted bf16 run's per-step losses and export, bit for bit, and the same evaluation.
+    The export holds the bf16 module copy (what the end-of-run evaluation ran)."""
+    from safetensors.torch import load
+
+    from conftest import sigterm_at_step
+
+    bf16 = ["train.precision=bf16", "train.max_steps=12", "train.checkpoint_every=4", "eval.max_samples=8"]
+    whole = copy_prepared(reference, tmp_path / "whole")
+    r = subprocess.run(_cmd(whole, *bf16), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.load(open(whole / "logs" / "deepspeed_config.json"))["bf16"]["enabled"] is True
+    stopped = copy_prepared(reference, tmp_path / "stopped")
+    sigterm_at_step(_cmd(stopped, *bf16), stopped, 5)
+    assert 5 <= int(find_latest(str(stopped / "checkpoints"))[len("step_"):]) < 12  # stopped before the end
+    r = subprocess.run(_cmd(stopped, *bf16), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0 and "resumed from step_00000" in r.stderr, r.stderr[-4000:]
+    assert _losses(stopped) == _losses(whole) and len(_losses(whole)) == 12
+    exported = _export_bytes(whole)
+    assert _export_bytes(stopped) == exported
+    assert {t.dtype for t in load(exported["projector.safetensors"]).values()} == {torch.bfloat16}
+    metrics = [json.loads((run / "eval" / "test_metrics.json").read_text()) for run in (whole, stopped)]
+    assert metrics[0]["samples"] == 8 and {k: v for k, v in metrics[0].items() if k != "checkpoint"} == \
+        {k: v for k, v in metrics[1].items() if k != "checkpoint"}

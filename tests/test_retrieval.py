@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import ray_as_the_product_starts_it
 from trainer.retrieval import (cached_item_embeddings, embed_items, item_texts, l2_normalize, model_fingerprint,
                                pca, retrieve, retrieved_items, topk_similar_items)
 
@@ -326,9 +327,7 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=1",
                              "data.retrieval.batch_size=2"])
     cache = str(tmp_path / "item_emb")
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-    try:
+    with ray_as_the_product_starts_it(num_cpus=2, object_store_mb=256):
         report = embed_on_workers(cfg, ITEMS, folder, cache)
         # (a) one slice per worker process: disjoint, together every item once
         ranks = sorted(report["ranks"], key=lambda w: w["rank"])
@@ -347,8 +346,6 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
 
         monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_job)
         assert embed_on_workers(cfg, ITEMS, folder, cache) is None
-    finally:
-        ray.shutdown()
 
 
 def test_model_fingerprint_is_remembered_until_the_files_change(tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import ray_as_the_product_starts_it
 from shards.build import check_manifest, load_items, load_manifest, load_source, write_shards
 from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
 from shards.synthetic import SyntheticConfig, generate
@@ -310,22 +311,21 @@ def test_ray_tasks_on_two_nodes_write_the_same_shards_with_1_2_3_workers(small_r
     store = {"object_store_memory": 128 * 2**20}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **store})
     cluster.add_node(num_cpus=2, **store)
-    ray.init(address=cluster.address, log_to_driver=False)
     try:
-        cluster.wait_for_nodes()
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        for workers in (1, 2, 3):
-            tokenizer = shutil.copytree(paths["llm"], tmp_path / f"copy{workers}" / os.path.basename(paths["llm"]))
-            caplog.clear()
-            _build(str(tokenizer), tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
-            assert not tokenizer.exists()
-            _same_build(tmp_path / f"ray{workers}", local)
-            line = [r.getMessage() for r in caplog.records if "as Ray tasks on" in r.getMessage()]
-            assert len(line) == 1, caplog.text
-            if workers == 3:
-                assert "on 2 node(s)" in line[0], line[0]
+        with ray_as_the_product_starts_it(address=cluster.address):
+            cluster.wait_for_nodes()
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+            for workers in (1, 2, 3):
+                tokenizer = shutil.copytree(paths["llm"], tmp_path / f"copy{workers}" / os.path.basename(paths["llm"]))
+                caplog.clear()
+                _build(str(tokenizer), tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
+                assert not tokenizer.exists()
+                _same_build(tmp_path / f"ray{workers}", local)
+                line = [r.getMessage() for r in caplog.records if "as Ray tasks on" in r.getMessage()]
+                assert len(line) == 1, caplog.text
+                if workers == 3:
+                    assert "on 2 node(s)" in line[0], line[0]
     finally:
-        ray.shutdown()
         cluster.shutdown()
 
 

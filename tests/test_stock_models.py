@@ -123,18 +123,21 @@ def test_a_7b_shaped_build_trains_llaras_parameter_count(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama2", "qwen2"])
-def test_train_eval_export_on_a_stock_folder(kind, stock_folders, tmp_path):
-    """launch/train.py with model.base = the folder, 2 Ray workers, ZeRO-3, LoRA only (with its end-of-run
-    evaluation, the evaluation code launch/eval.py runs); then the export reloaded with plain transformers +
-    peft (README's lines) gives the trained model's scores. (launch/eval.py reads a run's base and tokenizer
-    from its stamp, trainer/prepare.py prepared_paths, checked for every family above.)"""
+@pytest.mark.parametrize("kind, stage", [("llama2", 2), ("qwen2", 3)])
+def test_train_eval_export_on_a_stock_folder(kind, stage, stock_folders, tmp_path):
+    """launch/train.py with model.base = the folder, 2 Ray workers, LoRA only, in the GPU's precision (bf16 on
+    DeepSpeed's CPU accelerator) at ZeRO stage 2 and 3 (with its end-of-run evaluation, the evaluation code
+    launch/eval.py runs); then the export reloaded with plain transformers + peft (README's lines) gives the
+    trained model's scores. (launch/eval.py reads a run's base and tokenizer from its stamp,
+    trainer/prepare.py prepared_paths, checked for every family above.)"""
     out = tmp_path / "run"
     args = [f"output_dir={out}", f"model.base={stock_folders[kind]}", *STOCK_SMALL, "train.num_workers=2",
-            "train.zero_stage=3", "train.max_steps=4", "train.checkpoint_every=2", "eval.max_samples=8",
-            "eval.batch_size=4", "eval.max_new_tokens=4"]
+            f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=4", "train.checkpoint_every=2",
+            "eval.max_samples=8", "eval.batch_size=4", "eval.max_new_tokens=4"]
     r = subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
+    ds = json.loads((out / "logs" / "deepspeed_config.json").read_text())
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == stage
     metrics = json.loads((out / "eval" / "test_metrics.json").read_text())
     assert metrics["samples"] == 8 and "compare" in metrics  # the end-of-run evaluation read this folder's model
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "plain_peft_reload.py"), str(out)],

@@ -12,6 +12,7 @@ USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] 
 [5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
 TEXT_ONLY=1: every step text-only (no slots); TEXT_STEPS=1,2: those steps only.
 ACTIVATION_CHECKPOINTING=1: the decoder layers recomputed in backward (train.activation_checkpointing).
+PRECISION=bf16|fp16: the model built in it and DeepSpeed's bf16/fp16 mode (trainer/precision.py); fp32 by default.
 """
 
 import json
@@ -92,7 +93,8 @@ def main():
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, precision))
         # what the engine runs with: parameters ZeRO-3 keeps whole on every rank, prefetching
         engine_config = {"persisted_parameters": sum(bool(getattr(p, "ds_persist", False)) for p in model.parameters()),
-                         "prefetch_bucket_size": engine.zero_prefetch_bucket_size()}
+                         "prefetch_bucket_size": engine.zero_prefetch_bucket_size(),
+                         "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
         for step in range(3):
             ids, slot, labels, vec, users = batch(vocab, seed=step)
             part = slice(rank * 4 // world, (rank + 1) * 4 // world)
@@ -105,12 +107,19 @@ def main():
             t = torch.tensor([loss.item()], dtype=torch.float64)
             dist.all_reduce(t)
             losses.append(t.item() / world)
-        # both ranks leave together and close gloo's threads themselves: a rank that exits first with the
-        # process group still open can abort in its destructor ("terminate called without an active exception")
+        if rank == 0:
+            _write(out, losses, engine_config)
+        # both ranks leave together, without running gloo's and DeepSpeed's destructors: a rank that tears its
+        # process group down while the other still does can abort there ("terminate called without an active
+        # exception", exit -6, seen here once in a few dozen runs) after the results were written
         dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    _write(out, losses, engine_config)
+
+
+def _write(out, losses, engine_config):
     with open(out, "w") as f:
         json.dump({"losses": losses, "engine": engine_config}, f)
 
