@@ -129,7 +129,8 @@ def test_bf16_run_stopped_by_sigterm_and_resumed_ends_where_the_uninterrupted_on
     """The GPU's precision on DeepSpeed's CPU accelerator (train.precision=bf16, ZeRO-3, 2 workers): a run
     stopped by SIGTERM to a worker (the step in flight finished, a checkpoint, exit 75) and run again ends
     with the uninterrupted bf16 run's per-step losses and export, bit for bit, and the same evaluation.
-    The export holds the bf16 module copy (what the end-of-run evaluation ran)."""
+    The export holds the bf16 module copy (what the end-of-run evaluation ran); launch/eval.py reads it
+    in bf16."""
     from safetensors.torch import load
 
     from conftest import sigterm_at_step
@@ -151,3 +152,9 @@ def test_bf16_run_stopped_by_sigterm_and_resumed_ends_where_the_uninterrupted_on
     metrics = [json.loads((run / "eval" / "test_metrics.json").read_text()) for run in (whole, stopped)]
     assert metrics[0]["samples"] == 8 and {k: v for k, v in metrics[0].items() if k != "checkpoint"} == \
         {k: v for k, v in metrics[1].items() if k != "checkpoint"}
+    # launch/eval.py reads the export in bf16 on the CPU too
+    r = subprocess.run([sys.executable, "launch/eval.py", "--run", str(stopped), "--precision", "bf16", "--modes", "score",
+                        "--max-samples", "8", "--batch-size", "4"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((stopped / "eval" / "export_test" / "metrics.json").read_text())
+    assert m["precision"] == "bf16" and m["samples"] == 8 and 0 <= m["score"]["hr@1"] <= 1

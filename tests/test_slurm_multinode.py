@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,7 +21,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, SMALL, copy_prepared, free_port, kill_processes_matching, naming, on_gcs_port, processes_matching
 
-# slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the daemons' ports are fixed)
+# slow: starts SLURM daemons and trains on a two-node Ray cluster; one xdist worker runs every SLURM test (the
+# jobs' Ray heads take a fixed port, LLMREC_RAY_PORT=6399)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 STEPS = 40
@@ -36,8 +38,6 @@ def slurm2():
 def _start_bystander(tmp_path):
     """`ray start --head` of this user beside the job (as another job's on a shared node): its temp folder and
     GCS port (the head's Ray client server names only the port)."""
-    import tempfile
-
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -47,6 +47,26 @@ def _start_bystander(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return temp, port
+
+
+def _outsider_joins(head: str, env: dict, timeout: float = 120) -> tuple[bool, str]:
+    """ray.init from a client with `env` against the job's head: (whether it joined, what it printed). It is
+    stopped as soon as the cluster's refusal is printed: Ray's client retries after an InvalidAuthToken, and
+    once the job's run ends (the cluster with it) it would wait for a GCS that is gone."""
+    with tempfile.TemporaryFile("w+") as err:
+        c = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{head}'); print('JOINED')"],
+                             env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.time() + timeout
+        while c.poll() is None and time.time() < deadline:
+            err.seek(0)
+            if "InvalidAuthToken" in err.read():
+                break
+            time.sleep(0.2)
+        if c.poll() is None:
+            c.kill()
+        stdout = c.communicate()[0]
+        err.seek(0)
+        return "JOINED" in stdout, err.read()
 
 
 def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_there(slurm2, trained_run, tmp_path, request):
@@ -93,10 +113,8 @@ def test_two_node_job_admits_only_itself_and_requeued_onto_one_node_resumes_ther
         outsiders = {"no token": {"RAY_AUTH_MODE": "disabled"}, "another token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}}
         for name, auth in outsiders.items():
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-            c = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{head}'); print('JOINED')"],
-                               env=dict(env, **auth), capture_output=True, text=True, timeout=180)
-            assert c.returncode != 0 and "JOINED" not in c.stdout, name
-            assert "InvalidAuthToken" in c.stderr, (name, c.stderr[-2000:])
+            joined, refusal = _outsider_joins(head, dict(env, **auth))
+            assert not joined and "InvalidAuthToken" in refusal, (name, refusal[-2000:])
         while slurm2.job_state(job)[0] not in done:
             assert time.time() - t0 < 1500, "job did not finish in 25 minutes:\n" + (log.read_text()[-3000:] if log.exists() else "")
             time.sleep(2)
