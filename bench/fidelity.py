@@ -75,9 +75,11 @@ def baseline_rows(metrics: dict) -> dict:
     return out
 
 
-def evaluate(run_dir: str, name: str, split: str, modes: str, extra: list, log_dir: str) -> tuple[dict, dict]:
+def evaluate(run_dir: str, name: str, split: str, modes: str, extra: list, log_dir: str,
+             max_samples: int = -1) -> tuple[dict, dict]:
     out = os.path.join(run_dir, "eval", f"fidelity_{name}_{split}")
-    run([sys.executable, "launch/eval.py", "--run", run_dir, "--split", split, "--modes", modes, "--max-samples", "-1",
+    run([sys.executable, "launch/eval.py", "--run", run_dir, "--split", split, "--modes", modes,
+         "--max-samples", str(max_samples),
          "--batch-size", "8", "--max-new-tokens", "32", "--out", out, *extra], os.path.join(log_dir, f"{name}.{split}.eval.log"))
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
@@ -131,6 +133,7 @@ def main():
     p.add_argument("--modes", default="text,curriculum,hybrid", help="zero-shot, text, curriculum, hybrid")
     p.add_argument("--splits", default="test")
     p.add_argument("--eval-modes", default="generate,score")
+    p.add_argument("--eval-samples", type=int, default=-1, help="the first N rows of each split (-1: all)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -159,10 +162,10 @@ def main():
     for split in results:
         if "zero-shot" in modes:  # the untrained model, on text prompts (its adapter is random)
             rows, metrics = evaluate(os.path.join(a.out, trained[0]), "zero_shot", split, a.eval_modes,
-                                     ["--zero-shot", "--prompts", "text"], a.out)
+                                     ["--zero-shot", "--prompts", "text"], a.out, a.eval_samples)
             results[split]["LLM zero-shot (text prompts)"] = rows
         for mode in trained:
-            rows, metrics = evaluate(os.path.join(a.out, mode), mode, split, a.eval_modes, [], a.out)
+            rows, metrics = evaluate(os.path.join(a.out, mode), mode, split, a.eval_modes, [], a.out, a.eval_samples)
             results[split][f"LLM trained {mode} ({'text' if mode == 'text' else 'hybrid'} prompts)"] = rows
         for name, r in baseline_rows(metrics).items():
             results[split][f"baseline: {name}"] = r
