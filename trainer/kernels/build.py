@@ -17,8 +17,9 @@ Here instead:
   source or torch gets a new folder: nothing stale is ever loaded.
 - A process that finds the library there loads it (torch.ops.load_library): no lock, no compiler, no
   ninja. The file only ever appears there complete: it is built elsewhere and renamed into place.
-  So a node without a compiler (a GPU node; the same library registers the ops that the CUDA
-  kernels serve) runs from a library built once elsewhere with the same torch and Python.
+  So a node without a C++ compiler (the same library registers the ops that the CUDA kernels serve)
+  runs from a library built once elsewhere with the same torch and Python. A GPU node still needs a
+  C compiler for Triton's own launchers (check_triton_compiler, below).
 - Otherwise the process takes an OS lock, fcntl.flock, on `build.lock` in that folder. The kernel
   releases such a lock when its holder dies, however it dies, so a lock never outlives its process.
   The holder builds with load_inline in a private subfolder (`build-<host>-<pid>`; torch's FileBaton

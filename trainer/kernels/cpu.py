@@ -8,8 +8,9 @@ process as a plain shared library (no Python module). trainer/kernels/inject.py 
 
 Where it is built and how concurrent or killed builds are handled (an OS lock that dies with its
 holder, never torch's FileBaton left behind by a killed build): trainer/kernels/build.py. Build it
-ahead of time with `python -m trainer.kernels.build`; a machine without a compiler (a GPU node: the
-ops that the CUDA kernels serve are defined here too) loads a library built once elsewhere.
+ahead of time with `python -m trainer.kernels.build`; a machine without a C++ compiler loads a library
+built once elsewhere (the ops that the CUDA kernels serve are defined here too; Triton, though, needs a C
+compiler on each GPU node for its launchers: trainer/kernels/build.py check_triton_compiler).
 
 at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this
 library (the kernels ran on one thread until the flag was added), so the build passes -fopenmp
