@@ -255,7 +255,7 @@ class Train:
     offload_params: bool = key()
     activation_checkpointing: bool = key()
     peak_tflops: float = at_least(0)  # 0: a known GPU's peak (trainer/flops.py), none on CPU
-    max_failures: int = key(Range(0, minus_one=True))  # -1: Ray restarts the workers without limit
+    max_failures: int = key(Range(0, minus_one=True))  # -1: restarts after a lost worker without limit
     micro_batch: int = at_least(1)
     grad_accum: int = at_least(1)
     global_batch: int = all_or_count()  # > 0: grad_accum is derived from it (derive_accumulation)
