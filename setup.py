@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed trainer for LLM-based sequential recommendation (LLaRA, ReLLa): "
                 "Ray Train x DeepSpeed ZeRO-3 over webdataset shards",
-    packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*"]),
+    packages=find_packages(include=["configs", "trainer", "trainer.*", "shards", "shards.*"]),
     package_data={"": ["*.yaml"]},
     python_requires=">=3.10",
     # Install torch first (README): a bare `torch` requirement with no torch installed pulls a CUDA build.

@@ -1,4 +1,4 @@
-"""The shard build at scale (issue 26): `python -m shards.build` on a generated `generic` CSV of N
+"""The shard build at scale (issue 26): `python launch/build_shards.py` on a generated `generic` CSV of N
 interactions (N / 50 users with 50 each, 20,000 items, leave-one-out), peak RSS and samples/s, for this
 tree's build and, with --baseline-rev, the build of an older revision measured in the same run. Not CI:
 minutes per million interactions on 2 cores.
@@ -153,7 +153,8 @@ def main() -> None:
             if n not in tree_sizes:
                 continue
             out = os.path.join(a.out, f"shards-{n}-{len(rows)}")
-            cmd = [sys.executable, "-m", "shards.build", "--tokenizer", tok, "--out", out, *how, "data.source=generic",
+            cli = ["launch/build_shards.py"] if os.path.exists(os.path.join(tree, "launch", "build_shards.py")) else ["-m", "shards.build"]
+            cmd = [sys.executable, *cli, "--tokenizer", tok, "--out", out, *how, "data.source=generic",
                    f"data.path={inter}", f"data.items_path={items}", "data.split=loo",
                    f"data.samples_per_shard={a.samples_per_shard}", "data.max_len=4096"]
             env = dict(os.environ, PYTHONPATH=tree)

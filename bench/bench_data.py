@@ -83,7 +83,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.run is None:
-        from trainer.config import load_config
+        from configs.schema import load_config
         from trainer.prepare import prepare
 
         a.run = tempfile.mkdtemp()

@@ -42,7 +42,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare, run_paths
 
     run = a.run or tempfile.mkdtemp(prefix="bench_eval_")

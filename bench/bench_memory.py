@@ -149,7 +149,7 @@ def worker_zero(a) -> dict:
     import torch
     import torch.distributed as dist
 
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.ds_config import deepspeed_config
     from trainer.model.build import build_llara_model, partitioned_loading
     from bench.bench_scale import LORA

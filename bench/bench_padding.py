@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build(name: str, out: str, build_workers: int) -> str | None:
     """The set's shard folder (built on first use), or None when its data folder is absent."""
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import build_llm, build_shards, source_paths
     from shards.build import load_source
 

@@ -1,4 +1,4 @@
-"""SUBR retrieval (trainer/retrieval.py) on a large random catalogue: time and peak memory.
+"""SUBR retrieval (shards/retrieval.py) on a large random catalogue: time and peak memory.
 
 Compares in one run:
   topk chunked     topk_similar_items over the whole catalogue (blocks, never N x N)
@@ -23,7 +23,7 @@ from statistics import median
 
 import torch
 
-from trainer.retrieval import l2_normalize, retrieve, topk_similar_items
+from shards.retrieval import l2_normalize, retrieve, topk_similar_items
 
 
 def _status_kb(field: str) -> int:

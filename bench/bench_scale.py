@@ -63,7 +63,7 @@ def build_folder(folder: str, a) -> dict:
     import trainer.model.stock as stock
     from shards.build import load_source
     from shards.prompts import templates
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     spec = {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "kv_heads": a.kv_heads or a.heads,
             "intermediate": a.intermediate, "tok_vocab": a.tok_vocab, "pad_vocab": a.pad_vocab, "users": a.users}

@@ -148,7 +148,7 @@ def main():
         "eval.max_samples=8", f"train.zero_stage={a.zero_stage}", *common])}
 
     from shards.build import load_manifest
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.data import SplitReader, collate
     from trainer.model.build import build_llara_model, load_tokenizer
     from trainer.srec import load_srec

@@ -147,7 +147,7 @@ def main():
     train_args = [*DATA[a.data], *model, *a.overrides]
     budget = [f"train.max_steps={a.steps}"]
     if a.samples:
-        from trainer.config import load_config
+        from configs.schema import load_config
 
         cfg = load_config(None, train_args)
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.num_workers

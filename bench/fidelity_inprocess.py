@@ -33,7 +33,7 @@ def main():
 
     from shards.build import load_manifest
     from test_fidelity import train_and_rank
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.data import meta
     from trainer.evaluation import baseline_ranks, split_samples
     from trainer.prepare import prepare

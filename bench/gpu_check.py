@@ -162,7 +162,7 @@ def worker(spec: dict) -> None:
     import torch.distributed as dist
 
     from trainer import checkpoint as ckpt
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.ds_config import deepspeed_config
     from trainer.flops import model_shape, peak_flops, throughput_flops
     from trainer.model.build import build_llara_model, partitioned_loading

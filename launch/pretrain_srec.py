@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from shards.build import load_source
     from shards.samples import sample_candidates
-    from trainer.config import ConfigError, load_config, to_dict
+    from configs.schema import ConfigError, load_config, to_dict
     from trainer.srec.metrics import evaluate, format_table, protocol
     from trainer.srec.pretrain import check_pretrain_args
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 def srec_models(args, cfg, splits: dict, num_items: int):
     """(name, model) for each SRec to evaluate: LLaRA's imported, saved folders, or pretrained here
     (each saved to <out>/<arch>/ with its report). A model for another item count is a ValueError."""
-    from trainer.config import to_dict
+    from configs.schema import to_dict
     from trainer.srec import load_srec, save_srec
     from trainer.srec.pretrain import pretrain
 

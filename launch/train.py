@@ -80,7 +80,7 @@ def lock_output_dir(output_dir: str):
 
 def check_choices(cfg) -> None:
     """What the workers would refuse only after the data build and load_config's checks of single
-    keys (trainer/config.py) do not cover, refused now (ValueError): the model.base folder and its weight
+    keys (configs/schema.py) do not cover, refused now (ValueError): the model.base folder and its weight
     files' headers, the raw data the source reads (when the run folder is not built yet), srec.path,
     train.deepspeed's keys, flash-attention in fp32, without a GPU or without its package, a Ray cluster to
     join without its token. The GPU's bf16 support is asked on the workers."""
@@ -145,8 +145,9 @@ def prepare_run(cfg):
     from shards.ctr import needs_retrieval
     from trainer import checkpoint as ckpt
     from trainer import signals
-    from trainer.config import to_dict
-    from trainer.embed_job import embed_on_workers
+    from configs.schema import to_dict
+    from shards.embed_job import embed_on_workers
+    from trainer.ray_cluster import run_on_workers
     from trainer.prepare import prepare, run_paths
 
     out = run_paths(cfg.output_dir)["output_dir"]
@@ -161,7 +162,7 @@ def prepare_run(cfg):
     embed = None
     if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
         connect_ray(cfg, out)
-        embed = functools.partial(embed_on_workers, cfg)
+        embed = functools.partial(embed_on_workers, cfg, run_on_workers=run_on_workers)
     if cfg.model.injection == "fused":  # built once here, under a lock that dies with its holder, before the workers need it
         from trainer.kernels.build import NoCompiler
         from trainer.kernels.cpu import load_library
@@ -181,7 +182,7 @@ def prepare_run(cfg):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from trainer.config import ConfigError, load_config, to_dict
+    from configs.schema import ConfigError, load_config, to_dict
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -1,8 +1,8 @@
 """Raw interactions -> LLaRA samples -> tokenized webdataset tar shards + manifest.json.
 
-    python -m shards.build --tokenizer runs/default/assets/llm --out /data/ml100k-shards \
-        data.source=ml-100k data.path=../shared/data/ml-100k data.split=loo
-    RAY_ADDRESS=<head>:6379 python -m shards.build --ray ...     # the shards encoded as Ray tasks on a cluster
+    load_source(data_cfg, seed) -> make_samples (shards/ctr.py) -> write_shards(items, splits, tokenizer_dir, out_dir, ...)
+
+as `python launch/build_shards.py` runs them (and launch/train.py, through trainer/prepare.py).
 
 A stopped build run again with the same arguments keeps the shards it already wrote (checked against
 their sha256 in <out>/build-progress.jsonl) and goes on from there.
@@ -29,7 +29,6 @@ byte-identical shards. The manifest lists every shard with its sample count and 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -491,7 +490,7 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
 def load_manifest(data_dir: str) -> dict:
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: build the shards first (python -m shards.build)")
+        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: build the shards first (python launch/build_shards.py)")
     with open(path) as f:
         return json.load(f)
 
@@ -513,55 +512,3 @@ def check_manifest(data_dir: str, manifest: dict, tokenizer_dir: str, verify_sha
             raise FileNotFoundError(f"shard {path} is listed in the manifest but missing")
         if verify_sha and sha256_file(path) != shard["sha256"]:
             raise ValueError(f"shard {path} does not match its sha256 in the manifest (corrupt or truncated)")
-
-
-def main(argv=None) -> None:
-    from trainer.config import ConfigError, load_config, to_dict
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML merged over configs/llara_default.yaml (its data: section is used)")
-    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer (or model) folder")
-    p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    p.add_argument("--workers", type=int, default=0,
-                   help="tokenizing processes, or with --ray Ray tasks at a time (0 = every core here / every CPU of the cluster)")
-    p.add_argument("--ray", action="store_true",
-                   help="encode the shards as Ray tasks on the cluster at ray.address (else RAY_ADDRESS, else a local one)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.source=ml-100k data.path=../shared/data/ml-100k")
-    args = p.parse_args(argv)
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        p.exit(2, f"error: {e}\n")
-    data_cfg = to_dict(cfg.data)
-    workers = args.workers
-    if args.ray:
-        import ray
-
-        from trainer.ray_cluster import connect
-
-        try:  # e.g. no token to join the cluster: one line, not a traceback
-            connect(cfg.ray.address, args.workers or os.cpu_count() or 1, cfg.ray.object_store_mb, False, cfg.ray.auth)
-        except ValueError as e:
-            p.exit(2, f"error: {e}\n")
-        workers = workers or int(ray.cluster_resources().get("CPU", 1))
-    items, splits, stats = load_source(data_cfg, cfg.seed)
-    from shards.ctr import make_samples, manifest_params
-    from shards.readers import read_profiles
-
-    # SUBR (data.ctr.retrieval=subr, ReiT, data.retrieval.hybrid) embeds items with the LLM at --tokenizer
-    splits = make_samples(data_cfg, splits, items, cfg.seed, args.tokenizer, os.path.join(args.out, "item_emb"))
-    wants_profiles = data_cfg["task"] == "ctr" and data_cfg["ctr"]["profile"]
-    profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
-    manifest = write_shards(items, splits, args.tokenizer, args.out, num_candidates=data_cfg["num_candidates"],
-                            max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
-                            workers=workers, stats=stats, progress=True, user_token=data_cfg["user_token"],
-                            task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
-                            domain=data_cfg["domain"], ray_tasks=args.ray)
-    print(json.dumps(manifest["stats"], indent=1))
-
-
-if __name__ == "__main__":
-    main()

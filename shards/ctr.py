@@ -8,7 +8,7 @@ non-empty history, all interactions cut 8:1:1 by time) with a label:
 label = 1 when the user's rating of the target is >= data.ctr.threshold (MovieLens: 4). The history
 shown is either the K = data.history_len most recent items, or (data.ctr.retrieval=subr) the K
 items of the user's last data.retrieval.pool_len that are most similar to the target (ReLLa's SUBR,
-trainer/retrieval.py), ordered by data.retrieval.order.
+shards/retrieval.py), ordered by data.retrieval.order.
 
 Every split stays a sequence of samples made when read (shards.samples.Windows underneath, and the
 wrappers below for the labels, the K most recent, SUBR's histories in blocks, ReiT's pairs): the shard
@@ -145,7 +145,7 @@ def retrieve_histories(samples: list[dict], item_vecs, k: int, order: str, query
     most recent history item); ratings follow their items. (Retrieved: the same, made when read.)"""
     import torch
 
-    from trainer.retrieval import retrieve
+    from shards.retrieval import retrieve
 
     if not samples:
         return []
@@ -213,7 +213,7 @@ def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> di
 def cached_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
     """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
     data.retrieval's template, pooling and dtype, else None. model_id: model_fingerprint(llm_dir), if known."""
-    from trainer.retrieval import model_fingerprint, read_cached_item_embeddings
+    from shards.retrieval import model_fingerprint, read_cached_item_embeddings
 
     retrieval = data_cfg["retrieval"]
     return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items,
@@ -223,11 +223,11 @@ def cached_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model
 def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
     """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there with
     the LLM's weights in data.retrieval.dtype (pooled in float32). Under torch.distributed every rank
-    calls this and embeds its slice (trainer/retrieval.py)."""
+    calls this and embeds its slice (shards/retrieval.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.retrieval import cached_item_embeddings, model_fingerprint
+    from shards.retrieval import cached_item_embeddings, model_fingerprint
 
     retrieval = data_cfg["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
@@ -240,7 +240,7 @@ def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_i
 def item_vectors(data_cfg: dict, items, llm_dir: str, cache_dir: str):
     """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir; the LLM is
     loaded only when the cache misses)."""
-    from trainer.retrieval import l2_normalize, model_fingerprint, pca
+    from shards.retrieval import l2_normalize, model_fingerprint, pca
 
     model_id = model_fingerprint(llm_dir)
     emb = cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)

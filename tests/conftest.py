@@ -20,7 +20,7 @@ def small_run(tmp_path_factory):
     pytest run (the other xdist worker waits on the lock, then prepare() finds it made). Tests only read it."""
     from filelock import FileLock
 
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     root = run_wide_dir(tmp_path_factory)

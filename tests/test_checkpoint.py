@@ -39,7 +39,7 @@ def test_a_mid_epoch_resume_with_another_sample_order_is_refused():
     (the worker count may change: a resize keeps the global batch)."""
     import pytest
 
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
     from trainer.train_loop import check_epoch_order
 
     old = to_dict(load_config(None, []))  # 2 workers x micro 8 x accumulation 1: global batch 16
@@ -61,7 +61,7 @@ def test_a_resize_keeps_the_checkpoints_global_batch_or_names_the_worker_counts_
     import pytest
 
     from trainer.checkpoint import accumulation_at
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     old = to_dict(load_config(None, ["train.micro_batch=4", "train.grad_accum=3"]))  # 2 x 4 x 3 = 24
     state = {"world_size": 2, "config": old}

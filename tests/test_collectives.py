@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer import collectives
+from shards import collectives
 from trainer.ds_config import deepspeed_config
 from trainer.precision import resolve_precision
 
@@ -77,7 +77,7 @@ def test_resolve_precision():
 
 
 def test_deepspeed_config_follows_the_precision():
-    from trainer.config import load_config
+    from configs.schema import load_config
 
     cfg = load_config(None, [])
     for precision in ("bf16", "fp16", "fp32"):

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from omegaconf import OmegaConf
 
-from trainer.config import CONFIG_DIR, ConfigError, load_config
+from configs.schema import CONFIG_DIR, ConfigError, load_config
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 
@@ -110,11 +110,11 @@ def test_an_elastic_range_must_split_the_global_batch_at_every_worker_count_in_i
         load_config(None, ["train.min_workers=3"])
 
 
-# ---- the typed schema (trainer/config.py): types on merge, ranges and choices right after
+# ---- the typed schema (configs/schema.py): types on merge, ranges and choices right after
 
 
 def _schema_paths(cls, prefix=""):
-    from trainer.config import schema_keys
+    from configs.schema import schema_keys
 
     for name, (kind, _) in schema_keys(cls).items():
         if dataclasses.is_dataclass(kind):
@@ -132,7 +132,7 @@ def _yaml_paths(node, prefix=""):
 
 
 def test_every_default_key_has_a_schema_field_and_every_field_a_default():
-    from trainer.config import DEFAULT, Config
+    from configs.schema import DEFAULT, Config
 
     defaults = set(_yaml_paths(OmegaConf.to_container(OmegaConf.load(DEFAULT))))
     fields = set(_schema_paths(Config))
@@ -144,7 +144,7 @@ def test_every_default_key_has_a_schema_field_and_every_field_a_default():
 def test_the_schema_loads_every_preset_and_keeps_its_dict_form(preset):
     """The typed config gives the dict the untyped merge gave (same values, same int/float types, same
     order): the stamps of runs prepared before the schema (trainer/prepare.py) still match."""
-    from trainer.config import DEFAULT, Config, Train, to_dict
+    from configs.schema import DEFAULT, Config, Train, to_dict
 
     path = os.path.join(CONFIG_DIR, preset)
     cfg = load_config(path)
@@ -156,7 +156,7 @@ def test_the_schema_loads_every_preset_and_keeps_its_dict_form(preset):
 
 
 def test_types_are_converted_on_merge():
-    from trainer.config import to_dict
+    from configs.schema import to_dict
 
     cfg = load_config(None, ["data.ctr.threshold=4", "train.lr=1", "train.micro_batch=4", "data.path=null",
                              "model.unfreeze=[]", "train.use_gpu=false", "train.deepspeed.zero_optimization.overlap_comm=true"])
@@ -224,7 +224,7 @@ def test_a_malformed_yaml_or_override_is_one_line(tmp_path):
 def test_the_choices_are_the_owners_constants():
     """One owner per list of choices: the schema reads the constants of the modules that act on them."""
     from shards.readers import SOURCES
-    from trainer.config import schema_of
+    from configs.schema import schema_of
     from trainer.curriculum import MODES
     from trainer.srec import ARCHS
 

@@ -95,7 +95,7 @@ def test_ctr_splits_hold_arrays_not_samples_and_read_as_the_samples():
     what it is when read in order (SUBR computes a block at a time)."""
     import tracemalloc
 
-    from trainer.retrieval import l2_normalize
+    from shards.retrieval import l2_normalize
 
     rng = np.random.default_rng(0)
     n = 20_000
@@ -154,7 +154,7 @@ ML100K = os.path.join(SHARED_DATA, "ml-100k")
 def test_ml100k_ctr_samples(tmp_path):
     from shards.build import load_source
     from shards.readers import read_profiles
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     d = to_dict(load_config(None, ["data.source=ml-100k", f"data.path={ML100K}", "data.split=time",
                                    "data.task=ctr"]).data)

@@ -22,7 +22,7 @@ def test_movie_is_the_default_and_unchanged():
     assert DOMAINS == ("movie", "game", "artist")
     assert templates() is templates(False, "movie") is LLARA_TEMPLATES
     assert templates(True) is templates(True, "movie") is USER_TEMPLATES
-    from trainer.config import load_config
+    from configs.schema import load_config
 
     assert load_config().data.domain == "movie"
 
@@ -66,7 +66,7 @@ def test_an_unknown_domain_is_refused_naming_the_values(tmp_path):
         write_shards([], {}, str(tmp_path / "tok"), str(tmp_path / "d"), num_candidates=20, max_len=400,
                      samples_per_shard=10, seed=0, workers=1, domain="movies")
     assert not (tmp_path / "d").exists()
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     out = tmp_path / "run"
@@ -77,7 +77,7 @@ def test_an_unknown_domain_is_refused_naming_the_values(tmp_path):
 
 @pytest.fixture(scope="module")
 def artist_run(tmp_path_factory):
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     out = tmp_path_factory.mktemp("artist_run")
@@ -105,7 +105,7 @@ def test_an_artist_config_builds_artist_shards(artist_run):
 
 
 def test_the_same_tokenizer_builds_game_shards_with_the_user_token(artist_run, tmp_path):
-    from trainer.config import to_dict
+    from configs.schema import to_dict
     from trainer.model.tiny import build_tokenizer
 
     cfg, _ = artist_run
@@ -124,7 +124,7 @@ def test_the_same_tokenizer_builds_game_shards_with_the_user_token(artist_run, t
 
 
 def test_a_stamp_from_before_the_key_reads_as_movie(artist_run, tmp_path):
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     _, paths = artist_run
@@ -144,7 +144,7 @@ def test_runtime_keys_may_change_in_a_prepared_folder(tmp_path):
     """How a run reads, checks or computes (loader and build workers, shard verification, fused or
     reference injection) is not what its data and model were built from: a prepared folder is reused
     with other values; a key that changes what is built (history_len) is still refused."""
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
     from trainer.prepare import prepare
 
     out = tmp_path / "run"

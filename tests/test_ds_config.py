@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.config import ConfigError, load_config
+from configs.schema import ConfigError, load_config
 from trainer.ds_config import GRANULARITY_BROKEN_UP_TO, OWNED, _version, check_deepspeed_overrides, deepspeed_config
 
 

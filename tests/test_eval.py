@@ -77,7 +77,7 @@ LLARA_SREC = os.path.join(SHARED_DATA, "llara-srec", "movielens.pt")
 def test_llaras_test_set_with_llaras_sasrec_as_the_srec(tmp_path):
     """Zero-shot evaluation on LLaRA's released MovieLens test rows with LLaRA's released SASRec: the
     SRec-alone baseline of launch/eval.py is what those weights give on the same candidates."""
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
     from trainer.srec import load_srec
     from trainer.srec.metrics import evaluate

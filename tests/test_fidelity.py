@@ -35,7 +35,7 @@ STEPS, EVAL_SAMPLES = 600, 500
 
 @pytest.fixture(scope="module")
 def fidelity_run(tmp_path_factory):
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     cfg = load_config(None, [f"output_dir={tmp_path_factory.mktemp('fidelity')}", *FIDELITY])

@@ -117,15 +117,15 @@ def test_without_a_compiler_a_shared_build_loads_and_a_missing_one_says_what_to_
     r = subprocess.run([sys.executable, "-c", USE_OP], cwd=REPO, env=dict(bare, LLMREC_KERNEL_DIR=str(root)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK") and "building" not in r.stderr, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "trainer.kernels.build", "--dir", str(root)], cwd=REPO, env=bare,
+    r = subprocess.run([sys.executable, "launch/build_kernels.py", "--dir", str(root)], cwd=REPO, env=bare,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "fused injection op ready: " + str(root) in r.stdout, r.stdout + r.stderr
     assert f"LLMREC_KERNEL_DIR={root}" in r.stdout
     start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "trainer.kernels.build", "--dir", str(tmp_path / "empty")], cwd=REPO,
+    r = subprocess.run([sys.executable, "launch/build_kernels.py", "--dir", str(tmp_path / "empty")], cwd=REPO,
                        env=bare, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and time.monotonic() - start < 60
-    assert "no C++ compiler" in r.stderr and "python -m trainer.kernels.build --dir DIR" in r.stderr, r.stderr
+    assert "no C++ compiler" in r.stderr and "python launch/build_kernels.py --dir DIR" in r.stderr, r.stderr
     assert "model.injection=reference" in r.stderr
 
 

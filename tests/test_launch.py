@@ -63,7 +63,7 @@ def test_a_start_that_cannot_succeed_ends_at_once_in_one_line(bad, message, tmp_
     ("srec.loss=bpr", "srec.loss='bpr': expected one of ce, bce"),
 ])
 def test_a_bad_config_value_exits_2_before_the_output_folder_is_made(bad, message, tmp_path):
-    """Refused by load_config (trainer/config.py): one line, nothing locked or written."""
+    """Refused by load_config (configs/schema.py): one line, nothing locked or written."""
     r = subprocess.run([sys.executable, TRAIN, f"output_dir={tmp_path / 'run'}", bad], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr[-2000:]

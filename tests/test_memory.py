@@ -93,14 +93,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(small_run):
 
 def test_flash_attention_and_deepspeeds_own_checkpointing_are_refused_before_anything_starts():
     from launch.train import check_choices
-    from trainer.config import load_config
+    from configs.schema import load_config
 
     with pytest.raises(ValueError, match=r"flash_attention_2 needs train.use_gpu=true"):
         check_choices(load_config(None, ["model.attn_implementation=flash_attention_2"]))
     with pytest.raises(ValueError, match=r"train.deepspeed.activation_checkpointing is set by the trainer "
                                          r"\(train.activation_checkpointing"):
         check_choices(load_config(None, ["train.deepspeed.activation_checkpointing.partition_activations=true"]))
-    from trainer.config import ConfigError
+    from configs.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.attn_implementation='flash': expected one of sdpa, eager"):
         load_config(None, ["model.attn_implementation=flash"])

@@ -150,7 +150,7 @@ def test_negative_grouping_is_refused(small_run):
 
 
 def test_config_key():
-    from trainer.config import ConfigError, load_config
+    from configs.schema import ConfigError, load_config
 
     assert load_config(None, []).data.length_grouping == 0  # off by default
     assert load_config(None, ["data.length_grouping=8"]).data.length_grouping == 8

@@ -91,7 +91,7 @@ def test_train_refuses_to_join_without_a_token_before_anything_starts(clean_env)
 
 def test_the_shard_build_refuses_to_join_without_a_token(clean_env):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    r = subprocess.run([sys.executable, "-m", "shards.build", "--ray", "--tokenizer", str(clean_env), "--out",
+    r = subprocess.run([sys.executable, "launch/build_shards.py", "--ray", "--tokenizer", str(clean_env), "--out",
                         str(clean_env / "shards"), "ray.address=10.0.0.1:6379"], cwd=REPO,
                        env=dict(env, HOME=str(clean_env / "home")), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]

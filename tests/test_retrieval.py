@@ -1,4 +1,4 @@
-"""ReLLa's semantic user behaviour retrieval (trainer/retrieval.py): item texts, LLM embeddings and
+"""ReLLa's semantic user behaviour retrieval (shards/retrieval.py): item texts, LLM embeddings and
 their cache, PCA, per-sample retrieval and the chunked catalogue top-k."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ray_as_the_product_starts_it
-from trainer.retrieval import (cached_item_embeddings, embed_items, item_texts, l2_normalize, model_fingerprint,
+from shards.retrieval import (cached_item_embeddings, embed_items, item_texts, l2_normalize, model_fingerprint,
                                pca, retrieve, retrieved_items, topk_similar_items)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +265,7 @@ def test_half_precision_embeddings_have_their_own_cache_entry(tiny_llm, tmp_path
 
 _WORKER = """
 import json, sys, types, torch, torch.distributed as dist
-from trainer.retrieval import cached_item_embeddings, embed_items, gather_rows, item_texts
+from shards.retrieval import cached_item_embeddings, embed_items, gather_rows, item_texts
 rank, port, cache, items = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 
@@ -314,21 +314,22 @@ def test_embedding_spread_over_two_gloo_ranks(tmp_path):
 
 @pytest.mark.slow  # starts Ray
 def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeypatch):
-    """launch/train.py's embedding job (trainer/embed_job.py): two Ray workers each embed a disjoint slice,
+    """launch/train.py's embedding job (shards/embed_job.py): two Ray workers each embed a disjoint slice,
     the cached matrix is the single-process `embed_items` result, and a second call starts no job."""
     import ray
     import ray.train.torch
 
     from shards.ctr import cached_embeddings
-    from trainer.config import load_config, to_dict
-    from trainer.embed_job import embed_on_workers
+    from configs.schema import load_config, to_dict
+    from shards.embed_job import embed_on_workers
+    from trainer.ray_cluster import run_on_workers
 
     folder, model, tok = tiny_llm
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=1",
                              "data.retrieval.batch_size=2"])
     cache = str(tmp_path / "item_emb")
     with ray_as_the_product_starts_it(num_cpus=2, object_store_mb=256):
-        report = embed_on_workers(cfg, ITEMS, folder, cache)
+        report = embed_on_workers(cfg, ITEMS, folder, cache, run_on_workers=run_on_workers)
         # (a) one slice per worker process: disjoint, together every item once
         ranks = sorted(report["ranks"], key=lambda w: w["rank"])
         assert [w["rank"] for w in ranks] == [0, 1] and report["items"] == len(ITEMS)
@@ -345,7 +346,7 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
             raise AssertionError("a Ray Train job was started")
 
         monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_job)
-        assert embed_on_workers(cfg, ITEMS, folder, cache) is None
+        assert embed_on_workers(cfg, ITEMS, folder, cache, run_on_workers=run_on_workers) is None
 
 
 def test_model_fingerprint_is_remembered_until_the_files_change(tmp_path):
@@ -354,7 +355,7 @@ def test_model_fingerprint_is_remembered_until_the_files_change(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"a" * 64)
     first = model_fingerprint(str(tmp_path))
-    from trainer.retrieval import _content_fingerprint
+    from shards.retrieval import _content_fingerprint
 
     hits = _content_fingerprint.cache_info().hits
     assert model_fingerprint(str(tmp_path)) == first

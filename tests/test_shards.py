@@ -16,7 +16,7 @@ SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, 
 
 
 def _build(tok_dir, out, seed=5, workers=1, **kw):
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     # the default data section (load_source reads a full one), a small synthetic set
     data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
@@ -236,7 +236,7 @@ def test_at_most_window_shards_are_in_flight_and_they_come_back_in_order():
     assert started == waited == [n for n in range(12) if n not in (0, 4, 5, 11)]
 
 
-@pytest.mark.slow  # python -m shards.build in subprocesses, SIGKILLed
+@pytest.mark.slow  # python launch/build_shards.py in subprocesses, SIGKILLed
 def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
     """SIGKILL of the CLI build part way; one of the shards it recorded is then cut short. The same command
     keeps the others (not written again: same inode and mtime), writes the cut one and the rest, and ends
@@ -251,7 +251,7 @@ def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
 
     _, paths = small_run
     out = tmp_path / "build"
-    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "1",
+    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "1",
            "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.samples_per_shard=100"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / PROGRESS
@@ -277,7 +277,8 @@ def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (inode, mtime), name
     assert not progress.exists()
     reference = tmp_path / "reference"
-    r = subprocess.run([*cmd[:6], str(reference), *cmd[7:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    at = cmd.index("--out") + 1
+    r = subprocess.run([*cmd[:at], str(reference), *cmd[at + 1:]], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     _same_build(out, reference)
 

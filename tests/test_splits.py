@@ -142,7 +142,7 @@ def test_movielens_100k_reads_and_splits_as_published():
     if not os.path.exists(folder):
         pytest.skip(f"{folder} is absent (real data sets live in ../shared/data)")
     from shards.build import load_source
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     data = {**to_dict(load_config().data), "source": "ml-100k", "path": folder}
     items, splits, st = load_source(data, 0)
@@ -151,17 +151,17 @@ def test_movielens_100k_reads_and_splits_as_published():
     assert len(splits["train"]) == 100_000 - 3 * 943  # every user's first item has no history
 
 
-@pytest.mark.slow  # python -m shards.build in a subprocess, with a local Ray cluster
+@pytest.mark.slow  # python launch/build_shards.py in a subprocess, with a local Ray cluster
 def test_build_cli_on_ray(small_run, tmp_path):
-    """python -m shards.build --ray: the shards encoded as Ray tasks (2 at a time, on the local cluster it
+    """python launch/build_shards.py --ray: the shards encoded as Ray tasks (2 at a time, on the local cluster it
     starts), the same bytes as the in-process build; the manifest counts every sample; progress is shown."""
     from shards.build import load_source, write_shards
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     _, paths = small_run
     out = tmp_path / "cli"
     data = ["data.synthetic.num_users=60", "data.synthetic.num_items=80", "data.samples_per_shard=300"]
-    cmd = [sys.executable, "-m", "shards.build", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2", "--ray",
+    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2", "--ray",
            *data]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -309,7 +309,7 @@ def test_ctrl_c_in_the_first_epoch_is_a_message_not_a_traceback(tmp_path):
 def test_a_bad_srec_choice_is_refused_before_the_data_build(tmp_path):
     """prepare() trains the SRec after the tokenizer, the tiny LLM and the shards: a typo in srec.*
     must stop it before those, not minutes later."""
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     out = tmp_path / "run"
@@ -335,7 +335,7 @@ def test_validation_reads_every_user_by_default_and_a_cap_is_named(synthetic_spl
     assert f"validation on all {n} validation users" in caplog.text
     assert f"validation on the first 40 of {n} validation users (srec.val_users=40)" in caplog.text
     assert every["epochs"][0]["val_ndcg@10"] != capped["epochs"][0]["val_ndcg@10"]  # other users, another figure
-    from trainer.config import load_config
+    from configs.schema import load_config
 
     assert load_config(None, []).srec.val_users == -1
 

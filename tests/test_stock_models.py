@@ -21,7 +21,7 @@ def stock_folders(tmp_path_factory):
     so that prompts are about as long in tokens as with a real vocabulary."""
     from shards.build import load_source
     from shards.prompts import templates
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
     from trainer.model.stock import stock_folder
 
     cfg = load_config(None, SMALL)
@@ -37,7 +37,7 @@ def test_prepare_adds_llaras_tokens_and_a_pad_and_the_model_grows_to_match(kind,
 
     from shards.build import load_manifest
     from shards.prompts import PLACEHOLDERS
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.model.build import build_llara_model, load_tokenizer
     from trainer.prepare import prepare, prepared_paths
 
@@ -70,7 +70,7 @@ def test_prepare_adds_llaras_tokens_and_a_pad_and_the_model_grows_to_match(kind,
 
 def test_shards_built_with_the_stock_tokenizer_name_the_split_placeholder(stock_folders, tmp_path):
     from shards.build import load_source, write_shards
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     cfg = load_config(None, STOCK_SMALL)
     items, splits, _ = load_source(to_dict(cfg.data), cfg.seed)

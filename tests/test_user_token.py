@@ -40,7 +40,7 @@ GOLDEN_SHARDS = {
 
 
 def _build(tok_dir, out, user_token=False):
-    from trainer.config import load_config, to_dict
+    from configs.schema import load_config, to_dict
 
     # the default data section (load_source reads a full one), a small synthetic set
     data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
@@ -52,7 +52,7 @@ def _build(tok_dir, out, user_token=False):
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
     """A prepared run with data.user_token=true: tokenizer with [UserEmb], tiny Llama, shards, SASRec."""
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     out = tmp_path_factory.mktemp("user_run")
@@ -68,7 +68,7 @@ def _test_samples(paths, n=None):
 
 
 def test_off_by_default_is_byte_identical_to_llara_only(small_run, tmp_path):
-    from trainer.config import to_dict
+    from configs.schema import to_dict
     from trainer.model.tiny import build_tokenizer
 
     cfg, paths = small_run
@@ -262,7 +262,7 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
 
 
 def test_prepare_refuses_a_changed_user_token_and_reads_old_stamps(small_run, user_run, tmp_path):
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.prepare import prepare
 
     _, paths = user_run

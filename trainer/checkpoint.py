@@ -212,7 +212,7 @@ def accumulation_at(train, world: int, state: dict | None = None, tag: str = "")
     state; a change at an epoch boundary is the user's to make) and that number is the configured one; else
     (a resize, an elastic restart) the checkpoint's: the schedule is kept, the accumulation re-derived.
     A ValueError when that cannot be split, naming the worker counts that can."""
-    from trainer.config import accumulation_for
+    from configs.schema import accumulation_for
 
     target = train.micro_batch * train.grad_accum * train.num_workers
     if state is not None and not world == state["world_size"] == train.num_workers:

@@ -318,13 +318,11 @@ def eval_worker(config: dict) -> None:
     import ray.train.torch
 
     from shards.build import load_items, load_manifest
-    from trainer.ray_cluster import setup_worker_process
     from trainer.srec import load_srec
 
     job: EvalJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    setup_worker_process(job.gpu, job.threads)
     # On GPU (--gpu; written with the same care, but run only on CPU here): the worker's GPU, the LLM and
     # adapter read in --precision (auto: bf16 where the GPU has it, else fp16, as training picks; on CPU
     # fp32 unless asked: DeepSpeed's CPU accelerator runs bf16 and fp16 too), LoRA in it as well

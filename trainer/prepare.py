@@ -18,7 +18,7 @@ import os
 
 from omegaconf import DictConfig
 
-from trainer.config import to_dict
+from configs.schema import to_dict
 
 log = logging.getLogger(__name__)
 

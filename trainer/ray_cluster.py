@@ -185,7 +185,7 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
     restarts = 0
     while True:
         trainer = TorchTrainer(
-            train_loop_per_worker=functools.partial(_guarded, fn, os.path.abspath(storage_path)),
+            train_loop_per_worker=functools.partial(_guarded, fn, os.path.abspath(storage_path), use_gpu, cpus_per_worker),
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(storage_path=os.path.abspath(storage_path),
@@ -209,15 +209,17 @@ class JobFailed(RuntimeError):
     """A job's workers met an error that no restart can fix; the message is the one line to show."""
 
 
-def _guarded(fn, traceback_dir: str, config):
-    """What each worker runs: fn, with the errors no restart can fix made WorkerFatalError, whose one line
-    names the file its whole traceback went to (traceback_dir/failure-rank<r>.txt)."""
+def _guarded(fn, traceback_dir: str, use_gpu: bool, threads: int, config):
+    """What each worker runs: the process set up (setup_worker_process), then fn, with the errors no restart
+    can fix made WorkerFatalError, whose one line names the file its whole traceback went to
+    (traceback_dir/failure-rank<r>.txt)."""
+    setup_worker_process(use_gpu, threads)
     with fatal_errors(traceback_dir):
         return fn(config)
 
 
 def setup_worker_process(use_gpu: bool, threads: int) -> None:
-    """The first thing a job's function does on each worker: DeepSpeed's accelerator, torch's threads,
+    """The first thing each worker of a job does (run_on_workers): DeepSpeed's accelerator, torch's threads,
     and a console that shows the run's own lines (the libraries' info lines and known noise dropped)."""
     import warnings
 

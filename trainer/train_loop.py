@@ -37,8 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import trainer.checkpoint as ckpt
 from trainer import signals, trainable_state
-from trainer.collectives import all_reduce_sums, any_rank
-from trainer.ray_cluster import setup_worker_process
+from shards.collectives import all_reduce_sums, any_rank
 
 log = logging.getLogger("trainer")
 
@@ -105,7 +104,6 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.precision import TORCH_DTYPES, resolve_precision
 
-    setup_worker_process(cfg.train.use_gpu, cfg.train.cpus_per_worker)
     if cfg.train.use_gpu and cfg.model.injection == "fused":
         check_triton_compiler()  # a node without gcc/clang says so now, not in the first forward
     context = ray.train.get_context()

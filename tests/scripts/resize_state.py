@@ -40,7 +40,7 @@ def main():
     import torch.distributed as dist
 
     from trainer import trainable_state
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.ds_config import deepspeed_config
     from trainer.model.build import build_llara_model
     from trainer.train_loop import answer_loss

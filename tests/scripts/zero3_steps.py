@@ -49,7 +49,7 @@ def batch(vocab, B=4, T=16, slots=3, seed=0):
 def main():
     llm, out, single = sys.argv[1], sys.argv[2], "--single" in sys.argv
     overrides = [a for a in sys.argv[3:] if "=" in a]
-    from trainer.config import load_config
+    from configs.schema import load_config
     from trainer.ds_config import check_deepspeed_overrides, deepspeed_config
     from trainer.model.build import build_llara_model
     from trainer.precision import TORCH_DTYPES

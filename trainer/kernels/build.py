@@ -1,8 +1,8 @@
 """Build and load the fused injection's C++ library (trainer/kernels/cpu.py) so that no process ever
 waits on a lock that no live process holds.
 
-    python -m trainer.kernels.build                     # build it now (once per torch install), print where
-    python -m trainer.kernels.build --dir /shared/kernels   # build once into a folder that nodes share
+    python launch/build_kernels.py                     # build it now (once per torch install), print where
+    python launch/build_kernels.py --dir /shared/kernels   # build once into a folder that nodes share
 
 Why: torch's JIT tooling (`load_inline`) guards a build with FileBaton, a file created with O_EXCL
 and deleted when the build ends. A process killed during the ~40 s first build (SIGKILL, the OOM
@@ -39,7 +39,6 @@ lock is dropped when its lease expires (NFSv4, ~90 s). Verified here on a local 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import glob
@@ -138,7 +137,7 @@ def _build_locked(folder: str, lib: str, source: str, cflags: list[str], ldflags
     except OSError as e:
         raise RuntimeError(f"the fused injection op is not built in {folder} and that folder is not writable ({e}): "
                            "set LLMREC_KERNEL_DIR to a writable folder, or build it there once with "
-                           "`python -m trainer.kernels.build` where it is writable") from e
+                           "`python launch/build_kernels.py` where it is writable") from e
     try:
         if not _acquire(fd, folder, lib):
             return False  # another process published it while this one waited
@@ -225,7 +224,7 @@ def _build(folder: str, lib: str, source: str, cflags: list[str], ldflags: list[
             f"the fused injection op is not built for this torch in {folder} and no C++ compiler "
             f"({os.environ.get('CXX', 'c++')} or g++) is on PATH to build it. Install one (apt-get install g++), "
             "or build it once where there is one, with the same torch and Python, into a folder this machine "
-            "reads (`python -m trainer.kernels.build --dir DIR`, then LLMREC_KERNEL_DIR=DIR here), "
+            "reads (`python launch/build_kernels.py --dir DIR`, then LLMREC_KERNEL_DIR=DIR here), "
             "or set model.injection=reference")
     from torch.utils.cpp_extension import load_inline
 
@@ -255,35 +254,3 @@ def _build(folder: str, lib: str, source: str, cflags: list[str], ldflags: list[
         done.set()
         shutil.rmtree(work, ignore_errors=True)
     log.info("built the fused injection op in %.0f s: %s", time.monotonic() - start, lib)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.kernels.build", description=(
-        "Build the fused injection op's C++ library ahead of time (or check that it is built) and print where. "
-        "Nodes that read the same folder, with the same torch and Python, then load it without a compiler."))
-    parser.add_argument("--dir", help="root folder of the build (default: $LLMREC_KERNEL_DIR, else "
-                                      "$TORCH_EXTENSIONS_DIR, else ~/.cache/llmrec)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.dir:
-        os.environ["LLMREC_KERNEL_DIR"] = os.path.abspath(args.dir)
-    import torch
-
-    from trainer.kernels.cpu import load_library
-
-    try:
-        lib = load_library()
-    except (NoCompiler, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    w, b = torch.arange(12.0).reshape(4, 3), torch.full((1, 3), -1.0)  # the op runs: a row from each side
-    out = torch.ops.llmrec.inject(torch.tensor([[2, 0]]), w, torch.tensor([[-1, 0]]), b, -1)
-    assert torch.equal(out, torch.stack([w[2], b[0]])[None]), out
-    print(f"fused injection op ready: {lib}")
-    print(f"other machines with torch {torch.__version__} and Python {sys.version_info.major}.{sys.version_info.minor} "
-          f"load it without a compiler with LLMREC_KERNEL_DIR={os.path.dirname(os.path.dirname(lib))}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ process as a plain shared library (no Python module). trainer/kernels/inject.py 
 
 Where it is built and how concurrent or killed builds are handled (an OS lock that dies with its
 holder, never torch's FileBaton left behind by a killed build): trainer/kernels/build.py. Build it
-ahead of time with `python -m trainer.kernels.build`; a machine without a C++ compiler loads a library
+ahead of time with `python launch/build_kernels.py`; a machine without a C++ compiler loads a library
 built once elsewhere (the ops that the CUDA kernels serve are defined here too; Triton, though, needs a C
 compiler on each GPU node for its launchers: trainer/kernels/build.py check_triton_compiler).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 
-from trainer.kernels.build import NoCompiler  # noqa: F401  (raised by load_library)
+from trainer.kernels.build import NoCompiler, load  # noqa: F401  (NoCompiler: raised by load_library)
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -176,8 +176,6 @@ def load_library() -> str:
     """Load the C++ library (it defines the ops when loaded), building it first if there is no complete
     build for this source and torch; returns its path. Raises NoCompiler if it must be built and cannot."""
     import torch
-
-    from trainer.kernels.build import load
 
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     return load(SOURCE, ["-O3", *openmp], openmp)

@@ -17,7 +17,7 @@ it at the non-slot positions, nothing at padding_idx. Kernels:
 - fake (meta), for torch.compile: registered here;
 - any other device: the reference forward and a branch-free index_add backward, registered here.
 The library is built (g++, ~40 s, once per source and torch; ahead of time with
-`python -m trainer.kernels.build`, see trainer/kernels/build.py) and the ops registered by `load()`,
+`python launch/build_kernels.py`, see trainer/kernels/build.py) and the ops registered by `load()`,
 which the first eager `inject_fused` call makes; call it yourself before torch.compile-ing a model
 that uses it.
 """

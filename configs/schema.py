@@ -33,7 +33,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = os.path.join(CONFIG_DIR, "llara_default.yaml")
 
 
@@ -154,12 +154,12 @@ class Ctr:
 class Retrieval:
     hybrid: bool = key()
     pool_len: int = at_least(1)
-    order: str = choice("trainer.retrieval.ORDERS")
-    template: str = choice("trainer.retrieval.TEMPLATES")
-    pooling: str = choice("trainer.retrieval.POOLINGS")
+    order: str = choice("shards.retrieval.ORDERS")
+    template: str = choice("shards.retrieval.TEMPLATES")
+    pooling: str = choice("shards.retrieval.POOLINGS")
     pca_dim: int = at_least(1)
     batch_size: int = at_least(1)
-    dtype: str = choice("trainer.retrieval.EMBED_DTYPES")
+    dtype: str = choice("shards.retrieval.EMBED_DTYPES")
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """SUBR's item embeddings computed on the run's Ray workers, before the shards are built.
 
-    embed_on_workers(cfg, items, llm_dir, cache_dir)   # launch/train.py, through prepare(cfg, embed=...)
+    embed_on_workers(cfg, items, llm_dir, cache_dir, run_on_workers=...)   # launch/train.py, through prepare(cfg, embed=...)
 
 When the cache in cache_dir already holds the embeddings (this LLM, data.retrieval's template and
 pooling and dtype, these item texts), nothing starts. Otherwise a short Ray Train job runs `embed_worker` on
-train.num_workers workers: each loads the LLM, embeds its contiguous slice of the items
-(trainer/retrieval.py `cached_item_embeddings`: the slices are gathered over the process group Ray
+train.num_workers workers (started by the runner it is given: trainer/ray_cluster.py run_on_workers, which
+sets each worker process up): each loads the LLM, embeds its contiguous slice of the items
+(shards/retrieval.py `cached_item_embeddings`: the slices are gathered over the process group Ray
 set up, rank 0 writes the cache file), and rank 0 writes beside it which rank embedded which items
 (item_emb-<key>.workers.json). prepare then reads the embeddings from the cache as before.
 """
@@ -17,18 +18,20 @@ import logging
 import os
 import time
 
+import ray.train
+import ray.train.torch
 import torch
 from omegaconf import OmegaConf
 
-from trainer.config import to_dict
+from configs.schema import to_dict
+from shards.ctr import cached_embeddings, item_embeddings
+from shards.retrieval import cache_entry, gather_rows, model_fingerprint, shard_bounds
 
 log = logging.getLogger(__name__)
 
 
 def report_path(data_cfg: dict, items, cache_dir: str, model_id: str) -> str:
     """The workers' report beside the cache file of these embeddings."""
-    from trainer.retrieval import cache_entry
-
     retrieval = data_cfg["retrieval"]
     path, _, _ = cache_entry(cache_dir, model_id, retrieval["template"], items, retrieval["pooling"], dtype=retrieval["dtype"])
     return path.removesuffix(".safetensors") + ".workers.json"
@@ -37,15 +40,7 @@ def report_path(data_cfg: dict, items, cache_dir: str, model_id: str) -> str:
 def embed_worker(config: dict) -> None:
     """What each Ray worker runs: embed this rank's slice of the items (the cache file is written by
     rank 0), then rank 0 records every rank's slice, process id and time."""
-    import ray.train
-    import ray.train.torch
-
-    from shards.ctr import item_embeddings
-    from trainer.ray_cluster import setup_worker_process
-    from trainer.retrieval import gather_rows, shard_bounds
-
     cfg = OmegaConf.create(config["cfg"])
-    setup_worker_process(cfg.train.use_gpu, cfg.train.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # this worker's GPU with train.use_gpu (Ray made it the default), else CPU
@@ -62,15 +57,12 @@ def embed_worker(config: dict) -> None:
             json.dump({"items": len(items), "workers": world, "model": config["model_id"], "ranks": ranks}, f, indent=1)
 
 
-def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str) -> dict | None:
+def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str, *, run_on_workers) -> dict | None:
     """Compute the items' embeddings on train.num_workers Ray workers (train.cpus_per_worker CPUs,
     a GPU each with train.use_gpu) and write them to the cache in cache_dir. Returns the workers'
     report (which rank embedded which items), or None when the cache already held them: no job.
-    Ray must already be connected (trainer/ray_cluster.py connect)."""
-    from shards.ctr import cached_embeddings
-    from trainer.ray_cluster import run_on_workers
-    from trainer.retrieval import model_fingerprint
-
+    run_on_workers(fn, config, workers, cpus_per_worker, use_gpu, storage_path=, name=) runs the job
+    (trainer/ray_cluster.py's, with Ray already connected)."""
     data_cfg, cache_dir = to_dict(cfg.data), os.path.abspath(cache_dir)
     model_id = model_fingerprint(llm_dir)
     if cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id) is not None:

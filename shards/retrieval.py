@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.collectives import all_reduce_scalar, collective_device, rank_world
+from shards.collectives import all_reduce_scalar, collective_device, rank_world
 
 log = logging.getLogger(__name__)
 
