@@ -21,7 +21,7 @@ import torch
 
 from shards.build import load_items, load_manifest
 from shards.prompts import CANS_EMB, HISTORY_EMB, LLARA_TEMPLATES
-from trainer.data import SplitReader, collate, meta, read_shard
+from trainer.data.loader import SplitReader, collate, meta, read_shard
 
 
 def ours(data_dir, manifest, pad_id, n, micro):
@@ -84,7 +84,7 @@ def main():
     torch.set_num_threads(1)
     if a.run is None:
         from configs.schema import load_config
-        from trainer.prepare import prepare
+        from trainer.data.prepare import prepare
 
         a.run = tempfile.mkdtemp()
         prepare(load_config(None, [f"output_dir={a.run}", "srec.epochs=1", "data.build_workers=1"]))

@@ -3,7 +3,7 @@
   generate  LLaRA's protocol: greedy decoding (KV cache, left padding) of up to --max-new-tokens
             tokens, then the first line is matched against the candidate titles
   score     the prompt once, its KV cache repeated for the 20 candidates, one more forward over the
-            candidates' titles: a log-likelihood per candidate (trainer/scoring.py)
+            candidates' titles: a log-likelihood per candidate (trainer/evaluation/scoring.py)
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py [--run runs/default] [--samples 64] [--batch 16]
 
@@ -20,9 +20,9 @@ import time
 import torch
 
 from shards.build import load_items, load_manifest
-from trainer.evaluation import generate, load_model_for_eval, split_samples
-from trainer.scoring import candidate_logliks
-from trainer.srec import load_srec
+from trainer.evaluation.evaluate import generate, load_model_for_eval, split_samples
+from trainer.evaluation.scoring import candidate_logliks
+from trainer.model.srec import load_srec
 
 
 def timed(fn, samples, batch):
@@ -43,7 +43,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from configs.schema import load_config
-    from trainer.prepare import prepare, run_paths
+    from trainer.data.prepare import prepare, run_paths
 
     run = a.run or tempfile.mkdtemp(prefix="bench_eval_")
     cfg = load_config(None, [f"output_dir={run}"])

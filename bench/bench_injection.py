@@ -3,8 +3,8 @@
 Compares in one run:
   loop          LLaRA's way: per sample, per placeholder, one row written (with its host syncs)
   index_put     emb[mask] = behaviour[slot[mask]] (index_put / masked_scatter style)
-  reference     trainer/kernels/reference.py: one lookup + one gather + one where
-  fused         trainer/kernels/inject.py: the llmrec::inject op (C++ kernel and C++ autograd on CPU)
+  reference     trainer/model/kernels/reference.py: one lookup + one gather + one where
+  fused         trainer/model/kernels/inject.py: the llmrec::inject op (C++ kernel and C++ autograd on CPU)
   lookup        a plain embedding lookup with no injection (the floor)
 and the forward's bandwidth against a memory copy of the same bytes (torch.Tensor.copy_).
 
@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainer.kernels.inject import inject_fused
-from trainer.kernels.reference import inject_reference
+from trainer.model.kernels.inject import inject_fused
+from trainer.model.kernels.reference import inject_reference
 
 
 def loop_injection(ids, weight, slot_map, behaviour):

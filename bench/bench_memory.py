@@ -150,7 +150,7 @@ def worker_zero(a) -> dict:
     import torch.distributed as dist
 
     from configs.schema import load_config
-    from trainer.ds_config import deepspeed_config
+    from trainer.job.ds_config import deepspeed_config
     from trainer.model.build import build_llara_model, partitioned_loading
     from bench.bench_scale import LORA
 
@@ -196,7 +196,7 @@ def worker_padding(a) -> dict:
     import torch
 
     from shards.build import load_manifest
-    from trainer.data import SplitReader, collate
+    from trainer.data.loader import SplitReader, collate
     from trainer.model.build import build_llara_model, load_tokenizer
     from bench.bench_scale import LORA
 

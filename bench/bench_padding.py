@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from shards.build import MANIFEST, load_manifest
-from trainer.data import SplitReader
+from trainer.data.loader import SplitReader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build(name: str, out: str, build_workers: int) -> str | None:
     """The set's shard folder (built on first use), or None when its data folder is absent."""
     from configs.schema import load_config
-    from trainer.prepare import build_llm, build_shards, source_paths
+    from trainer.data.prepare import build_llm, build_shards, source_paths
     from shards.build import load_source
 
     cfg = load_config(os.path.join(REPO, "configs", f"llara_{name}.yaml"),

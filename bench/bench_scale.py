@@ -463,7 +463,7 @@ def main():
         print(res["command"], flush=True)
 
         # run 1: stopped by a STOP file once step --stop-after's checkpoint is complete
-        from trainer.checkpoint import COMPLETE, tag_for
+        from trainer.job.checkpoint import COMPLETE, tag_for
 
         marker = os.path.join(run_dir, "checkpoints", tag_for(a.stop_after), COMPLETE)
         stop_written = {}

@@ -96,7 +96,7 @@ def engine_phases(cfg, llm, srec, batches, ph, stage: int, profile: bool = False
     from omegaconf import OmegaConf
 
     from trainer.model.build import build_llara_model
-    from trainer.ds_config import deepspeed_config
+    from trainer.job.ds_config import deepspeed_config
     from trainer.train_loop import step_loss
 
     if not torch.distributed.is_initialized():
@@ -149,9 +149,9 @@ def main():
 
     from shards.build import load_manifest
     from configs.schema import load_config
-    from trainer.data import SplitReader, collate
+    from trainer.data.loader import SplitReader, collate
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.srec import load_srec
+    from trainer.model.srec import load_srec
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"output_dir={a.out}", *common])

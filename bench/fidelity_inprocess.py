@@ -34,11 +34,11 @@ def main():
     from shards.build import load_manifest
     from test_fidelity import train_and_rank
     from configs.schema import load_config
-    from trainer.data import meta
-    from trainer.evaluation import baseline_ranks, split_samples
-    from trainer.prepare import prepare
-    from trainer.scoring import ranking_metrics
-    from trainer.srec import load_srec
+    from trainer.data.loader import meta
+    from trainer.evaluation.evaluate import baseline_ranks, split_samples
+    from trainer.data.prepare import prepare
+    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.model.srec import load_srec
 
     cfg = load_config(None, [f"output_dir={a.out}", *a.overrides])
     paths = prepare(cfg)

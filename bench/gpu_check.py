@@ -13,14 +13,14 @@ It prints each check as it goes, then one line per figure, and writes everything
              bit, backward (float32 atomics) within rounding, for fp32/fp16/bf16 and widths 1, 40, 130,
              4096 with repeated items, a padding id and slots at both ends; the bad ids and slots the CPU
              kernel refuses, refused with its messages; a C compiler for Triton's launchers
-             (trainer/kernels/build.py). Dry run: the kernels under TRITON_INTERPRET=1 on CPU tensors.
+             (trainer/model/kernels/build.py). Dry run: the kernels under TRITON_INTERPRET=1 on CPU tensors.
 3. train     the trainer's own model build (LoRA r=8 on the seven projections, the adapter, the fused
              injection), DeepSpeed ZeRO-3 in bf16 with NCCL, one process per GPU (torch.distributed.run),
              the trainer's step (trainer/train_loop.py step_loss: the frozen SRec's vectors, the answer
              positions only through the LM head) on seeded hybrid-prompt batches; a checkpoint at half
-             the steps (trainer/checkpoint.py); then new processes resume from it and run the second
+             the steps (trainer/job/checkpoint.py); then new processes resume from it and run the second
              half again: the losses must match the first run's (within 2e-2 relative: Triton's backward
-             adds with atomics, in any order). Samples/s, tokens/s, MFU (trainer/flops.py, against the
+             adds with atomics, in any order). Samples/s, tokens/s, MFU (trainer/job/flops.py, against the
              card's bf16 peak) and peak GPU memory per GPU over the first run's steps after 3 warm-up
              steps. Dry run: 2 CPU processes (gloo, DeepSpeed's CPU accelerator, bf16), a tiny model.
 
@@ -68,7 +68,7 @@ def compile_kernels(capabilities: list[int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from trainer.kernels.triton_kernels import _inject_bwd, _inject_fwd
+    from trainer.model.kernels.triton_kernels import _inject_bwd, _inject_fwd
 
     out = {}
     for cap in capabilities:
@@ -94,9 +94,9 @@ def kernel_check(device: str) -> dict:
     """The Triton op on `device` (cuda, or cpu under TRITON_INTERPRET=1) against the C++ op on the CPU."""
     import torch
 
-    from trainer.kernels.build import triton_c_compiler
-    from trainer.kernels.inject import load
-    from trainer.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
+    from trainer.model.kernels.build import triton_c_compiler
+    from trainer.model.kernels.inject import load
+    from trainer.model.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
 
     load()  # the C++ library: the CPU op the Triton kernels must agree with
     g = torch.Generator().manual_seed(0)
@@ -161,13 +161,13 @@ def worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer import checkpoint as ckpt
+    from trainer.job import checkpoint as ckpt
     from configs.schema import load_config
-    from trainer.ds_config import deepspeed_config
-    from trainer.flops import model_shape, peak_flops, throughput_flops
+    from trainer.job.ds_config import deepspeed_config
+    from trainer.job.flops import model_shape, peak_flops, throughput_flops
     from trainer.model.build import build_llara_model, partitioned_loading
-    from trainer.precision import TORCH_DTYPES
-    from trainer.srec import SASRec
+    from trainer.job.precision import TORCH_DTYPES
+    from trainer.model.srec import SASRec
     from trainer.train_loop import answer_positions, build_engine, step_loss
 
     gpu = spec["gpu"]

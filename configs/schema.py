@@ -11,11 +11,11 @@ every value. Any failure is a ConfigError of one line that names the key:
     train.micro_batch=0: expected an integer >= 1
     data.source='foo': expected one of synthetic, ml-100k, ml-1m, lastfm, sequences, llara, generic
 
-The allowed choices are read from the modules that act on them (e.g. trainer.curriculum.MODES),
+The allowed choices are read from the modules that act on them (e.g. trainer.data.curriculum.MODES),
 imported only when checked. Checks that need more than one key stay where those keys are used
-(e.g. trainer/srec/pretrain.py check_pretrain_args, trainer.precision's refusal of bf16 on CPU).
+(e.g. trainer/model/srec/pretrain.py check_pretrain_args, trainer.job.precision's refusal of bf16 on CPU).
 The one open section is train.deepspeed, DeepSpeed's own config merged over the trainer's: its keys
-are DeepSpeed's, checked by trainer/ds_config.py.
+are DeepSpeed's, checked by trainer/job/ds_config.py.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class Data:
     build_workers: int = at_least(0)
     verify_shards: bool = key()
     loader_workers: int = at_least(0)
-    length_grouping: int = at_least(0)  # 0 = off; N: windows of N global batches (trainer/data.py)
+    length_grouping: int = at_least(0)  # 0 = off; N: windows of N global batches (trainer/data/loader.py)
     synthetic: Synthetic = section(Synthetic)
     history_len: int = at_least(1)
     domain: str = choice("shards.prompts.DOMAINS")
@@ -216,27 +216,27 @@ class Model:
 @dataclass
 class SRec:
     path: Optional[str] = key()
-    arch: str = choice("trainer.srec.ARCHS")
+    arch: str = choice("trainer.model.srec.ARCHS")
     hidden: int = at_least(1)
     blocks: int = at_least(1)
     heads: int = at_least(1)
     layers: int = at_least(1)
     dropout: float = fraction()
     ffn_inner: int = at_least(0)  # sasrec: 0 = hidden
-    activation: str = choice("trainer.srec.sasrec.ACTIVATIONS")
-    norm: str = choice("trainer.srec.sasrec.NORMS")
+    activation: str = choice("trainer.model.srec.sasrec.ACTIVATIONS")
+    norm: str = choice("trainer.model.srec.sasrec.NORMS")
     attn_dropout: float = key(Range(0, 1, high_open=True, minus_one=True))  # -1: srec.dropout
-    stop_metric: str = choice("trainer.srec.pretrain.STOP_METRICS")
+    stop_metric: str = choice("trainer.model.srec.pretrain.STOP_METRICS")
     eval_mask_history: bool = key()  # full ranking leaves the user's history out (RecBole, ICLRec)
-    loss: str = choice("trainer.srec.pretrain.LOSSES")
+    loss: str = choice("trainer.model.srec.pretrain.LOSSES")
     negatives: int = at_least(1)
-    positions: str = choice("trainer.srec.pretrain.POSITIONS")
+    positions: str = choice("trainer.model.srec.pretrain.POSITIONS")
     epochs: int = at_least(1)
     patience: int = at_least(1)
     lr: float = above(0)
     weight_decay: float = at_least(0)
     adam_beta2: float = fraction()
-    init: str = choice("trainer.srec.pretrain.INITS")
+    init: str = choice("trainer.model.srec.pretrain.INITS")
     init_std: float = above(0)  # init=normal
     batch_size: int = at_least(1)
     val_users: int = all_or_count()  # -1: every validation user
@@ -244,17 +244,17 @@ class SRec:
 
 @dataclass
 class Train:
-    mode: str = choice("trainer.curriculum.MODES")
+    mode: str = choice("trainer.data.curriculum.MODES")
     num_workers: int = at_least(1)
     min_workers: int = at_least(0)  # > 0: Ray Train's elastic range (min_workers, num_workers); 0: fixed
     cpus_per_worker: int = at_least(1)
     use_gpu: bool = key()
-    precision: str = choice("trainer.precision.PRECISIONS")
+    precision: str = choice("trainer.job.precision.PRECISIONS")
     zero_stage: int = choice((0, 1, 2, 3))  # DeepSpeed's ZeRO stages
     offload_optimizer: bool = key()
     offload_params: bool = key()
     activation_checkpointing: bool = key()
-    peak_tflops: float = at_least(0)  # 0: a known GPU's peak (trainer/flops.py), none on CPU
+    peak_tflops: float = at_least(0)  # 0: a known GPU's peak (trainer/job/flops.py), none on CPU
     max_failures: int = key(Range(0, minus_one=True))  # -1: restarts after a lost worker without limit
     micro_batch: int = at_least(1)
     grad_accum: int = at_least(1)
@@ -269,7 +269,7 @@ class Train:
     keep_last: int = at_least(0)
     log_every: int = at_least(1)
     sample_log: bool = key()  # logs/samples/rank<r>.jsonl: the keys of the samples each step trained on
-    deepspeed: Dict[str, Any] = key()  # open: DeepSpeed's own keys, checked by trainer/ds_config.py
+    deepspeed: Dict[str, Any] = key()  # open: DeepSpeed's own keys, checked by trainer/job/ds_config.py
 
 
 @dataclass
@@ -286,7 +286,7 @@ class Eval:
 class Ray:
     address: Optional[str] = key()
     object_store_mb: int = at_least(1)
-    auth: str = choice(("token", "disabled"))  # Ray's token authentication (trainer/ray_cluster.py)
+    auth: str = choice(("token", "disabled"))  # Ray's token authentication (trainer/job/ray_cluster.py)
 
 
 @dataclass

@@ -4,7 +4,7 @@
     python launch/build_kernels.py --dir /shared/kernels   # once into a folder that every node reads
 
 Nodes that read the same folder, with the same torch and Python, then load it without a compiler
-(set LLMREC_KERNEL_DIR there). How a build is locked and cached: trainer/kernels/build.py.
+(set LLMREC_KERNEL_DIR there). How a build is locked and cached: trainer/model/kernels/build.py.
 """
 
 import argparse
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from trainer.kernels.cpu import NoCompiler, load_library  # noqa: E402
+from trainer.model.kernels.cpu import NoCompiler, load_library  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from configs.schema import ConfigError, load_config, to_dict  # noqa: E402
 from shards.build import load_source, write_shards  # noqa: E402
 from shards.ctr import make_samples, manifest_params  # noqa: E402
 from shards.readers import read_profiles  # noqa: E402
-from trainer.ray_cluster import connect  # noqa: E402
+from trainer.job.ray_cluster import connect  # noqa: E402
 
 
 def main(argv=None) -> None:

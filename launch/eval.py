@@ -4,7 +4,7 @@
     python launch/eval.py --run runs/default --checkpoint latest --split val --modes score
     ray job submit --working-dir . -- python launch/eval.py --run /shared/runs/x --workers 8
 
-Modes (trainer/evaluation.py): generate (LLaRA's protocol: greedy generation, ValidRatio, HR@1 of
+Modes (trainer/evaluation/evaluate.py): generate (LLaRA's protocol: greedy generation, ValidRatio, HR@1 of
 valid and of all), score (rank the candidates by the log-likelihood of their titles: HR@1, HR@5,
 NDCG@5), ctr (P(yes): AUC, log loss, accuracy; on samples with a CTR label). The frozen SRec alone,
 popularity and random are ranked on the same candidates. Writes metrics.json, predictions.csv and
@@ -62,8 +62,8 @@ def parse_args(argv=None):
 def resolve_source(args, paths: dict) -> tuple[dict, dict, str]:
     """({"export": dir}, {"checkpoint": dir, "config": ...} or {"zero_shot": True, "config": ...}, the
     run's training config if known, a short name)."""
-    from trainer.checkpoint import COMPLETE, find_latest, read_trainer_state
-    from trainer.export import EXPORT_META
+    from trainer.job.checkpoint import COMPLETE, find_latest, read_trainer_state
+    from trainer.model.export import EXPORT_META
 
     if args.checkpoint:
         tag = find_latest(paths["checkpoints"]) if args.checkpoint == "latest" else args.checkpoint
@@ -88,9 +88,9 @@ def check_arguments(args) -> tuple[list[str], dict, tuple]:
     """(modes, run paths, resolve_source's answer), or a ValueError: everything refused before Ray
     starts (the GPU's bf16 support is asked on the workers)."""
     from shards.build import MANIFEST, load_manifest
-    from trainer.evaluation import MODES, check_modes
-    from trainer.precision import resolve_precision
-    from trainer.prepare import prepared_paths
+    from trainer.evaluation.evaluate import MODES, check_modes
+    from trainer.job.precision import resolve_precision
+    from trainer.data.prepare import prepared_paths
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -119,9 +119,9 @@ def main(argv=None) -> int:
         return 2
     if not args.gpu:  # the driver imports DeepSpeed too (through transformers): no accelerator probe
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from trainer.evaluation import EvalJob, eval_worker
-    from trainer.gpus import require_gpus
-    from trainer.ray_cluster import JobFailed, connect, run_on_workers
+    from trainer.evaluation.evaluate import EvalJob, eval_worker
+    from trainer.job.gpus import require_gpus
+    from trainer.job.ray_cluster import JobFailed, connect, run_on_workers
 
     hybrid = (args.prompts or ("text" if run_cfg and run_cfg["train"]["mode"] == "text" else "hybrid")) == "hybrid"
     out = os.path.abspath(args.out or os.path.join(paths["eval"], f"{name}_{args.split}"))

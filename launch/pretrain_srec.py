@@ -8,7 +8,7 @@
 
 Uses the config's data: section (the same readers and splits as the LLM's shards) and srec: section.
 Each model is saved as <out>/<arch>/{model.safetensors,config.json,pretrain_report.json}; the test
-split is evaluated with every protocol of trainer/srec/metrics.py next to popularity and random,
+split is evaluated with every protocol of trainer/model/srec/metrics.py next to popularity and random,
 printed as a table and written to <out>/eval_<split>.json and .md.
 """
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("trainer.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
+    logging.getLogger("trainer.model.srec.pretrain").setLevel(logging.INFO)  # one line per epoch (Ctrl-C keeps the best)
     import signal
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C / kill -INT works even when started with `&`
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     from shards.build import load_source
     from shards.samples import sample_candidates
     from configs.schema import ConfigError, load_config, to_dict
-    from trainer.srec.metrics import evaluate, format_table, protocol
-    from trainer.srec.pretrain import check_pretrain_args
+    from trainer.model.srec.metrics import evaluate, format_table, protocol
+    from trainer.model.srec.pretrain import check_pretrain_args
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -88,8 +88,8 @@ def srec_models(args, cfg, splits: dict, num_items: int):
     """(name, model) for each SRec to evaluate: LLaRA's imported, saved folders, or pretrained here
     (each saved to <out>/<arch>/ with its report). A model for another item count is a ValueError."""
     from configs.schema import to_dict
-    from trainer.srec import load_srec, save_srec
-    from trainer.srec.pretrain import pretrain
+    from trainer.model.srec import load_srec, save_srec
+    from trainer.model.srec.pretrain import pretrain
 
     def checked(model, source: str):
         if model.num_items != num_items:
@@ -97,7 +97,7 @@ def srec_models(args, cfg, splits: dict, num_items: int):
         return model
 
     if args.import_llara:
-        from trainer.srec.llara_import import load_llara_sasrec
+        from trainer.model.srec.llara_import import load_llara_sasrec
 
         model = checked(load_llara_sasrec(args.import_llara), args.import_llara)
         save_srec(model, os.path.join(args.out, "llara_sasrec"))
@@ -124,7 +124,7 @@ def srec_models(args, cfg, splits: dict, num_items: int):
 
 def baseline_rows(splits: dict, test: list, num_items: int, cands: list, seed: int, mask_history: bool = True) -> dict:
     """Popularity (training targets; left out when the data has no training split) and random."""
-    from trainer.srec.metrics import Popularity, Random, evaluate
+    from trainer.model.srec.metrics import Popularity, Random, evaluate
 
     rows = {}
     if splits.get("train"):

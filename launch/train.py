@@ -47,9 +47,9 @@ def parse_args(argv=None):
 
 
 def connect_ray(cfg, out: str) -> None:
-    """Join or start Ray (trainer/ray_cluster.py), then take SIGTERM/SIGUSR1 back from it."""
-    from trainer import signals
-    from trainer.ray_cluster import connect
+    """Join or start Ray (trainer/job/ray_cluster.py), then take SIGTERM/SIGUSR1 back from it."""
+    from trainer.job import signals
+    from trainer.job.ray_cluster import connect
 
     connect(cfg.ray.address, cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.ray.object_store_mb,
             cfg.train.use_gpu, cfg.ray.auth)
@@ -85,11 +85,11 @@ def check_choices(cfg) -> None:
     train.deepspeed's keys, flash-attention in fp32, without a GPU or without its package, a Ray cluster to
     join without its token. The GPU's bf16 support is asked on the workers."""
     from shards.readers import check_source
-    from trainer.ds_config import check_deepspeed_overrides
+    from trainer.job.ds_config import check_deepspeed_overrides
     from trainer.model.folder import check_base_folder
-    from trainer.precision import resolve_precision
-    from trainer.prepare import run_paths
-    from trainer.ray_cluster import token_source
+    from trainer.job.precision import resolve_precision
+    from trainer.data.prepare import run_paths
+    from trainer.job.ray_cluster import token_source
 
     if cfg.model.base:
         check_base_folder(cfg.model.base)
@@ -120,8 +120,8 @@ def check_resume(cfg, root: str) -> None:
     """A checkpoint to resume on another number of workers (or an elastic range): say what will happen, or
     refuse now (ValueError) what the workers would refuse: a global batch that cannot be split, a
     checkpoint from before resizable checkpoints."""
-    from trainer import checkpoint as ckpt
-    from trainer.trainable_state import FILE
+    from trainer.job import checkpoint as ckpt
+    from trainer.job.trainable_state import FILE
 
     tag = ckpt.find_latest(root)
     if not tag:
@@ -143,19 +143,19 @@ def prepare_run(cfg):
     run paths, the lock). A GPU run the cluster cannot place is refused before the data build."""
     from shards.build import check_manifest, load_manifest
     from shards.ctr import needs_retrieval
-    from trainer import checkpoint as ckpt
-    from trainer import signals
+    from trainer.job import checkpoint as ckpt
+    from trainer.job import signals
     from configs.schema import to_dict
     from shards.embed_job import embed_on_workers
-    from trainer.ray_cluster import run_on_workers
-    from trainer.prepare import prepare, run_paths
+    from trainer.job.ray_cluster import run_on_workers
+    from trainer.data.prepare import prepare, run_paths
 
     out = run_paths(cfg.output_dir)["output_dir"]
     lock = lock_output_dir(out)
     signals.clear(out)
     signals.install_driver_handlers(out)
     if cfg.train.use_gpu:  # not left pending for ever
-        from trainer.gpus import require_gpus
+        from trainer.job.gpus import require_gpus
 
         connect_ray(cfg, out)
         require_gpus(cfg.train.num_workers, "train.use_gpu=true")
@@ -164,8 +164,8 @@ def prepare_run(cfg):
         connect_ray(cfg, out)
         embed = functools.partial(embed_on_workers, cfg, run_on_workers=run_on_workers)
     if cfg.model.injection == "fused":  # built once here, under a lock that dies with its holder, before the workers need it
-        from trainer.kernels.build import NoCompiler
-        from trainer.kernels.cpu import load_library
+        from trainer.model.kernels.build import NoCompiler
+        from trainer.model.kernels.cpu import load_library
 
         try:
             load_library()
@@ -204,12 +204,12 @@ def main(argv=None) -> int:
         # one line; where it was raised, so that a bug that raises ValueError is found from there too
         print(f"error: {e} ({raised_at(e)})", file=sys.stderr)
         return 2
-    from trainer.ray_cluster import JobFailed, run_on_workers
+    from trainer.job.ray_cluster import JobFailed, run_on_workers
     from trainer.train_loop import train_worker
 
     connect_ray(cfg, out)
     # the workers write (and prune) their checkpoints in <output_dir>/checkpoints; Ray's own run state
-    # goes to logs/ray (trainer/ray_cluster.py)
+    # goes to logs/ray (trainer/job/ray_cluster.py)
     workers = (cfg.train.min_workers, cfg.train.num_workers) if cfg.train.min_workers else cfg.train.num_workers
     try:
         run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, workers,
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
 
 def print_outcome(cfg, paths: dict) -> int:
     """The run's last lines on the console, and the exit code: stopped on request, or the evaluation."""
-    from trainer import signals
+    from trainer.job import signals
 
     preempted = os.path.join(paths["output_dir"], signals.PREEMPTED_FILE)
     if os.path.exists(preempted):

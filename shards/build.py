@@ -2,7 +2,7 @@
 
     load_source(data_cfg, seed) -> make_samples (shards/ctr.py) -> write_shards(items, splits, tokenizer_dir, out_dir, ...)
 
-as `python launch/build_shards.py` runs them (and launch/train.py, through trainer/prepare.py).
+as `python launch/build_shards.py` runs them (and launch/train.py, through trainer/data/prepare.py).
 
 A stopped build run again with the same arguments keeps the shards it already wrote (checked against
 their sha256 in <out>/build-progress.jsonl) and goes on from there.

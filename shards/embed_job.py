@@ -4,7 +4,7 @@
 
 When the cache in cache_dir already holds the embeddings (this LLM, data.retrieval's template and
 pooling and dtype, these item texts), nothing starts. Otherwise a short Ray Train job runs `embed_worker` on
-train.num_workers workers (started by the runner it is given: trainer/ray_cluster.py run_on_workers, which
+train.num_workers workers (started by the runner it is given: trainer/job/ray_cluster.py run_on_workers, which
 sets each worker process up): each loads the LLM, embeds its contiguous slice of the items
 (shards/retrieval.py `cached_item_embeddings`: the slices are gathered over the process group Ray
 set up, rank 0 writes the cache file), and rank 0 writes beside it which rank embedded which items
@@ -62,7 +62,7 @@ def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str, *, run_on_workers
     a GPU each with train.use_gpu) and write them to the cache in cache_dir. Returns the workers'
     report (which rank embedded which items), or None when the cache already held them: no job.
     run_on_workers(fn, config, workers, cpus_per_worker, use_gpu, storage_path=, name=) runs the job
-    (trainer/ray_cluster.py's, with Ray already connected)."""
+    (trainer/job/ray_cluster.py's, with Ray already connected)."""
     data_cfg, cache_dir = to_dict(cfg.data), os.path.abspath(cache_dir)
     model_id = model_fingerprint(llm_dir)
     if cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id) is not None:

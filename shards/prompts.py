@@ -162,7 +162,7 @@ def tokenize_llara(sample: dict, titles, template: str, tokenizer, max_len: int,
     return out
 
 
-# ReLLa's CTR answers (P(yes) compares the logits of their first differing tokens: trainer/scoring.py)
+# ReLLa's CTR answers (P(yes) compares the logits of their first differing tokens: trainer/evaluation/scoring.py)
 CTR_ANSWERS = (" Yes.", " No.")
 
 

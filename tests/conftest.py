@@ -21,7 +21,7 @@ def small_run(tmp_path_factory):
     from filelock import FileLock
 
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     root = run_wide_dir(tmp_path_factory)
     with FileLock(str(root / "small_run.lock")):
@@ -105,14 +105,14 @@ def wait_for_step(out, step, proc, timeout=600):
 
 @contextlib.contextmanager
 def ray_as_the_product_starts_it(address: str | None = None, num_cpus: int = 2, object_store_mb: int = 256):
-    """Ray in this test process as launch/*.py start it (trainer/ray_cluster.py connect): a local cluster of
+    """Ray in this test process as launch/*.py start it (trainer/job/ray_cluster.py connect): a local cluster of
     its own, or `address`, with the project's runtime env, whose worker setup hook points every worker
     process (Ray Train's controller and placement-group cleaner included) at its own cluster: a test cluster
     beside another test's cannot be reached by it. Token authentication off, as for ray.cluster_utils'
     clusters (the product's token is tested in test_ray_auth.py); the environment is restored afterwards."""
     import ray
 
-    from trainer.ray_cluster import connect
+    from trainer.job.ray_cluster import connect
 
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ.pop("RAY_ADDRESS", None)

@@ -1,6 +1,6 @@
 import os
 
-from trainer.checkpoint import COMPLETE, LATEST, find_latest
+from trainer.job.checkpoint import COMPLETE, LATEST, find_latest
 
 
 def _ckpt(root, tag, complete=True):
@@ -23,7 +23,7 @@ def test_find_latest_skips_torn_checkpoints(tmp_path):
 
 
 def test_prune_keeps_the_newest_complete_and_drops_torn_older_ones(tmp_path):
-    from trainer.checkpoint import prune
+    from trainer.job.checkpoint import prune
 
     for step, complete in ((4, True), (8, False), (12, True), (16, True), (20, False)):
         _ckpt(tmp_path, f"step_{step:06d}", complete)
@@ -60,7 +60,7 @@ def test_a_mid_epoch_resume_with_another_sample_order_is_refused():
 def test_a_resize_keeps_the_checkpoints_global_batch_or_names_the_worker_counts_that_work():
     import pytest
 
-    from trainer.checkpoint import accumulation_at
+    from trainer.job.checkpoint import accumulation_at
     from configs.schema import load_config, to_dict
 
     old = to_dict(load_config(None, ["train.micro_batch=4", "train.grad_accum=3"]))  # 2 x 4 x 3 = 24

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from shards import collectives
-from trainer.ds_config import deepspeed_config
-from trainer.precision import resolve_precision
+from trainer.job.ds_config import deepspeed_config
+from trainer.job.precision import resolve_precision
 
 
 def test_one_process_needs_no_process_group():

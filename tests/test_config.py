@@ -68,7 +68,7 @@ def test_llara_lastfm_preset_data_fit_its_srec():
     if not os.path.exists(os.path.join(REPO, cfg.data.path)):
         pytest.skip(f"{cfg.data.path} is absent (LLaRA's released LastFM data, see ../shared/data/INDEX.md)")
     from shards.build import load_source
-    from trainer.srec.llara_import import load_llara_sasrec
+    from trainer.model.srec.llara_import import load_llara_sasrec
 
     items, splits, _ = load_source({**cfg.data, "path": os.path.join(REPO, cfg.data.path)}, cfg.seed)
     srec = load_llara_sasrec(os.path.join(REPO, cfg.srec.path))
@@ -143,7 +143,7 @@ def test_every_default_key_has_a_schema_field_and_every_field_a_default():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_schema_loads_every_preset_and_keeps_its_dict_form(preset):
     """The typed config gives the dict the untyped merge gave (same values, same int/float types, same
-    order): the stamps of runs prepared before the schema (trainer/prepare.py) still match."""
+    order): the stamps of runs prepared before the schema (trainer/data/prepare.py) still match."""
     from configs.schema import DEFAULT, Config, Train, to_dict
 
     path = os.path.join(CONFIG_DIR, preset)
@@ -225,8 +225,8 @@ def test_the_choices_are_the_owners_constants():
     """One owner per list of choices: the schema reads the constants of the modules that act on them."""
     from shards.readers import SOURCES
     from configs.schema import schema_of
-    from trainer.curriculum import MODES
-    from trainer.srec import ARCHS
+    from trainer.data.curriculum import MODES
+    from trainer.model.srec import ARCHS
 
     assert schema_of("train.mode")[1].values() == MODES
     assert schema_of("srec.arch")[1].values() == tuple(ARCHS)

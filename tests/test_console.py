@@ -1,12 +1,12 @@
-"""trainer/console.py: the known noise is dropped, and nothing else."""
+"""trainer/job/console.py: the known noise is dropped, and nothing else."""
 
 import warnings
 
 import pytest
 
-from trainer import console
-from trainer.console import GRADIENT_CHECKPOINTING_MODULE as HF_MODULE
-from trainer.console import PREEMPTION_WATCHER_ENV, quiet_known_noise
+from trainer.job import console
+from trainer.job.console import GRADIENT_CHECKPOINTING_MODULE as HF_MODULE
+from trainer.job.console import PREEMPTION_WATCHER_ENV, quiet_known_noise
 
 PEFT_MESSAGE = ("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` "
                 "instead.")
@@ -51,7 +51,7 @@ def _tiny_lora_llama():
 
 def test_get_peft_model_warns_without_the_filter_and_not_with_it(monkeypatch):
     """The real call: if the first assertion fails, peft no longer reads the deprecated property and
-    the filter in trainer/console.py can go."""
+    the filter in trainer/job/console.py can go."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         _tiny_lora_llama()

@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.curriculum import is_hybrid, warmup_cosine
+from trainer.data.curriculum import is_hybrid, warmup_cosine
 
 
 def test_curriculum_is_a_function_of_seed_and_step():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from shards.build import load_manifest
-from trainer.data import SplitReader, collate, rank_loader
+from trainer.data.loader import SplitReader, collate, rank_loader
 
 
 def _readers(paths, world, micro=4, seed=0, accum=1):

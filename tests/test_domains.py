@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from shards.build import load_manifest, load_source, write_shards
 from shards.prompts import (ARTIST_TEMPLATES, CANS_EMB, DOMAINS, GAME_TEMPLATES, HISTORY_EMB, LLARA_TEMPLATES,
                             USER_EMB, USER_TEMPLATES, render_llara, templates)
-from trainer.data import meta, read_shard
+from trainer.data.loader import meta, read_shard
 
 # the smallest synthetic run: 40 users, one SASRec epoch, one tokenizing process
 TINY = ["data.synthetic.num_users=40", "data.synthetic.num_items=60", "srec.epochs=1", "data.build_workers=1",
@@ -67,7 +67,7 @@ def test_an_unknown_domain_is_refused_naming_the_values(tmp_path):
                      samples_per_shard=10, seed=0, workers=1, domain="movies")
     assert not (tmp_path / "d").exists()
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"data.domain='book': expected one of movie, game, artist"):
@@ -78,7 +78,7 @@ def test_an_unknown_domain_is_refused_naming_the_values(tmp_path):
 @pytest.fixture(scope="module")
 def artist_run(tmp_path_factory):
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("artist_run")
     cfg = load_config(None, [f"output_dir={out}", *TINY, "data.domain=artist"])
@@ -125,7 +125,7 @@ def test_the_same_tokenizer_builds_game_shards_with_the_user_token(artist_run, t
 
 def test_a_stamp_from_before_the_key_reads_as_movie(artist_run, tmp_path):
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     _, paths = artist_run
     with open(paths["stamp"]) as f:
@@ -145,7 +145,7 @@ def test_runtime_keys_may_change_in_a_prepared_folder(tmp_path):
     reference injection) is not what its data and model were built from: a prepared folder is reused
     with other values; a key that changes what is built (history_len) is still refused."""
     from configs.schema import load_config, to_dict
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"output_dir={out}", *TINY])

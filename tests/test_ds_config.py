@@ -3,7 +3,7 @@
 import pytest
 
 from configs.schema import ConfigError, load_config
-from trainer.ds_config import GRANULARITY_BROKEN_UP_TO, OWNED, _version, check_deepspeed_overrides, deepspeed_config
+from trainer.job.ds_config import GRANULARITY_BROKEN_UP_TO, OWNED, _version, check_deepspeed_overrides, deepspeed_config
 
 
 def test_deepspeed_keys_merge_over_the_trainers_config(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS
-from trainer.checkpoint import find_latest
+from trainer.job.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py in a subprocess: 2 Ray workers, ZeRO-3 training
 

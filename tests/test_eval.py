@@ -78,11 +78,11 @@ def test_llaras_test_set_with_llaras_sasrec_as_the_srec(tmp_path):
     """Zero-shot evaluation on LLaRA's released MovieLens test rows with LLaRA's released SASRec: the
     SRec-alone baseline of launch/eval.py is what those weights give on the same candidates."""
     from configs.schema import load_config
-    from trainer.prepare import prepare
-    from trainer.srec import load_srec
-    from trainer.srec.metrics import evaluate
-    from trainer.evaluation import split_samples
-    from trainer.data import meta
+    from trainer.data.prepare import prepare
+    from trainer.model.srec import load_srec
+    from trainer.model.srec.metrics import evaluate
+    from trainer.evaluation.evaluate import split_samples
+    from trainer.data.loader import meta
     from shards.build import load_manifest
 
     run = tmp_path / "llara-ml"

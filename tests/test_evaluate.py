@@ -1,4 +1,4 @@
-from trainer.evaluation import first_line, judge, llara_metrics
+from trainer.evaluation.evaluate import first_line, judge, llara_metrics
 
 
 def test_first_line_and_judge():
@@ -20,7 +20,7 @@ def test_metrics_both_hit_ratios():
 def test_rank_batches_take_each_sample_once_and_keep_ranks_in_step():
     """Every sample on exactly one rank; synced (ZeRO-3) gives every rank the same number of full-size
     batches, the filler copies not counted as real."""
-    from trainer.evaluation import rank_batches
+    from trainer.evaluation.evaluate import rank_batches
 
     samples = [{"key": f"s{i:02d}"} for i in range(11)]
     for synced in (False, True):

@@ -1,4 +1,4 @@
-"""Which failures of the workers end a run at once (trainer/failures.py), and a full disk while
+"""Which failures of the workers end a run at once (trainer/job/failures.py), and a full disk while
 checkpointing on the real stack: one line naming the folder and the space a checkpoint needs, no restart."""
 
 import errno
@@ -13,9 +13,9 @@ import pytest
 import torch.distributed
 
 from conftest import REPO, SMALL, copy_prepared
-from trainer.checkpoint import NoSpaceForCheckpoint
-from trainer.data import CorruptShard
-from trainer.failures import WorkerFatalError, fatal_error_of, fatal_errors, is_fatal
+from trainer.job.checkpoint import NoSpaceForCheckpoint
+from trainer.data.loader import CorruptShard
+from trainer.job.failures import WorkerFatalError, fatal_error_of, fatal_errors, is_fatal
 
 
 @pytest.mark.parametrize("error, fatal", [
@@ -67,12 +67,12 @@ def test_the_driver_finds_the_fatal_line_among_the_workers_errors():
 
 
 def test_rays_tracebacks_of_a_fatal_error_are_dropped_and_others_kept():
-    from trainer.console import RAY_TRACEBACK_LOGGERS, quiet_known_noise
+    from trainer.job.console import RAY_TRACEBACK_LOGGERS, quiet_known_noise
 
     quiet_known_noise()
     logger = logging.getLogger(RAY_TRACEBACK_LOGGERS[0])
     fatal = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Error in training function:\n...\n"
-                              "trainer.failures.WorkerFatalError: OSError: no space", None, None)
+                              "trainer.job.failures.WorkerFatalError: OSError: no space", None, None)
     other = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Error in training function:\n...\n"
                               "RuntimeError: connection closed", None, None)
     assert not logger.filter(fatal) and logger.filter(other)

@@ -36,7 +36,7 @@ STEPS, EVAL_SAMPLES = 600, 500
 @pytest.fixture(scope="module")
 def fidelity_run(tmp_path_factory):
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     cfg = load_config(None, [f"output_dir={tmp_path_factory.mktemp('fidelity')}", *FIDELITY])
     return cfg, prepare(cfg)
@@ -55,12 +55,12 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     weight change; for a hybrid-trained model also HR@1 with its behaviour rows rolled (each placeholder
     given another item's row) at evaluation."""
     from shards.build import load_items, load_manifest
-    from trainer.curriculum import is_hybrid, warmup_cosine
-    from trainer.data import SplitReader, collate
-    from trainer.evaluation import model_rows, rank_batches, split_samples
+    from trainer.data.curriculum import is_hybrid, warmup_cosine
+    from trainer.data.loader import SplitReader, collate
+    from trainer.evaluation.evaluate import model_rows, rank_batches, split_samples
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.scoring import ranking_metrics
-    from trainer.srec import load_srec
+    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.model.srec import load_srec
     from trainer.train_loop import step_loss
 
     torch.manual_seed(cfg.seed)
@@ -130,10 +130,10 @@ def trained(fidelity_run):
 
 def test_srec_alone_beats_random(fidelity_run):
     from shards.build import load_manifest
-    from trainer.data import meta
-    from trainer.evaluation import baseline_ranks, split_samples
-    from trainer.scoring import ranking_metrics
-    from trainer.srec import load_srec
+    from trainer.data.loader import meta
+    from trainer.evaluation.evaluate import baseline_ranks, split_samples
+    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.model.srec import load_srec
 
     cfg, paths = fidelity_run
     manifest = load_manifest(paths["data"])

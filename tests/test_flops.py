@@ -1,10 +1,10 @@
-"""trainer/flops.py: the FLOP count behind the logged MFU (numbers worked out by hand), the peak of
+"""trainer/job/flops.py: the FLOP count behind the logged MFU (numbers worked out by hand), the peak of
 the dtype in use, peak memory."""
 
 import pytest
 import torch
 
-from trainer.flops import model_shape, peak_flops, peak_memory_gib, step_flops, throughput_flops
+from trainer.job.flops import model_shape, peak_flops, peak_memory_gib, step_flops, throughput_flops
 
 # a shape whose count is easy by hand: 1,000 decoder parameters of which 10 trained, a 100 x 8 head,
 # 2 layers of width 8

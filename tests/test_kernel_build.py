@@ -1,4 +1,4 @@
-"""Building the fused injection's C++ library (trainer/kernels/build.py) with real processes, no mocks:
+"""Building the fused injection's C++ library (trainer/model/kernels/build.py) with real processes, no mocks:
 a builder SIGKILLed in the middle of its build (torch's FileBaton file left behind, its compiler
 orphaned and still running) does not stop the next processes, two live processes that need the
 library at once both get it (one builds, the other waits and says so), and a machine without a
@@ -27,8 +27,8 @@ import logging, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 t0 = time.monotonic()
 import torch
-from trainer.kernels.inject import inject_fused
-from trainer.kernels.reference import inject_reference
+from trainer.model.kernels.inject import inject_fused
+from trainer.model.kernels.reference import inject_reference
 g = torch.Generator().manual_seed(0)
 ids, slot = torch.randint(0, 20, (2, 7), generator=g), torch.full((2, 7), -1)
 slot[0, 2], slot[1, 6] = 1, 0
@@ -134,7 +134,7 @@ def test_a_gpu_node_without_a_c_compiler_for_triton_is_named_before_the_first_st
     workers check before the first step (trainer/train_loop.py setup) and name the node when none is there."""
     import socket
 
-    from trainer.kernels.build import check_triton_compiler, triton_c_compiler
+    from trainer.model.kernels.build import check_triton_compiler, triton_c_compiler
 
     monkeypatch.delenv("CC", raising=False)
     assert triton_c_compiler() is not None  # gcc here

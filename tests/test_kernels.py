@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from trainer.kernels.inject import inject_fused, load
-from trainer.kernels.reference import inject_reference
+from trainer.model.kernels.inject import inject_fused, load
+from trainer.model.kernels.reference import inject_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-10}
@@ -90,7 +90,7 @@ def test_fused_equals_reference_when_split_over_threads():
 def test_cpu_kernels_are_built_with_openmp():
     """at::parallel_for is a header template: built without -fopenmp it is a serial loop (it was, once,
     and every benchmark ran on one thread). The library must call OpenMP when torch uses it."""
-    from trainer.kernels.cpu import load_library
+    from trainer.model.kernels.cpu import load_library
 
     if not torch.backends.openmp.is_available():
         pytest.skip("this torch is built without OpenMP: at::parallel_for is serial everywhere")
@@ -149,7 +149,7 @@ def test_bad_slots_and_ids_are_refused():
     with pytest.raises(ValueError, match="must have the shape of token_ids"):
         inject_fused(ids, w, torch.full((1, 4), -1), b)
     # the CUDA (Triton) kernels: a tensor left on another device is named before any kernel runs
-    from trainer.kernels.inject import _inject_backward_cuda, _inject_cuda
+    from trainer.model.kernels.inject import _inject_backward_cuda, _inject_cuda
 
     with pytest.raises(ValueError, match="slot_map on meta"):
         _inject_cuda(ids, w, torch.full((1, 3), -1, device="meta"), b, -1)
@@ -159,9 +159,9 @@ def test_bad_slots_and_ids_are_refused():
 
 TRITON_SCRIPT = r"""
 import torch
-from trainer.kernels.inject import inject_backward_reference as inject_backward
-from trainer.kernels.reference import inject_reference
-from trainer.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
+from trainer.model.kernels.inject import inject_backward_reference as inject_backward
+from trainer.model.kernels.reference import inject_reference
+from trainer.model.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for H in (1, 40, 130):
@@ -200,8 +200,8 @@ BAD_ROWS = [  # (token ids, slot_map) of 1 x 4 with V=10, S=2: each a row the CP
 TRITON_IDS_SCRIPT = r"""
 import json, os, sys
 import torch
-from trainer.kernels.inject import inject_backward_reference
-from trainer.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
+from trainer.model.kernels.inject import inject_backward_reference
+from trainer.model.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
 bad = json.loads(sys.argv[1])
 w, b = torch.randn(10, 4), torch.randn(2, 4)
 errors = []
@@ -313,7 +313,7 @@ def test_half_precision_under_zero3_and_zero2_on_two_ranks_matches_one_process(s
     5e-5 at the third step, from the order of the gradients' reduction). fp16 (with DeepSpeed's loss
     scaling) under ZeRO-3 on 2 ranks gives the fp32 single process's losses within the same 1e-3. Every
     parameter is in the run's dtype: peft's upcast of LoRA to fp32 made ZeRO-3 fail in deepspeed.initialize
-    with a bare AssertionError (trainer/precision.py)."""
+    with a bare AssertionError (trainer/job/precision.py)."""
     import json
 
     _, paths = small_run

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import REPO, copy_prepared
 from test_resume import _cmd, _export_bytes, _losses
-from trainer.checkpoint import COMPLETE, LATEST, find_latest
+from trainer.job.checkpoint import COMPLETE, LATEST, find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and run again
 

@@ -48,7 +48,7 @@ def test_no_import_climbs_a_layer():
 
 
 def test_the_graph_is_read():  # the check above sees the real edges (a parser that saw none would pass it)
-    assert "shards.build" in GRAPH["trainer.prepare"] and "configs.schema" in GRAPH["shards.embed_job"]
+    assert "shards.build" in GRAPH["trainer.data.prepare"] and "configs.schema" in GRAPH["shards.embed_job"]
     assert not any(t.startswith("trainer") for m, ts in GRAPH.items() if m.startswith("shards") for t in ts)
 
 

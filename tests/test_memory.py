@@ -33,7 +33,7 @@ def test_answer_only_logits_give_the_full_computations_loss_and_gradients(small_
     """step_loss applies the LM head at the answer positions only; the loss and every gradient equal
     those of the [B, T, V] logits (the LM head's rows are the same per position)."""
     from trainer.model.build import build_llara_model
-    from trainer.srec import build_srec
+    from trainer.model.srec import build_srec
     from trainer.train_loop import answer_loss, answer_positions, step_loss
 
     cfg, paths = small_run
@@ -64,7 +64,7 @@ def test_answer_only_logits_give_the_full_computations_loss_and_gradients(small_
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(small_run):
     from trainer.model.build import build_llara_model
-    from trainer.srec import build_srec
+    from trainer.model.srec import build_srec
     from trainer.train_loop import step_loss
 
     cfg, paths = small_run

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainer.kernels.reference import inject_reference
+from trainer.model.kernels.reference import inject_reference
 from trainer.model.build import build_llara_model, load_tokenizer
 from trainer.model.hybrid_embedding import HybridEmbedding
 
@@ -72,7 +72,7 @@ def test_adapter_gradient_only_in_hybrid_steps(small_run):
 def test_text_only_training_step_gives_the_adapter_an_exact_zero_gradient(small_run):
     """The training step (not just the model): hybrid steps give the adapter a gradient; text-only
     steps give it an exact zero (a fresh one: DeepSpeed would re-apply a stale one otherwise)."""
-    from trainer.srec import build_srec
+    from trainer.model.srec import build_srec
     from trainer.train_loop import step_loss
 
     cfg, paths = small_run

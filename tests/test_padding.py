@@ -1,11 +1,11 @@
-"""data.length_grouping (trainer/data.py): batches of similar lengths with the reader's guarantees kept:
+"""data.length_grouping (trainer/data/loader.py): batches of similar lengths with the reader's guarantees kept:
 every sample exactly once per epoch, equal micro-batches per rank, a resume yields exactly the rest,
 and off is the order of before, byte for byte."""
 import numpy as np
 import pytest
 
 from shards.build import load_manifest
-from trainer.data import SplitReader, _raw_records, collate, rank_loader, record_length
+from trainer.data.loader import SplitReader, _raw_records, collate, rank_loader, record_length
 
 
 def _shards(paths):

@@ -1,4 +1,4 @@
-"""ray.auth (trainer/ray_cluster.py): where the token comes from, what is made when there is none, and
+"""ray.auth (trainer/job/ray_cluster.py): where the token comes from, what is made when there is none, and
 what is refused. The real clusters with authentication on are in test_ray_job.py (`ray job submit`)
 and test_slurm_multinode.py (the multi-node sbatch script)."""
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from trainer import ray_cluster
+from trainer.job import ray_cluster
 
 
 @pytest.fixture

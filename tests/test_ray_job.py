@@ -94,7 +94,7 @@ def test_a_local_start_is_a_cluster_of_its_own_beside_a_running_one(ray_cluster)
     # and its processes ask their own cluster when they use Ray's state API (Ray Train's PlacementGroupCleaner
     # asks it every second whether the run's controller is alive; asked of the other cluster, the answer is no)
     probe = """import json, os, ray
-from trainer.ray_cluster import connect
+from trainer.job.ray_cluster import connect
 connect(None, 1, 128, False)
 
 @ray.remote(num_cpus=0)

@@ -49,7 +49,7 @@ def real_run(tmp_path_factory):
 
 def _text_only_losses(model, tokenizer, samples):
     """Each sample's mean cross-entropy over its answer tokens, its placeholders as [PH] (a text-only prompt)."""
-    from trainer.data import collate
+    from trainer.data.loader import collate
 
     ph = tokenizer.convert_tokens_to_ids("[PH]")
     losses = []
@@ -66,10 +66,10 @@ def test_the_first_step_is_the_plain_base_and_training_lowers_the_loss(real_run)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shards.build import load_manifest
-    from trainer.evaluation import split_samples
-    from trainer.export import load_export
-    from trainer.prepare import prepared_paths
-    from trainer.srec import load_srec
+    from trainer.evaluation.evaluate import split_samples
+    from trainer.model.export import load_export
+    from trainer.data.prepare import prepared_paths
+    from trainer.model.srec import load_srec
 
     out, base = real_run
     paths = prepared_paths(str(out))

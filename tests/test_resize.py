@@ -59,7 +59,7 @@ def _epoch_keys(out):
 
 def _shard_keys(out):
     from shards.build import load_manifest
-    from trainer.data import read_shard
+    from trainer.data.loader import read_shard
 
     manifest = load_manifest(str(out / "data"))
     return [s["key"] for entry in manifest["shards"] if entry["split"] == "train"
@@ -84,7 +84,7 @@ def test_two_workers_stopped_resume_on_three_each_sample_once(uninterrupted, tmp
     log_2 = _stop_at(out, 2, 6)
     stop = _metrics(out)[-1]["step"]
     # the step in flight was finished and saved, and the run folder says it was stopped there (PREEMPTED)
-    from trainer.checkpoint import find_latest
+    from trainer.job.checkpoint import find_latest
 
     assert find_latest(str(out / "checkpoints")) == f"step_{stop:06d}" == (out / "PREEMPTED").read_text()
     r = _train(out, 3)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, TRAINED_ARGS, TRAINED_STEPS, copy_prepared, start_logged, wait_for_step
-from trainer.checkpoint import find_latest
+from trainer.job.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow  # launch/train.py trainings in subprocesses (Ray, ZeRO-3), killed and resumed
 

@@ -173,7 +173,7 @@ def test_pca_on_a_low_rank_set_keeps_the_retrieval_and_is_deterministic():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    """A tiny Llama and tokenizer saved as a Hugging Face folder (as trainer/prepare.py does)."""
+    """A tiny Llama and tokenizer saved as a Hugging Face folder (as trainer/data/prepare.py does)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.model.tiny import build_tiny_llama, build_tokenizer
@@ -322,7 +322,7 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
     from shards.ctr import cached_embeddings
     from configs.schema import load_config, to_dict
     from shards.embed_job import embed_on_workers
-    from trainer.ray_cluster import run_on_workers
+    from trainer.job.ray_cluster import run_on_workers
 
     folder, model, tok = tiny_llm
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.num_workers=2", "train.cpus_per_worker=1",

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from shards.build import load_items, load_manifest
-from trainer.data import meta, read_shard
+from trainer.data.loader import meta, read_shard
 from trainer.model.build import build_llara_model, load_tokenizer
-from trainer.scoring import (answer_token_ids, auc, candidate_logliks, ctr_metrics, prompt_inputs, ranking_metrics,
+from trainer.evaluation.scoring import (answer_token_ids, auc, candidate_logliks, ctr_metrics, prompt_inputs, ranking_metrics,
                              target_positions, target_ranks, yes_probability)
-from trainer.srec import load_srec
+from trainer.model.srec import load_srec
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def setup(small_run):
 
 def _brute_force(model, embed, srec, tok, sample, title, hybrid):
     """log p(" title\\n" | prompt) from one forward over prompt + title, no padding, no cache."""
-    from trainer.data import collate
+    from trainer.data.loader import collate
 
     batch = collate([sample], tok.pad_token_id, left_pad=True, prompt_only=True)
     ids, ctx = prompt_inputs(embed, srec, batch, tok.convert_tokens_to_ids("[PH]"), "cpu", hybrid)
@@ -75,7 +75,7 @@ def test_candidates_scored_a_few_at_a_time_give_the_scores_of_all_at_once(setup,
 def test_yes_probability_is_the_softmax_of_the_two_logits(setup):
     model, embed, srec, tok, samples, _ = setup
     p = yes_probability(model, embed, srec, samples[:1], tok, True, "cpu")
-    from trainer.data import collate
+    from trainer.data.loader import collate
 
     batch = collate(samples[:1], tok.pad_token_id, left_pad=True, prompt_only=True)
     ids, ctx = prompt_inputs(embed, srec, batch, tok.convert_tokens_to_ids("[PH]"), "cpu", True)

@@ -9,7 +9,7 @@ from conftest import ray_as_the_product_starts_it
 from shards.build import check_manifest, load_items, load_manifest, load_source, write_shards
 from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
 from shards.synthetic import SyntheticConfig, generate
-from trainer.data import meta, read_shard
+from trainer.data.loader import meta, read_shard
 
 
 SYN = {"num_users": 40, "num_items": 60, "num_clusters": 10, "min_seq_len": 15, "max_seq_len": 30, "p_follow": 0.9}

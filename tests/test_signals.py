@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from trainer import signals
+from trainer.job import signals
 
 
 @pytest.fixture

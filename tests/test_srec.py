@@ -9,10 +9,10 @@ from conftest import SHARED_DATA
 from shards.safe_unpickle import UnsafePickle
 from shards.samples import build_vocab, leave_one_out, user_sequences
 from shards.synthetic import SyntheticConfig, generate
-from trainer.srec import ARCHS, build_srec, load_srec, save_srec
-from trainer.srec.common import left_pad
-from trainer.srec.metrics import Popularity, Random, evaluate
-from trainer.srec.pretrain import pretrain
+from trainer.model.srec import ARCHS, build_srec, load_srec, save_srec
+from trainer.model.srec.common import left_pad
+from trainer.model.srec.metrics import Popularity, Random, evaluate
+from trainer.model.srec.pretrain import pretrain
 
 TRAINABLE = ["sasrec", "gru4rec", "caser"]
 
@@ -74,7 +74,7 @@ def test_bce_with_sampled_negatives_learns(synthetic_splits):
 
 def test_all_positions_objective_learns(synthetic_splits):
     """The SASRec paper's objective: one row per user, every position predicts the next item."""
-    from trainer.srec.pretrain import user_sequences as train_rows
+    from trainer.model.srec.pretrain import user_sequences as train_rows
 
     inputs, nexts = train_rows(synthetic_splits["train"], 10)
     assert len(inputs) == len({s["user"] for s in synthetic_splits["train"]})
@@ -107,7 +107,7 @@ def test_adam_beta2_reaches_the_optimizer(synthetic_splits):
 def test_xavier_init_as_the_sasrec_authors(synthetic_splits):
     """srec.init=xavier: every matrix xavier-normal (item rows tiny next to the default's unit-norm
     rows), the padding row zero, vectors untouched; an unknown name is refused."""
-    from trainer.srec.pretrain import xavier_init
+    from trainer.model.srec.pretrain import xavier_init
 
     torch.manual_seed(0)
     m = build_srec("sasrec", 2000, hidden=32, max_len=10)
@@ -173,7 +173,7 @@ def test_llara_weights_reproduce_their_forward(name, items, hr10):
     re-implementation of LLaRA's SASRec gives the full-ranking HR@10 that their architecture gives
     on their test sets (rows with at least 3 history items; numbers from llara-srec/PROVENANCE.md)."""
     from shards.readers import read_llara_processed
-    from trainer.srec.llara_import import load_llara_sasrec, read_llara_checkpoint
+    from trainer.model.srec.llara_import import load_llara_sasrec, read_llara_checkpoint
 
     pt = _need("llara-srec", f"{name}.pt")
     state, hparams = read_llara_checkpoint(pt)
@@ -189,7 +189,7 @@ def test_llara_weights_reproduce_their_forward(name, items, hr10):
 
 
 def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
-    from trainer.srec.llara_import import read_llara_checkpoint
+    from trainer.model.srec.llara_import import read_llara_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -207,7 +207,7 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
 
 
 def test_ctrl_c_keeps_the_best_epoch_so_far(synthetic_splits, monkeypatch):
-    import trainer.srec.pretrain as pt
+    import trainer.model.srec.pretrain as pt
 
     real, calls = pt.train_one_epoch, []
 
@@ -310,7 +310,7 @@ def test_a_bad_srec_choice_is_refused_before_the_data_build(tmp_path):
     """prepare() trains the SRec after the tokenizer, the tiny LLM and the shards: a typo in srec.*
     must stop it before those, not minutes later."""
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     out = tmp_path / "run"
     for bad, message in ((["srec.init=kaiming"], "srec.init='kaiming'"), (["srec.loss=bpr"], "srec.loss='bpr'"),
@@ -328,7 +328,7 @@ def test_validation_reads_every_user_by_default_and_a_cap_is_named(synthetic_spl
 
     n = sum(1 for s in synthetic_splits["val"] if s["history"])
     kw = dict(arch="sasrec", hidden=16, max_len=10, epochs=1, lr=0.005, seed=0)
-    with caplog.at_level(logging.INFO, logger="trainer.srec.pretrain"):
+    with caplog.at_level(logging.INFO, logger="trainer.model.srec.pretrain"):
         _, every = pretrain(synthetic_splits, 100, **kw)
         _, capped = pretrain(synthetic_splits, 100, val_users=40, **kw)
     assert every["val_users"] == n > 40 and capped["val_users"] == 40
@@ -343,7 +343,7 @@ def test_validation_reads_every_user_by_default_and_a_cap_is_named(synthetic_spl
 def test_sasrec_knobs_reach_the_model_and_the_defaults_are_the_old_model():
     """srec.ffn_inner, activation, norm, attn_dropout (issue 25): each changes the built SASRec; with the
     defaults it is the model as before (the same parameters from the same seed, the same forward)."""
-    from trainer.srec.sasrec import SASRec
+    from trainer.model.srec.sasrec import SASRec
 
     def built(seed=0, **kw):
         torch.manual_seed(seed)

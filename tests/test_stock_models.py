@@ -39,7 +39,7 @@ def test_prepare_adds_llaras_tokens_and_a_pad_and_the_model_grows_to_match(kind,
     from shards.prompts import PLACEHOLDERS
     from configs.schema import load_config
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.prepare import prepare, prepared_paths
+    from trainer.data.prepare import prepare, prepared_paths
 
     base = stock_folders[kind]
     stock = AutoTokenizer.from_pretrained(base)
@@ -129,7 +129,7 @@ def test_train_eval_export_on_a_stock_folder(kind, stage, stock_folders, tmp_pat
     DeepSpeed's CPU accelerator) at ZeRO stage 2 and 3 (with its end-of-run evaluation, the evaluation code
     launch/eval.py runs); then the export reloaded with plain transformers + peft (README's lines) gives the
     trained model's scores. (launch/eval.py reads a run's base and tokenizer from its stamp,
-    trainer/prepare.py prepared_paths, checked for every family above.)"""
+    trainer/data/prepare.py prepared_paths, checked for every family above.)"""
     out = tmp_path / "run"
     args = [f"output_dir={out}", f"model.base={stock_folders[kind]}", *STOCK_SMALL, "train.num_workers=2",
             f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=4", "train.checkpoint_every=2",

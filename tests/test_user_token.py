@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from shards.build import load_manifest, load_source, sha256_file, write_shards
 from shards.prompts import CTR_ANSWERS, CANS_EMB, HISTORY_EMB, LLARA_TEMPLATES, PH, USER_EMB, USER_TEMPLATES, tokenize_llara
-from trainer.data import collate, meta, read_shard
+from trainer.data.loader import collate, meta, read_shard
 
 from conftest import SMALL
 
@@ -53,7 +53,7 @@ def _build(tok_dir, out, user_token=False):
 def user_run(tmp_path_factory):
     """A prepared run with data.user_token=true: tokenizer with [UserEmb], tiny Llama, shards, SASRec."""
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("user_run")
     cfg = load_config(None, [f"output_dir={out}", *SMALL, "srec.epochs=1", "data.user_token=true",
@@ -152,7 +152,7 @@ def test_collate_maps_user_slots_after_the_unique_items(user_run, small_run):
 
 def _model(paths, user_token):
     from trainer.model.build import build_llara_model
-    from trainer.srec import load_srec
+    from trainer.model.srec import load_srec
 
     lora = {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     srec = load_srec(paths["srec"]).eval().requires_grad_(False)
@@ -227,8 +227,8 @@ def test_step_injects_user_adapter_of_user_state_and_grads(user_run):
 
 
 def test_export_round_trip_and_generation(user_run, tmp_path):
-    from trainer.evaluation import generate
-    from trainer.export import export_model, load_export
+    from trainer.evaluation.evaluate import generate
+    from trainer.model.export import export_model, load_export
 
     cfg, paths = user_run
     tok = AutoTokenizer.from_pretrained(paths["llm"])
@@ -250,7 +250,7 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
     got = generate(loaded, lembed, srec, samples, ltok, 6, hybrid=True, synced_gpus=False, device="cpu")
     assert got == want and len(got) == 2
     generate(loaded, lembed, srec, samples, ltok, 2, hybrid=False, synced_gpus=False, device="cpu")  # text mode runs
-    # read in bf16 (GPU evaluation): every weight in it, LoRA's too (the dtype policy, trainer/precision.py:
+    # read in bf16 (GPU evaluation): every weight in it, LoRA's too (the dtype policy, trainer/job/precision.py:
     # as training held them), the trained ones equal to the export's rounded to bf16
     half, hembed, _ = load_export(str(tmp_path / "export"), paths["llm"], srec.hidden, dtype=torch.bfloat16)
     half_params = dict(half.named_parameters())
@@ -263,7 +263,7 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
 
 def test_prepare_refuses_a_changed_user_token_and_reads_old_stamps(small_run, user_run, tmp_path):
     from configs.schema import load_config
-    from trainer.prepare import prepare
+    from trainer.data.prepare import prepare
 
     _, paths = user_run
     with pytest.raises(ValueError, match="another data config"):

@@ -5,7 +5,7 @@
                        build the LLM + hybrid embedding + LoRA, wrap them in a DeepSpeed ZeRO engine,
                        open this rank's stream of the training shards
       resume           restore the newest complete checkpoint, if any: weights, optimizer, scheduler,
-                       RNG, reader position (written by another number of workers: trainer/trainable_state.py)
+                       RNG, reader position (written by another number of workers: trainer/job/trainable_state.py)
       train            the loop: per optimizer step the curriculum says hybrid or text-only; per
                        micro-batch the SRec's vectors of the batch's unique items -> adapter ->
                        injected embeddings, loss on the answer tokens, backward, step; after each
@@ -13,10 +13,10 @@
       save_checkpoint  every train.checkpoint_every steps, on a stop request and at the end
       finish           the last checkpoint, the loss plot, the export, then evaluate (eval.split)
 
-What it does not do: build data or assets (trainer/prepare.py, on the driver, before the workers
-start), start Ray (trainer/ray_cluster.py).
+What it does not do: build data or assets (trainer/data/prepare.py, on the driver, before the workers
+start), start Ray (trainer/job/ray_cluster.py).
 
-A sample's path: shards/build.py wrote it as token ids + placeholder positions; trainer/data.py
+A sample's path: shards/build.py wrote it as token ids + placeholder positions; trainer/data/loader.py
 streams and pads it (slot_map says which unique item fills which position); here the SRec gives
 the items' vectors; trainer/model/hybrid_embedding.py writes adapter(vector) at those positions.
 """
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-import trainer.checkpoint as ckpt
-from trainer import signals, trainable_state
+import trainer.job.checkpoint as ckpt
+from trainer.job import signals, trainable_state
 from shards.collectives import all_reduce_sums, any_rank
 
 log = logging.getLogger("trainer")
@@ -55,7 +55,7 @@ RAY_REPORT_EVERY_S = 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 class Run:
     """What a worker holds for the job: built by setup, advanced by train."""
     cfg: DictConfig
-    paths: dict                 # trainer/prepare.py run_paths: every file of the run
+    paths: dict                 # trainer/data/prepare.py run_paths: every file of the run
     rank: int
     world: int
     device: torch.device
@@ -64,16 +64,16 @@ class Run:
     srec: Any                   # the frozen SRec (outside the engine)
     embed: Any                  # the LLM's hybrid embedding (inside the engine)
     engine: Any                 # DeepSpeed's engine around the peft LLM
-    reader: Any                 # trainer/data.py SplitReader over the training shards
+    reader: Any                 # trainer/data/loader.py SplitReader over the training shards
     total_steps: int
-    # order_world: the worker count whose layout the current epoch's sample order follows (trainer/data.py;
+    # order_world: the worker count whose layout the current epoch's sample order follows (trainer/data/loader.py;
     # it matters with data.length_grouping only): the run's own, but after a resize the old one until the epoch ends
     progress: dict = field(default_factory=dict)
     last_saved: int = -1        # the step of the newest checkpoint written or resumed from
     checkpoint: tuple = (None, None)  # (tag, trainer state) of the newest complete checkpoint when set up
     resizes: list = field(default_factory=list)  # {"step", "from", "to"} of each resume on another worker count
     partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
-    flops_shape: dict = field(default_factory=dict)  # trainer/flops.py model_shape
+    flops_shape: dict = field(default_factory=dict)  # trainer/job/flops.py model_shape
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision (None on CPU: no MFU)
 
     @property
@@ -97,12 +97,12 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     import ray.train
     import ray.train.torch
 
-    from trainer.data import SplitReader
-    from trainer.ds_config import deepspeed_config
-    from trainer.flops import model_shape, peak_flops
-    from trainer.kernels.build import check_triton_compiler
+    from trainer.data.loader import SplitReader
+    from trainer.job.ds_config import deepspeed_config
+    from trainer.job.flops import model_shape, peak_flops
+    from trainer.model.kernels.build import check_triton_compiler
     from trainer.model.build import build_llara_model, partitioned_loading
-    from trainer.precision import TORCH_DTYPES, resolve_precision
+    from trainer.job.precision import TORCH_DTYPES, resolve_precision
 
     if cfg.train.use_gpu and cfg.model.injection == "fused":
         check_triton_compiler()  # a node without gcc/clang says so now, not in the first forward
@@ -158,7 +158,7 @@ def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
     """(manifest, tokenizer, frozen SRec), checked against each other and the config."""
     from shards.build import check_manifest, load_manifest
     from trainer.model.build import load_tokenizer
-    from trainer.srec import load_srec
+    from trainer.model.srec import load_srec
 
     manifest = load_manifest(paths["data"])
     check_manifest(paths["data"], manifest, paths["tokenizer"], verify_sha=False)  # sha256s: once, by the driver
@@ -179,7 +179,7 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
     ds_config (train.* with train.deepspeed merged in; written to config_file when given)."""
     import deepspeed
 
-    from trainer.curriculum import warmup_cosine
+    from trainer.data.curriculum import warmup_cosine
 
     train_cfg = cfg.train
     warmup = max(1, int(train_cfg.warmup_ratio * total_steps))
@@ -203,7 +203,7 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
 
 def resume(run: Run) -> None:
     """Continue from the newest complete checkpoint in the run's folder; nothing if there is none. On the
-    worker count that wrote it through DeepSpeed's files; on another through trainer/trainable_state.py."""
+    worker count that wrote it through DeepSpeed's files; on another through trainer/job/trainable_state.py."""
     import torch.distributed as dist
 
     root, (tag, state) = run.paths["checkpoints"], run.checkpoint
@@ -239,9 +239,9 @@ def resume(run: Run) -> None:
 
 def check_epoch_order(cfg: DictConfig, state: dict, tag: str, world: int) -> None:
     """Mid-epoch, the rest of the epoch's sample order depends on data.length_grouping, micro_batch and the
-    global batch (trainer/data.py): refuse to resume there with other values (samples would be lost or
+    global batch (trainer/data/loader.py): refuse to resume there with other values (samples would be lost or
     seen twice). At an epoch boundary any may change. (The worker count may change anywhere: a resize
-    keeps the global batch and re-derives the accumulation, trainer/checkpoint.py accumulation_at.)"""
+    keeps the global batch and re-derives the accumulation, trainer/job/checkpoint.py accumulation_at.)"""
     if state["position"] == 0:
         return
     saved = state["config"]
@@ -281,8 +281,8 @@ def _truncate_logs(paths: dict, step: int) -> None:
 def train(run: Run) -> str:
     """The loop, from run.progress to run.total_steps. Returns "done", or "stopped" when a stop was
     requested (a checkpoint was written at that step)."""
-    from trainer.curriculum import is_hybrid
-    from trainer.data import rank_loader
+    from trainer.data.curriculum import is_hybrid
+    from trainer.data.loader import rank_loader
 
     train_cfg, progress = run.cfg.train, run.progress
     micro_step_samples = run.world * train_cfg.micro_batch  # samples (fillers included) per micro-step, all ranks
@@ -343,7 +343,7 @@ def train(run: Run) -> str:
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
     """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere). The LM head
     runs at the positions that predict an answer token only (logits_to_keep): no [B, T, V] logits."""
-    from trainer.data import user_states
+    from trainer.data.loader import user_states
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
     attention = batch["attention_mask"].to(device)
@@ -509,8 +509,8 @@ class StepLog:
         return record
 
     def utilisation(self, record: dict) -> dict:
-        """MFU over the window (None without a known peak: CPU) and peak memory (trainer/flops.py)."""
-        from trainer.flops import peak_memory_gib, throughput_flops
+        """MFU over the window (None without a known peak: CPU) and peak memory (trainer/job/flops.py)."""
+        from trainer.job.flops import peak_memory_gib, throughput_flops
 
         run = self.run
         flops, mfu = throughput_flops(run.flops_shape, record["samples_per_s"], record["tokens_per_s"],
@@ -571,7 +571,7 @@ def save_checkpoint(run: Run) -> None:
 
 def trainer_state(run: Run) -> dict:
     """trainer_state.json: where the run is, and what it was run with (checked on resume and by eval)."""
-    from trainer.srec import srec_hash
+    from trainer.model.srec import srec_hash
 
     engine = run.engine
     return {**run.progress, "world_size": run.world, "total_steps": run.total_steps,
@@ -589,8 +589,8 @@ def finish(run: Run) -> None:
     the evaluation; rank 0 writes eval/<split>_metrics.json and a copy into the last checkpoint."""
     import ray.train
 
-    from trainer.export import export_model
-    from trainer.srec import srec_hash
+    from trainer.model.export import export_model
+    from trainer.model.srec import srec_hash
 
     step = run.progress["global_step"]
     if run.last_saved != step:
@@ -605,9 +605,9 @@ def finish(run: Run) -> None:
 
 
 def evaluate(run: Run) -> dict:
-    """trainer/evaluation.py on eval.split with the trained engine (collective); rank 0 writes and
+    """trainer/evaluation/evaluate.py on eval.split with the trained engine (collective); rank 0 writes and
     logs the metrics and returns them, the other ranks return {}."""
-    from trainer.evaluation import evaluate_trained
+    from trainer.evaluation.evaluate import evaluate_trained
 
     eval_cfg, step = run.cfg.eval, run.progress["global_step"]
     result = evaluate_trained(run.engine, run.embed, run.srec, run.tokenizer, run.paths, run.manifest, run.cfg,

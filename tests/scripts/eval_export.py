@@ -11,10 +11,10 @@ import torch
 def main():
     out = sys.argv[1]
     from shards.build import load_manifest
-    from trainer.data import read_shard
-    from trainer.evaluation import generate
-    from trainer.export import load_export
-    from trainer.srec import load_srec
+    from trainer.data.loader import read_shard
+    from trainer.evaluation.evaluate import generate
+    from trainer.model.export import load_export
+    from trainer.model.srec import load_srec
 
     with open(os.path.join(out, "export", "export.json")) as f:
         meta = json.load(f)

@@ -23,11 +23,11 @@ def readme_lines() -> str:
 def main():
     run = sys.argv[1]
     from shards.build import load_manifest
-    from trainer.data import collate
-    from trainer.evaluation import split_samples
-    from trainer.export import load_export, read_export_meta
-    from trainer.prepare import prepared_paths
-    from trainer.srec import load_srec
+    from trainer.data.loader import collate
+    from trainer.evaluation.evaluate import split_samples
+    from trainer.model.export import load_export, read_export_meta
+    from trainer.data.prepare import prepared_paths
+    from trainer.model.srec import load_srec
 
     paths = prepared_paths(run)
     export = paths["export"]

@@ -1,5 +1,5 @@
 """Save the trained state on one number of DeepSpeed ranks and restore it on another
-(trainer/trainable_state.py), on gloo ranks started with torch.distributed.run.
+(trainer/job/trainable_state.py), on gloo ranks started with torch.distributed.run.
 
     python -m torch.distributed.run --nproc_per_node 2 resize_state.py LLM_DIR DIR save
     python -m torch.distributed.run --nproc_per_node 1 resize_state.py LLM_DIR DIR load
@@ -39,9 +39,9 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
-    from trainer import trainable_state
+    from trainer.job import trainable_state
     from configs.schema import load_config
-    from trainer.ds_config import deepspeed_config
+    from trainer.job.ds_config import deepspeed_config
     from trainer.model.build import build_llara_model
     from trainer.train_loop import answer_loss
 

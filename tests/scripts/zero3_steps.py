@@ -12,7 +12,7 @@ USER_TOKEN=1: the model has the user-state adapter and every sample a [UserEmb] 
 [5 item vectors; 4 user states]); each rank passes all 4 user states, only its own samples' are used.
 TEXT_ONLY=1: every step text-only (no slots); TEXT_STEPS=1,2: those steps only.
 ACTIVATION_CHECKPOINTING=1: the decoder layers recomputed in backward (train.activation_checkpointing).
-PRECISION=bf16|fp16: the model built in it and DeepSpeed's bf16/fp16 mode (trainer/precision.py); fp32 by default.
+PRECISION=bf16|fp16: the model built in it and DeepSpeed's bf16/fp16 mode (trainer/job/precision.py); fp32 by default.
 """
 
 import json
@@ -50,9 +50,9 @@ def main():
     llm, out, single = sys.argv[1], sys.argv[2], "--single" in sys.argv
     overrides = [a for a in sys.argv[3:] if "=" in a]
     from configs.schema import load_config
-    from trainer.ds_config import check_deepspeed_overrides, deepspeed_config
+    from trainer.job.ds_config import check_deepspeed_overrides, deepspeed_config
     from trainer.model.build import build_llara_model
-    from trainer.precision import TORCH_DTYPES
+    from trainer.job.precision import TORCH_DTYPES
     from trainer.train_loop import answer_loss
 
     lora = {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -84,7 +84,7 @@ def main():
 
         deepspeed.init_distributed(dist_backend="gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        # the trainer's own DeepSpeed config (trainer/ds_config.py), with the key=value overrides given
+        # the trainer's own DeepSpeed config (trainer/job/ds_config.py), with the key=value overrides given
         # after the arguments (train.deepspeed.* among them) and DeepSpeed's leave to use SGD
         cfg = load_config(None, [f"train.micro_batch={4 // world}", "train.grad_accum=1", "train.grad_clip=1.0",
                                  f"train.zero_stage={int(os.environ.get('ZERO_STAGE', 3))}",

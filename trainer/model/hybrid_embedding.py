@@ -13,13 +13,13 @@ does), so a batch without behaviour tokens gives the unmodified base's logits, b
 behaviour tokens armed, every position without a slot holds what the base's embedding gives there:
 for a plain nn.Embedding (the common case: Llama, Mistral, Qwen, ...) the fused op makes the lookup and
 the writes in one pass; for any other embedding class the base's own forward runs first and the
-behaviour rows are written over its output at the slots (trainer/kernels/reference.py write_rows). A
+behaviour rows are written over its output at the slots (trainer/model/kernels/reference.py write_rows). A
 base whose input embedding is not an nn.Embedding at all is refused, naming its class.
 
 Per batch, the training step arms it with `inject(slot_map, item_vectors)`: the next forward whose
 input ids have the slot map's shape runs the adapter once over the batch's unique items and writes
 adapter(item_vectors)[slot_map[b, t]] at every position with slot_map >= 0, in one fused op
-(trainer/kernels/inject.py; `injection="reference"` uses the plain-torch reference). Any other
+(trainer/model/kernels/inject.py; `injection="reference"` uses the plain-torch reference). Any other
 forward (text-only steps, the one-token decode steps of generation) is the base's own forward, so
 text-only steps cost what the base's embedding costs.
 
@@ -46,8 +46,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from trainer.kernels.inject import inject_fused
-from trainer.kernels.reference import inject_reference, write_rows
+from trainer.model.kernels.inject import inject_fused
+from trainer.model.kernels.reference import inject_reference, write_rows
 
 INJECTIONS = {"fused": inject_fused, "reference": inject_reference}
 

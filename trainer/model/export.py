@@ -87,7 +87,7 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
         user_adapter = Adapter(srec_dim, model.config.hidden_size).to(dtype)
         user_adapter.load_state_dict(load_file(os.path.join(export_dir, "user_projector.safetensors")))
     model.set_input_embeddings(hybrid_embedding(model.get_input_embeddings(), adapter, injection, user_adapter))
-    # LoRA in `dtype`, as training held it (trainer/precision.py), not upcast to fp32 as peft would
+    # LoRA in `dtype`, as training held it (trainer/job/precision.py), not upcast to fp32 as peft would
     peft_model = PeftModel.from_pretrained(model, os.path.join(export_dir, "lora"), autocast_adapter_dtype=False)
     base = load_file(os.path.join(export_dir, "trained_base.safetensors"))
     params = dict(peft_model.named_parameters())

@@ -1,5 +1,5 @@
 """The fused adapter-injection op: the embedding lookup with the behaviour rows written at the slots,
-and its backward, as two dispatcher ops defined in C++ (trainer/kernels/cpu.py):
+and its backward, as two dispatcher ops defined in C++ (trainer/model/kernels/cpu.py):
 
     llmrec::inject(token_ids [B,T] int64, weight [V,H], slot_map [B,T] int64 (-1 or a row of behaviour),
                    behaviour [S,H], padding_idx int (-1 = none)) -> [B,T,H]
@@ -12,12 +12,12 @@ it; when nothing requires grad no autograd node is made. The behaviour rows get 
 gradients of their slots; the weight (only when it requires grad) gets what nn.Embedding would give
 it at the non-slot positions, nothing at padding_idx. Kernels:
 - CPU: C++ (at::parallel_for), in the same library;
-- CUDA: Triton (trainer/kernels/triton_kernels.py), registered here - verified only under
+- CUDA: Triton (trainer/model/kernels/triton_kernels.py), registered here - verified only under
   TRITON_INTERPRET=1 on CPU;
 - fake (meta), for torch.compile: registered here;
 - any other device: the reference forward and a branch-free index_add backward, registered here.
 The library is built (g++, ~40 s, once per source and torch; ahead of time with
-`python launch/build_kernels.py`, see trainer/kernels/build.py) and the ops registered by `load()`,
+`python launch/build_kernels.py`, see trainer/model/kernels/build.py) and the ops registered by `load()`,
 which the first eager `inject_fused` call makes; call it yourself before torch.compile-ing a model
 that uses it.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainer.kernels.reference import inject_reference
+from trainer.model.kernels.reference import inject_reference
 
 _loaded = False
 _LIB = None  # the Python-side registrations (kept alive for the process)
@@ -60,14 +60,14 @@ def _same_device(op: str, **tensors: Tensor) -> None:
 
 
 def _inject_cuda(token_ids, weight, slot_map, behaviour, padding_idx):
-    from trainer.kernels.triton_kernels import inject_forward_triton
+    from trainer.model.kernels.triton_kernels import inject_forward_triton
 
     _same_device("inject", token_ids=token_ids, weight=weight, slot_map=slot_map, behaviour=behaviour)
     return inject_forward_triton(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(), behaviour.contiguous())
 
 
 def _inject_backward_cuda(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
-    from trainer.kernels.triton_kernels import inject_backward_triton
+    from trainer.model.kernels.triton_kernels import inject_backward_triton
 
     _same_device("inject_backward", grad=grad, token_ids=token_ids, slot_map=slot_map)
     return inject_backward_triton(grad.contiguous(), token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
@@ -92,7 +92,7 @@ def load() -> None:
     global _loaded, _LIB
     if _loaded:
         return
-    from trainer.kernels.cpu import load_library
+    from trainer.model.kernels.cpu import load_library
 
     load_library()
     _LIB = torch.library.Library("llmrec", "IMPL")
@@ -110,7 +110,7 @@ def inject_fused(token_ids: Tensor, weight: Tensor, slot_map: Tensor, behaviour:
     """The fused op with the reference's signature; behaviour is cast to the weight's dtype."""
     if not _loaded:
         if torch.compiler.is_compiling():  # building a C++ library cannot be traced
-            raise RuntimeError("call trainer.kernels.inject.load() before compiling a model that uses inject_fused")
+            raise RuntimeError("call trainer.model.kernels.inject.load() before compiling a model that uses inject_fused")
         load()
     if slot_map.shape != token_ids.shape:
         raise ValueError(f"slot_map {tuple(slot_map.shape)} must have the shape of token_ids {tuple(token_ids.shape)}")

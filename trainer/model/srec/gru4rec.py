@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.srec.common import SRec, init_item_table, right_align
+from trainer.model.srec.common import SRec, init_item_table, right_align
 
 
 class GRU4Rec(SRec):

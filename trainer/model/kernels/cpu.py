@@ -2,15 +2,15 @@
 definitions (TORCH_LIBRARY), their CPU kernels (at::parallel_for) and their autograd (a C++
 torch::autograd::Function registered under the Autograd key, for every device), so that neither the
 forward nor the backward of a training step goes through Python. Built with torch's extension
-tooling on first use (~40 s with g++, then cached: trainer/kernels/build.py) and loaded into the
-process as a plain shared library (no Python module). trainer/kernels/inject.py adds the fake
+tooling on first use (~40 s with g++, then cached: trainer/model/kernels/build.py) and loaded into the
+process as a plain shared library (no Python module). trainer/model/kernels/inject.py adds the fake
 (meta) kernels, the CUDA (Triton) kernels and a default for other devices.
 
 Where it is built and how concurrent or killed builds are handled (an OS lock that dies with its
-holder, never torch's FileBaton left behind by a killed build): trainer/kernels/build.py. Build it
+holder, never torch's FileBaton left behind by a killed build): trainer/model/kernels/build.py. Build it
 ahead of time with `python launch/build_kernels.py`; a machine without a C++ compiler loads a library
 built once elsewhere (the ops that the CUDA kernels serve are defined here too; Triton, though, needs a C
-compiler on each GPU node for its launchers: trainer/kernels/build.py check_triton_compiler).
+compiler on each GPU node for its launchers: trainer/model/kernels/build.py check_triton_compiler).
 
 at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this
 library (the kernels ran on one thread until the flag was added), so the build passes -fopenmp
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 
-from trainer.kernels.build import NoCompiler, load  # noqa: F401  (NoCompiler: raised by load_library)
+from trainer.model.kernels.build import NoCompiler, load  # noqa: F401  (NoCompiler: raised by load_library)
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -154,7 +154,7 @@ Tensor inject_autograd(const Tensor& ids, const Tensor& weight, const Tensor& sl
 }
 
 TORCH_LIBRARY(llmrec, m) {
-  m.set_python_module("trainer.kernels.inject");  // where the fake (meta) kernels live
+  m.set_python_module("trainer.model.kernels.inject");  // where the fake (meta) kernels live
   m.def("inject(Tensor token_ids, Tensor weight, Tensor slot_map, Tensor behaviour, int padding_idx) -> Tensor");
   m.def("inject_backward(Tensor grad, Tensor token_ids, Tensor slot_map, SymInt num_rows, SymInt vocab, "
         "int padding_idx, bool weight_grad) -> (Tensor, Tensor)");

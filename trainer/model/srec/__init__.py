@@ -8,11 +8,11 @@ import os
 
 from safetensors.torch import load_file, save_file
 
-from trainer.srec.caser import Caser
-from trainer.srec.common import SRec, left_pad
-from trainer.srec.gru4rec import GRU4Rec
-from trainer.srec.llara_sasrec import LlaraSASRec
-from trainer.srec.sasrec import SASRec
+from trainer.model.srec.caser import Caser
+from trainer.model.srec.common import SRec, left_pad
+from trainer.model.srec.gru4rec import GRU4Rec
+from trainer.model.srec.llara_sasrec import LlaraSASRec
+from trainer.model.srec.sasrec import SASRec
 
 ARCHS = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser, "llara_sasrec": LlaraSASRec}
 

@@ -34,7 +34,7 @@ def training(active: bool) -> None:
 
 
 def install_worker_handlers() -> None:
-    """Run in each Ray worker process's main thread at start (trainer.ray_cluster.on_worker_process_start,
+    """Run in each Ray worker process's main thread at start (trainer.job.ray_cluster.on_worker_process_start,
     Ray's worker_process_setup_hook)."""
     signal.signal(signal.SIGUSR1, _on_signal)
     try:

@@ -25,7 +25,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray Train 2.60's loggers that print a worker's exception with its traceback: the worker's "Error in
 # training function:" and the controller's "[FailurePolicy] RAISE/RETRY ... Error: ..."
 RAY_TRACEBACK_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.failure_handling.default")
-FATAL_ERROR_NAME = "WorkerFatalError"  # trainer/failures.py
+FATAL_ERROR_NAME = "WorkerFatalError"  # trainer/job/failures.py
 
 
 class _DropFatalTracebacks(logging.Filter):
@@ -56,15 +56,15 @@ def quiet_known_noise() -> None:
     #    alarm, written to the controller's stderr and forwarded to the driver (log_to_driver). The
     #    watcher turns a node-drain notice into ray.train.get_preemption_info() on the workers and a
     #    grace window in the controller before the restart; this trainer reads no drain notice (it
-    #    checkpoints on SIGTERM/SIGUSR1, trainer/signals.py), and without the watcher a drained node's
+    #    checkpoints on SIGTERM/SIGUSR1, trainer/job/signals.py), and without the watcher a drained node's
     #    workers still die and Ray Train restarts them from the last reported checkpoint. So it is not
     #    started: one actor process less, and no error line. Ray reads the switch in the driver at
     #    fit() and passes it on to the controller; RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 brings it back.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    # 3. A worker's error that no restart can fix (trainer/failures.py WorkerFatalError) printed with its
+    # 3. A worker's error that no restart can fix (trainer/job/failures.py WorkerFatalError) printed with its
     #    traceback by Ray Train, once by the worker and once by the controller, each forwarded to the
     #    driver; the driver prints the error's one line itself, and the whole traceback is in the file the
-    #    line names (trainer/ray_cluster.py). Only records about WorkerFatalError are dropped; a failure a
+    #    line names (trainer/job/ray_cluster.py). Only records about WorkerFatalError are dropped; a failure a
     #    restart may fix still shows Ray's lines.
     for name in RAY_TRACEBACK_LOGGERS:
         logger = logging.getLogger(name)

@@ -2,7 +2,7 @@
 
     with fatal_errors():            # around a job's function on each worker (trainer/train_loop.py)
         ...                         # an error no restart can fix leaves as WorkerFatalError (one line)
-    fatal_error_of(training_failed) # on the driver (trainer/ray_cluster.py): that line, or None
+    fatal_error_of(training_failed) # on the driver (trainer/job/ray_cluster.py): that line, or None
 
 Ray Train's FailureConfig restarts the whole worker group after any failure. That is right for a lost
 worker (a preempted node, a SIGKILL, an out-of-memory kill: the actor dies) and for the collateral errors
@@ -36,7 +36,7 @@ FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 class Unrecoverable(Exception):
     """Mixed into this project's own errors that no restart can fix but whose type says otherwise
-    (trainer/data.py CorruptShard is a RuntimeError, as callers catch it)."""
+    (trainer/data/loader.py CorruptShard is a RuntimeError, as callers catch it)."""
 
 
 class WorkerFatalError(Exception):

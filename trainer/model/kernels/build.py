@@ -1,4 +1,4 @@
-"""Build and load the fused injection's C++ library (trainer/kernels/cpu.py) so that no process ever
+"""Build and load the fused injection's C++ library (trainer/model/kernels/cpu.py) so that no process ever
 waits on a lock that no live process holds.
 
     python launch/build_kernels.py                     # build it now (once per torch install), print where
@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 
-log = logging.getLogger("trainer.kernels")
+log = logging.getLogger("trainer.model.kernels")
 
 NAME = "llmrec_inject"
 LOCK = "build.lock"

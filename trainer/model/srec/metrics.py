@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from trainer.srec.common import left_pad
+from trainer.model.srec.common import left_pad
 
 KS = (1, 5, 10, 20)
 

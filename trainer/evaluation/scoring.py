@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from shards.prompts import CTR_ANSWERS
-from trainer.data import collate, meta, user_states
+from trainer.data.loader import collate, meta, user_states
 
 
 def prompt_inputs(embed, srec, batch: dict, ph_id: int, device, hybrid: bool):

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.srec import SRec, build_srec
-from trainer.srec.metrics import KS, evaluate, protocol
+from trainer.model.srec import SRec, build_srec
+from trainer.model.srec.metrics import KS, evaluate, protocol
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
                         stop_metric: str = "ndcg@10", **_) -> None:
     """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
     the data build, so a typo costs seconds, not the build); a ValueError names the key."""
-    from trainer.srec import ARCHS
+    from trainer.model.srec import ARCHS
 
     if arch not in ARCHS:
         raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")

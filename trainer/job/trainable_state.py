@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.failures import Unrecoverable
+from trainer.job.failures import Unrecoverable
 
 FILE = "trainable.safetensors"
 

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from trainer import trainable_state
-from trainer.failures import Unrecoverable
+from trainer.job import trainable_state
+from trainer.job.failures import Unrecoverable
 
 log = logging.getLogger(__name__)
 LATEST = "latest"

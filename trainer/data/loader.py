@@ -19,7 +19,7 @@ epoch; the trainer checkpoints it. A resumed reader skips exactly those (whole s
 manifest counts, without reading them), so the rest comes in the same order as in an
 uninterrupted run. Because the global order does not depend on the world size, a resume on a
 different number of ranks re-splits the remainder correctly, each sample once (the trainer keeps the
-global batch, so the epoch's padded length and step count stay; trainer/checkpoint.py accumulation_at).
+global batch, so the epoch's padded length and step count stay; trainer/job/checkpoint.py accumulation_at).
 
 Length grouping (data.length_grouping = N > 0; 0 = off: the order above, exactly). The order above is
 cut into windows of N global batches. Inside a window the samples are sorted by token count (stable:
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.failures import Unrecoverable
+from trainer.job.failures import Unrecoverable
 
 
 class CorruptShard(Unrecoverable, RuntimeError):

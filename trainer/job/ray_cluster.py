@@ -5,8 +5,8 @@
 
 Every job (training, evaluation, SUBR's item embeddings) goes through these two, so every worker
 process gets the same setup (on_worker_process_start, Ray's worker_process_setup_hook): the SIGUSR1/SIGTERM
-handlers (trainer/signals.py), RAY_ADDRESS naming its own cluster; and DeepSpeed's CPU accelerator on CPU
-runs, OMP_WAIT_POLICY passed on, and the worker-side console filter (trainer/console.py).
+handlers (trainer/job/signals.py), RAY_ADDRESS naming its own cluster; and DeepSpeed's CPU accelerator on CPU
+runs, OMP_WAIT_POLICY passed on, and the worker-side console filter (trainer/job/console.py).
 
 Authentication (ray.auth): every cluster this module starts or joins uses Ray's token authentication
 (RAY_AUTH_MODE=token) unless ray.auth=disabled, which is unsafe on a shared network: a Ray cluster
@@ -25,7 +25,7 @@ import secrets
 import stat
 import time
 
-from trainer.failures import fatal_error_of, fatal_errors
+from trainer.job.failures import fatal_error_of, fatal_errors
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def worker_runtime_env(use_gpu: bool) -> dict:
         env_vars["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("OMP_WAIT_POLICY"):  # a 2-core box needs PASSIVE (../shared/notes/cpu-stack.md)
         env_vars["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
-    return {"worker_process_setup_hook": "trainer.ray_cluster.on_worker_process_start", "env_vars": env_vars}
+    return {"worker_process_setup_hook": "trainer.job.ray_cluster.on_worker_process_start", "env_vars": env_vars}
 
 
 def on_worker_process_start() -> None:
@@ -54,8 +54,8 @@ def on_worker_process_start() -> None:
     with a stale file, 40-s timeouts and a 12-s wait with a traceback at the end of every run."""
     import ray
 
-    from trainer.console import quiet_known_noise
-    from trainer.signals import install_worker_handlers
+    from trainer.job.console import quiet_known_noise
+    from trainer.job.signals import install_worker_handlers
 
     quiet_known_noise()  # the controller's lines too
     install_worker_handlers()
@@ -163,7 +163,7 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
                    storage_path: str, name: str, max_failures: int = 0):
     """Run fn(config) on `workers` Ray Train workers (a GPU each with use_gpu) and wait for them.
 
-    Failures (trainer/failures.py): an error no restart can fix (a config DeepSpeed refuses, a corrupt
+    Failures (trainer/job/failures.py): an error no restart can fix (a config DeepSpeed refuses, a corrupt
     file, a full disk) ends the job at once with JobFailed, whose message is the worker's one line; any
     other failure (a lost worker or node, and the errors of the ranks that were talking to it) starts
     the workers again, up to max_failures times (-1: without limit), each resuming from the job's newest
@@ -172,12 +172,12 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
     Train's elastic mode, as many as the cluster has room for in that range, fewer after a lost node,
     more again when room appears. Ray Train keeps its run state in storage_path/name-<time>-<pid>, a
     folder of its own per run: no job's state, nor Ray's bookkeeping of checkpoints, is ever read back
-    by another. The jobs keep their checkpoints themselves (trainer/checkpoint.py). Ray must be
+    by another. The jobs keep their checkpoints themselves (trainer/job/checkpoint.py). Ray must be
     connected (connect)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from trainer.console import quiet_known_noise
+    from trainer.job.console import quiet_known_noise
 
     quiet_known_noise()  # before fit(): Ray Train reads its switches in the driver
 
@@ -225,7 +225,7 @@ def setup_worker_process(use_gpu: bool, threads: int) -> None:
 
     import torch
 
-    from trainer.console import quiet_known_noise
+    from trainer.job.console import quiet_known_noise
 
     quiet_known_noise()
     if not use_gpu:

@@ -55,8 +55,8 @@ def _built_from(stamp: dict) -> dict:
 
 def run_paths(output_dir: str) -> dict:
     """Every place a run reads or writes under its output folder, named once here. The names inside
-    a folder belong to the module that writes it: shards/build.py (data/), trainer/checkpoint.py
-    (checkpoints/step_N/), trainer/export.py (export/), trainer/signals.py (STOP, PREEMPTED)."""
+    a folder belong to the module that writes it: shards/build.py (data/), trainer/job/checkpoint.py
+    (checkpoints/step_N/), trainer/model/export.py (export/), trainer/job/signals.py (STOP, PREEMPTED)."""
     out = os.path.abspath(output_dir)
     logs = os.path.join(out, "logs")
     return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "tokenizer": os.path.join(out, "assets", "llm"),
@@ -98,7 +98,7 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     does it on the Ray workers); without it they are computed here, in this process."""
     from shards.build import load_source
     from shards.prompts import templates
-    from trainer.srec.pretrain import check_pretrain_args
+    from trainer.model.srec.pretrain import check_pretrain_args
 
     paths = source_paths(cfg.output_dir, cfg.model.base, cfg.srec.path)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
@@ -189,11 +189,11 @@ def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> No
     """The frozen SRec: srec.path's folder as it is, LLaRA's .pt imported, or one pretrained here on
     the same splits (on the history_len most recent items, as the prompts' K); its item count checked."""
     from shards.ctr import pool_len
-    from trainer.srec import load_srec, save_srec
-    from trainer.srec.pretrain import pretrain
+    from trainer.model.srec import load_srec, save_srec
+    from trainer.model.srec.pretrain import pretrain
 
     if cfg.srec.path and str(cfg.srec.path).endswith(".pt"):
-        from trainer.srec.llara_import import load_llara_sasrec
+        from trainer.model.srec.llara_import import load_llara_sasrec
 
         log.info("importing LLaRA's SASRec from %s", cfg.srec.path)
         save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.data import collate, meta
-from trainer.precision import TORCH_DTYPES, resolve_precision
+from trainer.data.loader import collate, meta
+from trainer.job.precision import TORCH_DTYPES, resolve_precision
 
 log = logging.getLogger("trainer.eval")
 MODES = ("generate", "score", "ctr")
@@ -68,7 +68,7 @@ def llara_metrics(judgements: list[tuple[bool, bool]]) -> dict:
 def generate(model, embed, srec, samples: list[dict], tokenizer, max_new_tokens: int, hybrid: bool,
              synced_gpus: bool, device) -> list[str]:
     """Greedy generation for a batch of samples (left-padded prompts); returns the decoded continuations."""
-    from trainer.scoring import prompt_inputs
+    from trainer.evaluation.scoring import prompt_inputs
 
     batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
     # hybrid: behaviour tokens injected; text: every placeholder, [UserEmb] included, becomes [PH]
@@ -88,7 +88,7 @@ def is_ctr(manifest: dict) -> bool:
 
 def split_samples(paths: dict, manifest: dict, split: str, max_samples: int) -> list[dict]:
     """The split's samples in shard order; the first max_samples of them when max_samples > 0."""
-    from trainer.data import read_shard
+    from trainer.data.loader import read_shard
 
     samples = []
     for shard in (s for s in manifest["shards"] if s["split"] == split):
@@ -116,7 +116,7 @@ def model_rows(model, embed, srec, tokenizer, titles, batches, modes, hybrid: bo
     """One row per real sample of `batches` with what each mode gave; with `compare`, also the target's
     rank among the candidates by likelihood with hybrid and with text-only prompts (score_rank_hybrid,
     score_rank_text), whatever `hybrid` says."""
-    from trainer.scoring import candidate_logliks, target_positions, target_ranks, yes_probability
+    from trainer.evaluation.scoring import candidate_logliks, target_positions, target_ranks, yes_probability
 
     rows = []
     for chunk, real in batches:
@@ -163,7 +163,7 @@ def gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, num_items: int, seed: int) -> dict:
     """The target's rank among each sample's candidates for the SRec alone, popularity and random."""
-    from trainer.scoring import target_positions, target_ranks
+    from trainer.evaluation.scoring import target_positions, target_ranks
 
     ms = [meta(s) for s in samples]
     cands = torch.as_tensor([m["candidates"] for m in ms])
@@ -190,7 +190,7 @@ def run_baselines(paths: dict, manifest: dict, srec, samples: list[dict], seed: 
 
 
 def summarize(rows: list[dict], baselines: dict, modes) -> dict:
-    from trainer.scoring import ctr_metrics, ranking_metrics
+    from trainer.evaluation.scoring import ctr_metrics, ranking_metrics
 
     out = {"samples": len(rows)}
     if "generate" in modes:
@@ -213,7 +213,7 @@ def evaluate_trained(engine, embed, srec, tokenizer, paths: dict, manifest: dict
     ValidRatio (and, with eval.compare, the candidates ranked by likelihood with hybrid and text-only
     prompts next to the baselines), or CTR AUC / log loss / accuracy; the other ranks return {}."""
     from shards.build import load_items
-    from trainer.scoring import ctr_metrics, ranking_metrics
+    from trainer.evaluation.scoring import ctr_metrics, ranking_metrics
 
     titles = load_items(paths["data"])["titles"]
     samples = split_samples(paths, manifest, cfg.eval.split, cfg.eval.max_samples)
@@ -272,7 +272,7 @@ def load_model_for_eval(source: dict, paths: dict, srec_dim: int, dtype: torch.d
     DeepSpeed's own files (torch.load with weights_only=False): point it only at checkpoints your
     runs wrote. The merged weights must cover every trainable parameter of the rebuilt model."""
     if "export" in source:
-        from trainer.export import load_export, read_export_meta
+        from trainer.model.export import load_export, read_export_meta
 
         injection = read_export_meta(source["export"]).get("injection", "fused")  # exports before model.injection
         return load_export(source["export"], paths["llm"], srec_dim, injection, dtype)
@@ -318,7 +318,7 @@ def eval_worker(config: dict) -> None:
     import ray.train.torch
 
     from shards.build import load_items, load_manifest
-    from trainer.srec import load_srec
+    from trainer.model.srec import load_srec
 
     job: EvalJob = config["job"]
     ctx = ray.train.get_context()
@@ -326,7 +326,7 @@ def eval_worker(config: dict) -> None:
     # On GPU (--gpu; written with the same care, but run only on CPU here): the worker's GPU, the LLM and
     # adapter read in --precision (auto: bf16 where the GPU has it, else fp16, as training picks; on CPU
     # fp32 unless asked: DeepSpeed's CPU accelerator runs bf16 and fp16 too), LoRA in it as well
-    # (trainer/precision.py), the SRec in fp32 (the adapter casts its vectors).
+    # (trainer/job/precision.py), the SRec in fp32 (the adapter casts its vectors).
     device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")  # the GPU Ray gave it
     on_gpu = device.type == "cuda"
     precision = resolve_precision(job.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
@@ -334,7 +334,7 @@ def eval_worker(config: dict) -> None:
     srec = load_srec(job.paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(job.source, job.paths, srec.hidden, TORCH_DTYPES[precision])
     if on_gpu and embed.injection == "fused":  # its Triton kernels need a C compiler here: said before the first batch
-        from trainer.kernels.build import check_triton_compiler
+        from trainer.model.kernels.build import check_triton_compiler
 
         check_triton_compiler()
     model.to(device)

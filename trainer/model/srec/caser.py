@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.srec.common import SRec, init_item_table
+from trainer.model.srec.common import SRec, init_item_table
 
 
 class Caser(SRec):

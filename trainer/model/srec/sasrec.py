@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.srec.common import SRec, init_item_table
+from trainer.model.srec.common import SRec, init_item_table
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}  # srec.activation

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.srec.common import SRec, right_align
+from trainer.model.srec.common import SRec, right_align
 
 _NEG = -(2 ** 32) + 1
 

@@ -25,7 +25,7 @@ import zipfile
 import torch
 
 from shards.safe_unpickle import RestrictedUnpickler, UnsafePickle
-from trainer.srec.llara_sasrec import LlaraSASRec
+from trainer.model.srec.llara_sasrec import LlaraSASRec
 
 MODULE_CLASSES = {
     ("__main__", "SASRec"), ("SASRecModules_ori", "MultiHeadAttention"), ("SASRecModules_ori", "PositionwiseFeedForward"),
