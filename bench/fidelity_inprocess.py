@@ -37,7 +37,7 @@ def main():
     from trainer.data.loader import meta
     from trainer.evaluation.evaluate import baseline_ranks, split_samples
     from trainer.data.prepare import prepare
-    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.evaluation.ranking import ranking_metrics
     from trainer.model.srec import load_srec
 
     cfg = load_config(None, [f"output_dir={a.out}", *a.overrides])

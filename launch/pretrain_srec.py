@@ -124,11 +124,12 @@ def srec_models(args, cfg, splits: dict, num_items: int):
 
 def baseline_rows(splits: dict, test: list, num_items: int, cands: list, seed: int, mask_history: bool = True) -> dict:
     """Popularity (training targets; left out when the data has no training split) and random."""
-    from trainer.model.srec.metrics import Popularity, Random, evaluate
+    from trainer.evaluation.ranking import Popularity, Random
+    from trainer.model.srec.metrics import evaluate
 
     rows = {}
     if splits.get("train"):
-        rows["popularity"] = evaluate(Popularity(splits["train"], num_items), test, num_items, cands, seed=seed,
+        rows["popularity"] = evaluate(Popularity([s["target"] for s in splits["train"]], num_items), test, num_items, cands, seed=seed,
                                       mask_history=mask_history)
     else:  # e.g. LLaRA's MovieLens/Steam folders ship no train_data.df
         print("no train split in this data: the popularity baseline is left out", file=sys.stderr)

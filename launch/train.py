@@ -231,31 +231,32 @@ def print_outcome(cfg, paths: dict) -> int:
             print(f"\nstopped on request after checkpoint {f.read().strip()}; run the same command to resume "
                   f"(exit code {signals.EXIT_PREEMPTED})")
         return signals.EXIT_PREEMPTED
-    metrics_path = os.path.join(paths["eval"], f"{cfg.eval.split}_metrics.json")
+    metrics_path = os.path.join(paths["eval"], f"final_{cfg.eval.split}", "metrics.json")
     with open(metrics_path) as f:
         m = json.load(f)
-    if m.get("task") == "ctr":
-        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): CTR AUC {m['auc']:.4f} | "
-              f"log loss {m['log_loss']:.4f} | accuracy {m['accuracy']:.4f}")
+    if "ctr" in m:
+        c = m["ctr"]
+        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): CTR AUC {c['auc']:.4f} | "
+              f"log loss {c['log_loss']:.4f} | accuracy {c['accuracy']:.4f}")
     else:
-        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): HitRatio@1 {m['hr@1_of_valid']:.4f} "
-              f"(correct/valid, as LLaRA) | {m['hr@1_of_all']:.4f} (correct/all) | ValidRatio {m['valid_ratio']:.4f}")
-    if "compare" in m:
-        print(compare_text(m["compare"], m["mode"]))
+        g = m["generate"]
+        print(f"\n{cfg.eval.split} ({m['samples']} samples, mode={m['mode']}): HitRatio@1 {g['hr@1_of_valid']:.4f} "
+              f"(correct/valid, as LLaRA) | {g['hr@1_of_all']:.4f} (correct/all) | ValidRatio {g['valid_ratio']:.4f}")
+    if "score_hybrid" in m:
+        print(compare_text(m))
     print(f"metrics: {metrics_path}")
     return 0
 
 
-def compare_text(c: dict, mode: str) -> str:
+def compare_text(m: dict) -> str:
     """The end-of-run table: the trained LLM read with hybrid and with text-only prompts, and the baselines."""
-    names = {"llm_hybrid": f"LLM ({mode}-trained), hybrid prompts", "llm_text": f"LLM ({mode}-trained), text-only prompts",
-             "srec": "frozen SRec alone", "popularity": "popularity", "random": "random"}
+    rows = [(f"LLM ({m['mode']}-trained), hybrid prompts", m["score_hybrid"]),
+            (f"LLM ({m['mode']}-trained), text-only prompts", m["score_text"])]
+    names = {"srec": "frozen SRec alone", "popularity": "popularity", "random": "random"}
+    rows += [(label, m["baselines"][key]) for key, label in names.items() if key in m["baselines"]]
     lines = ["\ncandidates ranked by likelihood (every answer valid), same samples:",
              f"  {'':40s} {'HR@1':>7s} {'HR@5':>7s} {'NDCG@5':>7s}"]
-    for key, label in names.items():
-        if key in c:
-            r = c[key]
-            lines.append(f"  {label:40s} {r['hr@1']:7.4f} {r['hr@5']:7.4f} {r['ndcg@5']:7.4f}")
+    lines += [f"  {label:40s} {r['hr@1']:7.4f} {r['hr@5']:7.4f} {r['ndcg@5']:7.4f}" for label, r in rows]
     return "\n".join(lines)
 
 

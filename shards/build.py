@@ -39,9 +39,14 @@ import sys
 import numpy as np
 import webdataset as wds
 
+from shards import readers
+from shards.ctr import pool_len
+from shards.interactions import as_table
 from shards.prompts import (CTR_TEMPLATES, check_domain, check_placeholder_tokens, templates, tokenize_ctr,
-                            tokenize_llara)
-from shards.samples import SPLITS, _SPLIT_CODE, build_vocab, sample_candidates
+    tokenize_llara)
+from shards.samples import (SPLIT_SCHEMES, SPLITS, _SPLIT_CODE, build_vocab, global_time_split, kcore_filter,
+    leave_one_out, sample_candidates, user_sequences, user_split)
+from shards.synthetic import SyntheticConfig, generate
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -80,16 +85,11 @@ def _write_shard(f, records: list[dict]) -> None:
 
 def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     """Read the configured raw data and split it. Returns (items, splits, stats)."""
-    from shards import readers
-    from shards.interactions import as_table
-    from shards.samples import SPLIT_SCHEMES, global_time_split, kcore_filter, leave_one_out, user_split, user_sequences
-
     src, path = data_cfg["source"], data_cfg["path"]
     if src == "llara":
         items, splits = readers.read_llara_processed(path)
         return items, splits, {"source": src}
     if src == "synthetic":
-        from shards.synthetic import SyntheticConfig, generate
 
         interactions, items = generate(SyntheticConfig(seed=seed, **data_cfg["synthetic"]))
     else:
@@ -110,7 +110,6 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
     interactions = kcore_filter(interactions, data_cfg["kcore"])
     vocab = build_vocab(interactions, items)
     n_kept = len(interactions)
-    from shards.ctr import pool_len
 
     h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
     split = data_cfg["split"]

@@ -34,6 +34,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shards.retrieval import (cached_item_embeddings, l2_normalize, model_fingerprint, pca,
+    read_cached_item_embeddings, retrieve)
+
 log = logging.getLogger(__name__)
 
 TASKS = ("llara", "ctr")  # data.task
@@ -145,8 +148,6 @@ def retrieve_histories(samples: list[dict], item_vecs, k: int, order: str, query
     most recent history item); ratings follow their items. (Retrieved: the same, made when read.)"""
     import torch
 
-    from shards.retrieval import retrieve
-
     if not samples:
         return []
     hist = [s["history"] for s in samples]
@@ -213,8 +214,6 @@ def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> di
 def cached_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
     """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
     data.retrieval's template, pooling and dtype, else None. model_id: model_fingerprint(llm_dir), if known."""
-    from shards.retrieval import model_fingerprint, read_cached_item_embeddings
-
     retrieval = data_cfg["retrieval"]
     return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items,
                                        pooling=retrieval["pooling"], dtype=retrieval["dtype"])
@@ -227,8 +226,6 @@ def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shards.retrieval import cached_item_embeddings, model_fingerprint
-
     retrieval = data_cfg["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
     model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, retrieval["dtype"])).to(device or "cpu")
@@ -240,8 +237,6 @@ def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_i
 def item_vectors(data_cfg: dict, items, llm_dir: str, cache_dir: str):
     """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir; the LLM is
     loaded only when the cache misses)."""
-    from shards.retrieval import l2_normalize, model_fingerprint, pca
-
     model_id = model_fingerprint(llm_dir)
     emb = cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)
     if emb is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shards.interactions import INT64, Interactions, TableBuilder
+from shards.safe_unpickle import PANDAS_DATAFRAME, restricted_load
 
 
 # data.source's values (shards/build.py load_source reads each): synthetic is generated (shards/synthetic.py),
@@ -274,8 +275,6 @@ def read_llara_processed(folder: str) -> tuple[list[tuple[int, str, str]], dict[
     file can run. Returns (items, splits); ids are LLaRA's (0-based, padding = item count); a row
     with an empty history (LLaRA's first row of each user) is kept out and counted by the caller.
     """
-    from shards.safe_unpickle import PANDAS_DATAFRAME, restricted_load
-
     names = os.path.join(folder, "id2name.txt")
     items = []
     if os.path.exists(names):

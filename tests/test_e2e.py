@@ -46,13 +46,13 @@ def test_train_checkpoint_evaluate(trained_run):
     ckpt = out / "checkpoints" / tag
     assert (ckpt / "trainer_state.json").exists() and (ckpt / "test_metrics.json").exists()
     assert len([f for f in os.listdir(ckpt) if "optim_states" in f]) == 2  # ZeRO-3: one shard per rank
-    m = json.loads((out / "eval" / "test_metrics.json").read_text())
+    m = json.loads((out / "eval" / "final_test" / "metrics.json").read_text())
     for k in ("hr@1_of_valid", "hr@1_of_all", "valid_ratio"):
-        assert 0.0 <= m[k] <= 1.0
+        assert 0.0 <= m["generate"][k] <= 1.0
     assert m["samples"] == 16
     assert "HitRatio@1" in stdout and "ValidRatio" in stdout
     # the side-by-side table: the LLM with hybrid and text-only prompts, the SRec alone, the baselines
-    c = m["compare"]
+    c = {"llm_hybrid": m["score_hybrid"], "llm_text": m["score_text"], **m["baselines"]}
     assert set(c) == {"llm_hybrid", "llm_text", "srec", "popularity", "random"}
     assert all(c[k]["samples"] == 16 and 0 <= c[k]["hr@1"] <= c[k]["hr@5"] <= 1 for k in c)
     assert "frozen SRec alone" in stdout and "text-only prompts" in stdout

@@ -37,7 +37,7 @@ def test_eval_of_the_export_and_of_the_checkpoint(run):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 16 and len({row["key"] for row in rows}) == 16  # each sample exactly once
     # the same greedy answers as the trainer's end-of-run evaluation of the same model
-    trained = {j["key"]: j["output"] for j in map(json.loads, open(run / "eval" / "test_predictions.jsonl"))}
+    trained = {row["key"]: row["output"] for row in csv.DictReader(open(run / "eval" / "final_test" / "predictions.csv"))}
     first = lambda s: s.lstrip().split("\n", 1)[0].strip()  # noqa: E731
     assert all(row["generated"] == first(trained[row["key"]]) for row in rows)
     assert "HitRatio@1" in (out / "report.md").read_text() and "baseline: srec" in r.stdout

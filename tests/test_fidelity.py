@@ -59,7 +59,7 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     from trainer.data.loader import SplitReader, collate
     from trainer.evaluation.evaluate import model_rows, rank_batches, split_samples
     from trainer.model.build import build_llara_model, load_tokenizer
-    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.evaluation.ranking import ranking_metrics
     from trainer.model.srec import load_srec
     from trainer.train_loop import step_loss
 
@@ -132,7 +132,7 @@ def test_srec_alone_beats_random(fidelity_run):
     from shards.build import load_manifest
     from trainer.data.loader import meta
     from trainer.evaluation.evaluate import baseline_ranks, split_samples
-    from trainer.evaluation.scoring import ranking_metrics
+    from trainer.evaluation.ranking import ranking_metrics
     from trainer.model.srec import load_srec
 
     cfg, paths = fidelity_run

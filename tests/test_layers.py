@@ -71,3 +71,20 @@ def test_no_import_cycle():
     for m in sorted(GRAPH):
         if m not in state:
             visit(m)
+
+
+def test_the_project_is_imported_at_the_top_of_modules():
+    """Under configs/, shards/ and trainer/, the project's own modules are imported at the top of a
+    module, where the dependency graph can be read, never inside a function."""
+    inside = []
+    for module, path in modules().items():
+        if module.split(".")[0] not in PACKAGES:
+            continue
+        for fn in ast.walk(ast.parse(open(path).read())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                        [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                    if any(n.split(".")[0] in PACKAGES for n in names):
+                        inside.append(f"{module}.{fn.name} (line {node.lineno})")
+    assert not inside, "imports of the project inside functions: " + ", ".join(inside)

@@ -175,5 +175,5 @@ def test_ray_job_submit_needs_the_token_and_an_elastic_job_goes_on_when_a_node_i
     keys = [k for name in os.listdir(out / "logs" / "samples")
             for line in open(out / "logs" / "samples" / name) for k in json.loads(line)["keys"]]
     assert len(keys) == len(set(keys)) == 24 * 16  # inside the epoch: each sample once across the loss
-    m = json.loads((out / "eval" / "test_metrics.json").read_text())
-    assert m["step"] == 24 and 0 <= m["hr@1_of_valid"] <= 1 and 0 <= m["valid_ratio"] <= 1
+    m = json.loads((out / "eval" / "final_test" / "metrics.json").read_text())
+    assert m["step"] == 24 and 0 <= m["generate"]["hr@1_of_valid"] <= 1 and 0 <= m["generate"]["valid_ratio"] <= 1

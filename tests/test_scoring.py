@@ -10,8 +10,9 @@ import torch
 from shards.build import load_items, load_manifest
 from trainer.data.loader import meta, read_shard
 from trainer.model.build import build_llara_model, load_tokenizer
-from trainer.evaluation.scoring import (answer_token_ids, auc, candidate_logliks, ctr_metrics, prompt_inputs, ranking_metrics,
-                             target_positions, target_ranks, yes_probability)
+from trainer.evaluation.ranking import ranking_metrics, target_ranks
+from trainer.evaluation.scoring import (answer_token_ids, auc, candidate_logliks, ctr_metrics, prompt_inputs,
+                                        target_positions, yes_probability)
 from trainer.model.srec import load_srec
 
 

@@ -11,7 +11,8 @@ from shards.samples import build_vocab, leave_one_out, user_sequences
 from shards.synthetic import SyntheticConfig, generate
 from trainer.model.srec import ARCHS, build_srec, load_srec, save_srec
 from trainer.model.srec.common import left_pad
-from trainer.model.srec.metrics import Popularity, Random, evaluate
+from trainer.evaluation.ranking import Popularity, Random
+from trainer.model.srec.metrics import evaluate
 from trainer.model.srec.pretrain import pretrain
 
 TRAINABLE = ["sasrec", "gru4rec", "caser"]
@@ -57,7 +58,7 @@ def test_pretrained_models_beat_popularity_and_random(arch, synthetic_splits):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     test = synthetic_splits["test"]
     ours = evaluate(model, test, 100)
-    pop = evaluate(Popularity(synthetic_splits["train"], 100), test, 100)
+    pop = evaluate(Popularity([s["target"] for s in synthetic_splits["train"]], 100), test, 100)
     rnd = evaluate(Random(100), test, 100)
     assert ours["hr@10"] > pop["hr@10"] > rnd["hr@10"] * 0.8
     assert ours["ndcg@10"] > 2 * rnd["ndcg@10"]

@@ -138,8 +138,8 @@ def test_train_eval_export_on_a_stock_folder(kind, stage, stock_folders, tmp_pat
     assert r.returncode == 0, r.stderr[-4000:]
     ds = json.loads((out / "logs" / "deepspeed_config.json").read_text())
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == stage
-    metrics = json.loads((out / "eval" / "test_metrics.json").read_text())
-    assert metrics["samples"] == 8 and "compare" in metrics  # the end-of-run evaluation read this folder's model
+    metrics = json.loads((out / "eval" / "final_test" / "metrics.json").read_text())
+    assert metrics["samples"] == 8 and "score_hybrid" in metrics  # the end-of-run evaluation read this folder's model
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "plain_peft_reload.py"), str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -36,8 +37,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import trainer.job.checkpoint as ckpt
-from trainer.job import signals, trainable_state
+from shards.build import check_manifest, load_manifest
 from shards.collectives import all_reduce_sums, any_rank
+from trainer.data.curriculum import is_hybrid, warmup_cosine
+from trainer.data.loader import SplitReader, rank_loader, user_states
+from trainer.evaluation.evaluate import evaluate_trained, write_outputs
+from trainer.job import signals, trainable_state
+from trainer.job.ds_config import deepspeed_config
+from trainer.job.flops import model_shape, peak_flops, peak_memory_gib, throughput_flops
+from trainer.job.precision import TORCH_DTYPES, resolve_precision
+from trainer.model.build import build_llara_model, load_tokenizer, partitioned_loading
+from trainer.model.export import export_model
+from trainer.model.kernels.build import check_triton_compiler
+from trainer.model.srec import load_srec, srec_hash
 
 log = logging.getLogger("trainer")
 
@@ -75,6 +87,7 @@ class Run:
     partitioned_loading: Any = None  # ZeRO-3: transformers' DeepSpeed config, alive while the run is
     flops_shape: dict = field(default_factory=dict)  # trainer/job/flops.py model_shape
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision (None on CPU: no MFU)
+    precision: str = "fp32"     # the run's dtype policy (trainer/job/precision.py)
 
     @property
     def is_main(self) -> bool:
@@ -96,13 +109,6 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     import ray
     import ray.train
     import ray.train.torch
-
-    from trainer.data.loader import SplitReader
-    from trainer.job.ds_config import deepspeed_config
-    from trainer.job.flops import model_shape, peak_flops
-    from trainer.model.kernels.build import check_triton_compiler
-    from trainer.model.build import build_llara_model, partitioned_loading
-    from trainer.job.precision import TORCH_DTYPES, resolve_precision
 
     if cfg.train.use_gpu and cfg.model.injection == "fused":
         check_triton_compiler()  # a node without gcc/clang says so now, not in the first forward
@@ -151,15 +157,11 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
                progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
                checkpoint=(tag, state), partitioned_loading=loading, flops_shape=model_shape(model, embed),
-               peak_flops=peak)
+               peak_flops=peak, precision=precision)
 
 
 def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
     """(manifest, tokenizer, frozen SRec), checked against each other and the config."""
-    from shards.build import check_manifest, load_manifest
-    from trainer.model.build import load_tokenizer
-    from trainer.model.srec import load_srec
-
     manifest = load_manifest(paths["data"])
     check_manifest(paths["data"], manifest, paths["tokenizer"], verify_sha=False)  # sha256s: once, by the driver
     built_with = bool(manifest["params"].get("user_token", False))  # manifests from before data.user_token: off
@@ -178,8 +180,6 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
     """DeepSpeed's engine: AdamW on the trainable parameters, warm-up + cosine per optimizer step,
     ds_config (train.* with train.deepspeed merged in; written to config_file when given)."""
     import deepspeed
-
-    from trainer.data.curriculum import warmup_cosine
 
     train_cfg = cfg.train
     warmup = max(1, int(train_cfg.warmup_ratio * total_steps))
@@ -281,9 +281,6 @@ def _truncate_logs(paths: dict, step: int) -> None:
 def train(run: Run) -> str:
     """The loop, from run.progress to run.total_steps. Returns "done", or "stopped" when a stop was
     requested (a checkpoint was written at that step)."""
-    from trainer.data.curriculum import is_hybrid
-    from trainer.data.loader import rank_loader
-
     train_cfg, progress = run.cfg.train, run.progress
     micro_step_samples = run.world * train_cfg.micro_batch  # samples (fillers included) per micro-step, all ranks
     step_samples = micro_step_samples * train_cfg.grad_accum  # per optimizer step
@@ -343,7 +340,6 @@ def train(run: Run) -> str:
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
     """Forward one micro-batch; loss on the answer tokens only (labels are -100 elsewhere). The LM head
     runs at the positions that predict an answer token only (logits_to_keep): no [B, T, V] logits."""
-    from trainer.data.loader import user_states
     ids = batch["input_ids"].to(device)
     slot_map = batch["slot_map"].to(device)
     attention = batch["attention_mask"].to(device)
@@ -510,8 +506,6 @@ class StepLog:
 
     def utilisation(self, record: dict) -> dict:
         """MFU over the window (None without a known peak: CPU) and peak memory (trainer/job/flops.py)."""
-        from trainer.job.flops import peak_memory_gib, throughput_flops
-
         run = self.run
         flops, mfu = throughput_flops(run.flops_shape, record["samples_per_s"], record["tokens_per_s"],
                                       record["head_positions_per_s"], run.peak_flops, run.world)
@@ -571,8 +565,6 @@ def save_checkpoint(run: Run) -> None:
 
 def trainer_state(run: Run) -> dict:
     """trainer_state.json: where the run is, and what it was run with (checked on resume and by eval)."""
-    from trainer.model.srec import srec_hash
-
     engine = run.engine
     return {**run.progress, "world_size": run.world, "total_steps": run.total_steps,
             "global_batch": run.world * run.cfg.train.micro_batch * run.cfg.train.grad_accum, "resizes": run.resizes,
@@ -586,11 +578,8 @@ def trainer_state(run: Run) -> dict:
 
 def finish(run: Run) -> None:
     """After the last step: its checkpoint (if that step wrote none), the loss plot, the export, and
-    the evaluation; rank 0 writes eval/<split>_metrics.json and a copy into the last checkpoint."""
+    the evaluation (rank 0 writes eval/final_<split>/ and a copy of its metrics into the last checkpoint)."""
     import ray.train
-
-    from trainer.model.export import export_model
-    from trainer.model.srec import srec_hash
 
     step = run.progress["global_step"]
     if run.last_saved != step:
@@ -605,28 +594,32 @@ def finish(run: Run) -> None:
 
 
 def evaluate(run: Run) -> dict:
-    """trainer/evaluation/evaluate.py on eval.split with the trained engine (collective); rank 0 writes and
-    logs the metrics and returns them, the other ranks return {}."""
-    from trainer.evaluation.evaluate import evaluate_trained
-
+    """trainer/evaluation/evaluate.py on eval.split with the trained engine (collective): rank 0 writes
+    eval/final_<split>/ (metrics.json, predictions.csv, report.md, as launch/eval.py does), a copy of
+    metrics.json into the last checkpoint as <split>_metrics.json, logs the figures and returns the
+    metrics; the other ranks return {}."""
     eval_cfg, step = run.cfg.eval, run.progress["global_step"]
-    result = evaluate_trained(run.engine, run.embed, run.srec, run.tokenizer, run.paths, run.manifest, run.cfg,
-                              run.rank, run.world, run.device, hybrid=run.cfg.train.mode != "text")
+    hybrid = run.cfg.train.mode != "text"
+    rows, metrics = evaluate_trained(run.engine, run.embed, run.srec, run.tokenizer, run.paths, run.manifest, run.cfg,
+                                     run.rank, run.world, run.device, hybrid=hybrid)
     if not run.is_main:
-        return result
-    result.update({"step": step, "mode": run.cfg.train.mode, "checkpoint": ckpt.tag_for(step)})
-    os.makedirs(run.paths["eval"], exist_ok=True)
-    for out in (os.path.join(run.paths["eval"], f"{eval_cfg.split}_metrics.json"),
-                os.path.join(run.paths["checkpoints"], ckpt.tag_for(step), f"{eval_cfg.split}_metrics.json")):
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-    if "auc" in result:
+        return metrics
+    metrics.update({"split": eval_cfg.split, "prompts": "hybrid" if hybrid else "text", "precision": run.precision,
+                    "source": {"final": ckpt.tag_for(step)}, "step": step, "mode": run.cfg.train.mode})
+    out = os.path.join(run.paths["eval"], f"final_{eval_cfg.split}")
+    write_outputs(out, rows, metrics, f"The end of training: step {step}, train.mode {run.cfg.train.mode}, split "
+                                      f"`{eval_cfg.split}`, {metrics['prompts']} prompts, {run.precision}.")
+    shutil.copyfile(os.path.join(out, "metrics.json"),
+                    os.path.join(run.paths["checkpoints"], ckpt.tag_for(step), f"{eval_cfg.split}_metrics.json"))
+    if "ctr" in metrics:
+        c = metrics["ctr"]
         log.info("%s: CTR AUC %.4f, log loss %.4f, accuracy %.4f on %d samples", eval_cfg.split,
-                 result["auc"], result["log_loss"], result["accuracy"], result["samples"])
+                 c["auc"], c["log_loss"], c["accuracy"], c["samples"])
     else:
+        g = metrics["generate"]
         log.info("%s: HR@1 %.4f (of valid) / %.4f (of all), ValidRatio %.4f on %d samples", eval_cfg.split,
-                 result["hr@1_of_valid"], result["hr@1_of_all"], result["valid_ratio"], result["samples"])
-    return result
+                 g["hr@1_of_valid"], g["hr@1_of_all"], g["valid_ratio"], g["samples"])
+    return metrics
 
 
 def _plot_losses(metrics_file: str, out_png: str) -> None:

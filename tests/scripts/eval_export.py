@@ -1,6 +1,7 @@
 """Load a run's export in a fresh process with no DeepSpeed, generate for the samples the trained
 engine evaluated, and compare with the engine's outputs. Prints a JSON line."""
 
+import csv
 import json
 import os
 import sys
@@ -20,8 +21,8 @@ def main():
         meta = json.load(f)
     srec = load_srec(meta["srec"])
     model, embed, tok = load_export(os.path.join(out, "export"), meta["base"], srec.hidden, meta["injection"])
-    with open(os.path.join(out, "eval", "test_predictions.jsonl")) as f:
-        preds = {r["key"]: r["output"] for r in map(json.loads, f)}
+    with open(os.path.join(out, "eval", "final_test", "predictions.csv"), newline="") as f:
+        preds = {r["key"]: r["output"] for r in csv.DictReader(f)}
     data = os.path.join(out, "data")
     samples = [s for sh in load_manifest(data)["shards"] if sh["split"] == "test"
                for s in read_shard(os.path.join(data, sh["name"])) if s["key"] in preds]

@@ -19,6 +19,15 @@ import os
 from omegaconf import DictConfig
 
 from configs.schema import to_dict
+from shards.build import load_source, write_shards
+from shards.ctr import make_samples, manifest_params, needs_retrieval, pool_len
+from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
+from shards.readers import read_profiles
+from trainer.model.build import prepare_tokenizer
+from trainer.model.srec import load_srec, save_srec
+from trainer.model.srec.llara_import import load_llara_sasrec
+from trainer.model.srec.pretrain import check_pretrain_args, pretrain
+from trainer.model.tiny import build_tiny_llama, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +105,6 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     """Build (or reuse) the run's assets and shards; returns run_paths. embed(items, llm_dir, cache_dir),
     when given, computes SUBR's item embeddings into the cache before the shards need them (launch/train.py
     does it on the Ray workers); without it they are computed here, in this process."""
-    from shards.build import load_source
-    from shards.prompts import templates
-    from trainer.model.srec.pretrain import check_pretrain_args
-
     paths = source_paths(cfg.output_dir, cfg.model.base, cfg.srec.path)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
     if os.path.exists(paths["stamp"]):
@@ -140,10 +145,6 @@ def build_llm(cfg: DictConfig, items, paths: dict) -> None:
     """The run's tokenizer and LLM: model.base's folder with its tokenizer grown by LLaRA's tokens
     (trainer/model/build.py prepare_tokenizer; the model grows to match when it is loaded), or the
     tiny Llama and its tokenizer built in assets/llm."""
-    from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
-    from trainer.model.build import prepare_tokenizer
-    from trainer.model.tiny import build_tiny_llama, build_tokenizer
-
     user_token = cfg.data.user_token
     if cfg.model.base:
         tokenizer, added = prepare_tokenizer(paths["llm"], paths["tokenizer"], user_token)
@@ -165,10 +166,6 @@ def build_llm(cfg: DictConfig, items, paths: dict) -> None:
 
 def build_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict, embed) -> dict:
     """Samples -> prompts -> tokenized shards in data/ (SUBR's item embeddings first, if needed); the manifest."""
-    from shards.build import write_shards
-    from shards.ctr import make_samples, manifest_params, needs_retrieval
-    from shards.readers import read_profiles
-
     data_cfg = to_dict(cfg.data)
     if embed is not None and needs_retrieval(data_cfg):
         embed(items, paths["llm"], paths["item_emb"])  # make_samples then finds them in the cache
@@ -188,12 +185,7 @@ def build_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict,
 def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> None:
     """The frozen SRec: srec.path's folder as it is, LLaRA's .pt imported, or one pretrained here on
     the same splits (on the history_len most recent items, as the prompts' K); its item count checked."""
-    from shards.ctr import pool_len
-    from trainer.model.srec import load_srec, save_srec
-    from trainer.model.srec.pretrain import pretrain
-
     if cfg.srec.path and str(cfg.srec.path).endswith(".pt"):
-        from trainer.model.srec.llara_import import load_llara_sasrec
 
         log.info("importing LLaRA's SASRec from %s", cfg.srec.path)
         save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])

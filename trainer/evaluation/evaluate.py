@@ -16,9 +16,12 @@ ZeRO-3 engine every rank must run the same number of batches, since each forward
 parameters collectively, so short batches are padded there. Rank 0 gathers the rows (`gather_rows`).
 
     evaluate_trained(...)   the end of training: on the DeepSpeed engine the workers trained
+                            (trainer/train_loop.py writes <run>/eval/final_<split>/)
     eval_worker(job)        launch/eval.py: a whole model per worker (an export, a checkpoint's
-                            partitions merged, or the untrained base), written to metrics.json,
-                            predictions.csv and report.md
+                            partitions merged, or the untrained base), into <run>/eval/<what>_<split>/
+
+Both write the same three files with write_outputs: metrics.json (summarize's numbers), predictions.csv
+(one row per sample) and report.md (README "Evaluation" lists their fields).
 """
 
 from __future__ import annotations
@@ -30,12 +33,18 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.data.loader import collate, meta
+from shards.build import load_items, load_manifest
+from trainer.data.loader import collate, meta, read_shard
+from trainer.evaluation.ranking import Popularity, Random, ranking_metrics, target_ranks
+from trainer.evaluation.scoring import candidate_logliks, ctr_metrics, prompt_inputs, target_positions, yes_probability
 from trainer.job.precision import TORCH_DTYPES, resolve_precision
+from trainer.model.build import build_llara_model, load_tokenizer
+from trainer.model.export import load_export, read_export_meta
+from trainer.model.kernels.build import check_triton_compiler
+from trainer.model.srec import load_srec
 
 log = logging.getLogger("trainer.eval")
 MODES = ("generate", "score", "ctr")
@@ -68,8 +77,6 @@ def llara_metrics(judgements: list[tuple[bool, bool]]) -> dict:
 def generate(model, embed, srec, samples: list[dict], tokenizer, max_new_tokens: int, hybrid: bool,
              synced_gpus: bool, device) -> list[str]:
     """Greedy generation for a batch of samples (left-padded prompts); returns the decoded continuations."""
-    from trainer.evaluation.scoring import prompt_inputs
-
     batch = collate(samples, tokenizer.pad_token_id, left_pad=True, prompt_only=True)
     # hybrid: behaviour tokens injected; text: every placeholder, [UserEmb] included, becomes [PH]
     ids, ctx = prompt_inputs(embed, srec, batch, tokenizer.convert_tokens_to_ids("[PH]"), device, hybrid)
@@ -88,8 +95,6 @@ def is_ctr(manifest: dict) -> bool:
 
 def split_samples(paths: dict, manifest: dict, split: str, max_samples: int) -> list[dict]:
     """The split's samples in shard order; the first max_samples of them when max_samples > 0."""
-    from trainer.data.loader import read_shard
-
     samples = []
     for shard in (s for s in manifest["shards"] if s["split"] == split):
         samples.extend(read_shard(os.path.join(paths["data"], shard["name"]), shard["count"]))
@@ -116,8 +121,6 @@ def model_rows(model, embed, srec, tokenizer, titles, batches, modes, hybrid: bo
     """One row per real sample of `batches` with what each mode gave; with `compare`, also the target's
     rank among the candidates by likelihood with hybrid and with text-only prompts (score_rank_hybrid,
     score_rank_text), whatever `hybrid` says."""
-    from trainer.evaluation.scoring import candidate_logliks, target_positions, target_ranks, yes_probability
-
     rows = []
     for chunk, real in batches:
         ms = [meta(s) for s in chunk]
@@ -163,8 +166,6 @@ def gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, num_items: int, seed: int) -> dict:
     """The target's rank among each sample's candidates for the SRec alone, popularity and random."""
-    from trainer.evaluation.scoring import target_positions, target_ranks
-
     ms = [meta(s) for s in samples]
     cands = torch.as_tensor([m["candidates"] for m in ms])
     tgt = target_positions(ms)
@@ -172,11 +173,14 @@ def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, n
     with torch.no_grad():
         history, lengths = srec.pad([m["history"] for m in ms])
         srec_scores = srec.scores(history.to(device), lengths.to(device)).cpu().gather(1, cands)
-    rnd = torch.rand(cands.shape, generator=torch.Generator().manual_seed(seed))
-    out = {"srec": target_ranks(srec_scores, tgt), "random": target_ranks(rnd, tgt)}
-    if train_targets is not None:  # popularity: how often each item is a training target
-        pop = torch.as_tensor(np.bincount(np.asarray(train_targets, dtype=np.int64), minlength=num_items), dtype=torch.float32)
-        out["popularity"] = target_ranks(pop[cands], tgt)
+    out = {"srec": target_ranks(srec_scores, tgt)}
+    baselines = {"random": Random(num_items, seed)}
+    if train_targets is not None:
+        baselines["popularity"] = Popularity(train_targets, num_items)
+    for name, scorer in baselines.items():  # scored over every item (1024 samples at a time), read on the candidates
+        scores = torch.cat([scorer.scores(*scorer.pad([m["history"] for m in ms[i:i + 1024]])).gather(1, cands[i:i + 1024])
+                            for i in range(0, len(ms), 1024)]) if ms else torch.zeros(cands.shape)
+        out[name] = target_ranks(scores, tgt)
     return out
 
 
@@ -189,14 +193,17 @@ def run_baselines(paths: dict, manifest: dict, srec, samples: list[dict], seed: 
     return baseline_ranks(srec, sorted(samples, key=lambda s: s["key"]), train_targets, manifest["num_items"], seed)
 
 
-def summarize(rows: list[dict], baselines: dict, modes) -> dict:
-    from trainer.evaluation.scoring import ctr_metrics, ranking_metrics
+SCORINGS = {"score_rank": "score", "score_rank_hybrid": "score_hybrid", "score_rank_text": "score_text"}
 
+
+def summarize(rows: list[dict], baselines: dict, modes) -> dict:
+    """metrics.json's numbers, the same for the end of training and launch/eval.py (README "Evaluation")."""
     out = {"samples": len(rows)}
     if "generate" in modes:
         out["generate"] = llara_metrics([(r["valid"], r["correct"]) for r in rows])
-    if "score" in modes:
-        out["score"] = ranking_metrics(torch.as_tensor([r["score_rank"] for r in rows]))
+    for key, name in SCORINGS.items():  # candidate scoring: with the run's prompts, or both (eval.compare)
+        if (key == "score_rank" and "score" in modes) or (rows and key in rows[0]):
+            out[name] = ranking_metrics(torch.as_tensor([r[key] for r in rows]))
     labelled = [r for r in rows if "p_yes" in r]
     if "ctr" in modes:
         out["ctr"] = ctr_metrics([r["label"] for r in labelled], [r["p_yes"] for r in labelled]) if labelled else \
@@ -208,38 +215,24 @@ def summarize(rows: list[dict], baselines: dict, modes) -> dict:
 # ---- the end of training
 
 def evaluate_trained(engine, embed, srec, tokenizer, paths: dict, manifest: dict, cfg, rank: int, world: int,
-                     device, hybrid: bool) -> dict:
-    """The trained engine on eval.split (collective: every rank calls it). Rank 0 returns HR@1 /
-    ValidRatio (and, with eval.compare, the candidates ranked by likelihood with hybrid and text-only
-    prompts next to the baselines), or CTR AUC / log loss / accuracy; the other ranks return {}."""
-    from shards.build import load_items
-    from trainer.evaluation.scoring import ctr_metrics, ranking_metrics
-
+                     device, hybrid: bool) -> tuple[list[dict] | None, dict]:
+    """The trained engine on eval.split (collective: every rank calls it): rank 0 gets (rows, metrics),
+    as summarize gives them (generation, or CTR; with eval.compare also the candidates ranked by
+    likelihood with hybrid and with text-only prompts, next to the baselines); the other ranks (None, {})."""
     titles = load_items(paths["data"])["titles"]
     samples = split_samples(paths, manifest, cfg.eval.split, cfg.eval.max_samples)
     ctr = is_ctr(manifest)
     compare = bool(cfg.eval.compare) and not ctr
+    modes = ("ctr",) if ctr else ("generate",)
     engine.eval()
     batches = rank_batches(samples, rank, world, cfg.eval.batch_size, synced=True)
-    rows = model_rows(engine.module, embed, srec, tokenizer, titles, batches, ("ctr",) if ctr else ("generate",),
-                      hybrid, cfg.eval.max_new_tokens, device, synced_gpus=world > 1, compare=compare,
-                      candidates_per_pass=cfg.eval.candidates_per_pass)
+    rows = model_rows(engine.module, embed, srec, tokenizer, titles, batches, modes, hybrid, cfg.eval.max_new_tokens,
+                      device, synced_gpus=world > 1, compare=compare, candidates_per_pass=cfg.eval.candidates_per_pass)
     rows = gather_rows(rows, world)
     if rows is None:
-        return {}
-    if ctr:  # ReLLa: P(yes) -> AUC, log loss, accuracy
-        return {"task": "ctr", **ctr_metrics([r["label"] for r in rows], [r["p_yes"] for r in rows])}
-    os.makedirs(paths["eval"], exist_ok=True)
-    with open(os.path.join(paths["eval"], f"{cfg.eval.split}_predictions.jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps({"key": r["key"], "output": r["output"], "valid": r["valid"], "correct": r["correct"]}) + "\n")
-    result = llara_metrics([(r["valid"], r["correct"]) for r in rows])
-    if compare:  # the same model read with and without its behaviour tokens, and the baselines
-        result["compare"] = {f"llm_{p}": ranking_metrics(torch.as_tensor([r[f"score_rank_{p}"] for r in rows]))
-                             for p in ("hybrid", "text")}
-        for name, ranks in run_baselines(paths, manifest, srec, samples, cfg.seed).items():
-            result["compare"][name] = ranking_metrics(ranks)
-    return result
+        return None, {}
+    baselines = run_baselines(paths, manifest, srec, samples, cfg.seed) if compare else {}
+    return rows, summarize(rows, baselines, modes)
 
 
 # ---- launch/eval.py's workers
@@ -272,12 +265,9 @@ def load_model_for_eval(source: dict, paths: dict, srec_dim: int, dtype: torch.d
     DeepSpeed's own files (torch.load with weights_only=False): point it only at checkpoints your
     runs wrote. The merged weights must cover every trainable parameter of the rebuilt model."""
     if "export" in source:
-        from trainer.model.export import load_export, read_export_meta
 
         injection = read_export_meta(source["export"]).get("injection", "fused")  # exports before model.injection
         return load_export(source["export"], paths["llm"], srec_dim, injection, dtype)
-
-    from trainer.model.build import build_llara_model, load_tokenizer
 
     run_cfg = source["config"]
     user_token = bool(run_cfg["data"].get("user_token", False))  # runs from before data.user_token had none
@@ -317,9 +307,6 @@ def eval_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from shards.build import load_items, load_manifest
-    from trainer.model.srec import load_srec
-
     job: EvalJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -334,8 +321,6 @@ def eval_worker(config: dict) -> None:
     srec = load_srec(job.paths["srec"]).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(job.source, job.paths, srec.hidden, TORCH_DTYPES[precision])
     if on_gpu and embed.injection == "fused":  # its Triton kernels need a C compiler here: said before the first batch
-        from trainer.model.kernels.build import check_triton_compiler
-
         check_triton_compiler()
     model.to(device)
     manifest = load_manifest(job.paths["data"])
@@ -364,8 +349,8 @@ def write_outputs(out_dir: str, rows: list[dict], metrics: dict, header: str) ->
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    cols = ["key", "user", "target", "candidates", "generated", "chosen", "valid", "correct", "score_rank", "score_top1",
-            "p_yes", "label"]
+    cols = ["key", "user", "target", "candidates", "output", "generated", "chosen", "valid", "correct", "score_rank",
+            "score_top1", "score_rank_hybrid", "score_rank_text", "p_yes", "label"]
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -381,7 +366,8 @@ def report_markdown(m: dict, header: str) -> str:
         g = m["generate"]
         lines.append(f"Generation (LLaRA's protocol): ValidRatio {g['valid_ratio']:.4f}, HitRatio@1 "
                      f"{g['hr@1_of_valid']:.4f} (correct / valid, as LLaRA's code) and {g['hr@1_of_all']:.4f} (correct / all).\n")
-    rankers = ([("LLM, candidate scoring", m["score"])] if "score" in m else []) + \
+    names = {"score": "LLM, candidate scoring", "score_hybrid": "LLM, hybrid prompts", "score_text": "LLM, text-only prompts"}
+    rankers = [(label, m[key]) for key, label in names.items() if key in m] + \
         [(f"baseline: {k}", v) for k, v in m["baselines"].items()]
     if rankers:
         lines.append("| ranking of the candidates | HR@1 | HR@5 | NDCG@5 |\n|---|---:|---:|---:|")

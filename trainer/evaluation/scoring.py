@@ -7,8 +7,7 @@
 - CTR (ReLLa): P(yes) = softmax over the "Yes" and "No" logits at the answer position.
 
 Both see the prompt as training does: behaviour tokens injected (hybrid) or placeholders as [PH].
-The ranking metrics below also score the baselines (the SRec alone, popularity, random) on the same
-candidates, with the same tie rule.
+The candidates' ranks and HR/NDCG: trainer/evaluation/ranking.py, as for the baselines.
 """
 
 from __future__ import annotations
@@ -143,23 +142,6 @@ def target_positions(metas: list[dict]) -> torch.Tensor:
             raise ValueError(f"user {m.get('user')}: target {m['target']} is not among the sample's candidates")
         out.append(m["candidates"].index(m["target"]))
     return torch.as_tensor(out, dtype=torch.long)
-
-
-def target_ranks(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target among its candidates. Ties go against the target for the
-    candidates listed before it (the candidates are in a seeded random order, so this is fair)."""
-    t = scores.gather(1, target_index[:, None])
-    before = torch.arange(scores.shape[1])[None] < target_index[:, None]
-    return (scores > t).sum(1) + ((scores == t) & before).sum(1)
-
-
-def ranking_metrics(ranks: torch.Tensor) -> dict:
-    n = len(ranks)
-    if n == 0:
-        return {"samples": 0, "hr@1": 0.0, "hr@5": 0.0, "ndcg@5": 0.0}
-    r = ranks.double()
-    return {"samples": n, "hr@1": float((r < 1).double().mean()), "hr@5": float((r < 5).double().mean()),
-            "ndcg@5": float(((r < 5).double() / torch.log2(r + 2)).mean())}
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

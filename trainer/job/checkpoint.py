@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from configs.schema import accumulation_for
 from trainer.job import trainable_state
 from trainer.job.failures import Unrecoverable
 
@@ -212,8 +213,6 @@ def accumulation_at(train, world: int, state: dict | None = None, tag: str = "")
     state; a change at an epoch boundary is the user's to make) and that number is the configured one; else
     (a resize, an elastic restart) the checkpoint's: the schedule is kept, the accumulation re-derived.
     A ValueError when that cannot be split, naming the worker counts that can."""
-    from configs.schema import accumulation_for
-
     target = train.micro_batch * train.grad_accum * train.num_workers
     if state is not None and not world == state["world_size"] == train.num_workers:
         target = global_batch_of(state)

@@ -25,7 +25,9 @@ import secrets
 import stat
 import time
 
+from trainer.job.console import quiet_known_noise
 from trainer.job.failures import fatal_error_of, fatal_errors
+from trainer.job.signals import install_worker_handlers
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,6 @@ def on_worker_process_start() -> None:
     (had the run's placement group been registered by then, it would have removed it: the workers with it);
     with a stale file, 40-s timeouts and a 12-s wait with a traceback at the end of every run."""
     import ray
-
-    from trainer.job.console import quiet_known_noise
-    from trainer.job.signals import install_worker_handlers
 
     quiet_known_noise()  # the controller's lines too
     install_worker_handlers()
@@ -177,8 +176,6 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from trainer.job.console import quiet_known_noise
-
     quiet_known_noise()  # before fit(): Ray Train reads its switches in the driver
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -224,8 +221,6 @@ def setup_worker_process(use_gpu: bool, threads: int) -> None:
     import warnings
 
     import torch
-
-    from trainer.job.console import quiet_known_noise
 
     quiet_known_noise()
     if not use_gpu:

@@ -19,6 +19,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.model.build import grow_vocab
+from trainer.model.hybrid_embedding import Adapter, hybrid_embedding
 
 EXPORT_META = "export.json"
 
@@ -73,9 +75,6 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
     The user-state adapter is rebuilt when the export has one (user_projector.safetensors)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.model.build import grow_vocab
-    from trainer.model.hybrid_embedding import Adapter, hybrid_embedding
 
     tok = AutoTokenizer.from_pretrained(os.path.join(export_dir, "tokenizer"))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)

@@ -27,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.model.kernels.cpu import load_library
 from trainer.model.kernels.reference import inject_reference
+from trainer.model.kernels.triton_kernels import inject_backward_triton, inject_forward_triton
 
 _loaded = False
 _LIB = None  # the Python-side registrations (kept alive for the process)
@@ -60,14 +62,12 @@ def _same_device(op: str, **tensors: Tensor) -> None:
 
 
 def _inject_cuda(token_ids, weight, slot_map, behaviour, padding_idx):
-    from trainer.model.kernels.triton_kernels import inject_forward_triton
 
     _same_device("inject", token_ids=token_ids, weight=weight, slot_map=slot_map, behaviour=behaviour)
     return inject_forward_triton(token_ids.contiguous(), weight.contiguous(), slot_map.contiguous(), behaviour.contiguous())
 
 
 def _inject_backward_cuda(grad, token_ids, slot_map, num_rows, vocab, padding_idx, weight_grad):
-    from trainer.model.kernels.triton_kernels import inject_backward_triton
 
     _same_device("inject_backward", grad=grad, token_ids=token_ids, slot_map=slot_map)
     return inject_backward_triton(grad.contiguous(), token_ids.contiguous(), slot_map.contiguous(), num_rows, vocab,
@@ -92,7 +92,6 @@ def load() -> None:
     global _loaded, _LIB
     if _loaded:
         return
-    from trainer.model.kernels.cpu import load_library
 
     load_library()
     _LIB = torch.library.Library("llmrec", "IMPL")

@@ -9,54 +9,19 @@
 - the SASRec paper's protocol: the target against 100 negatives drawn uniformly from the items the
   user has not interacted with (history and target excluded); HR@10 and NDCG@10
 
-Scorers: any SRec (`scores(history, lengths)`), plus the popularity and random baselines below.
+Scorers: any SRec (`pad`, `scores(history, lengths)`), or the popularity and random baselines of
+trainer/evaluation/ranking.py, which also ranks and computes HR and NDCG for every protocol here.
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
-from trainer.model.srec.common import left_pad
+from trainer.evaluation.ranking import ranking_metrics, target_ranks
 
 KS = (1, 5, 10, 20)
-
-
-class Popularity:
-    """Scores every item by its number of occurrences as a training target or in a training history."""
-
-    def __init__(self, train_samples: list[dict], num_items: int):
-        counts = np.zeros(num_items)
-        for s in train_samples:
-            counts[s["target"]] += 1
-        self.counts = torch.as_tensor(counts, dtype=torch.float32)
-        self.num_items, self.max_len = num_items, 10
-
-    def pad(self, histories):
-        return left_pad(histories, self.max_len, self.num_items)
-
-    def scores(self, history, lengths):
-        return self.counts.expand(len(history), -1)
-
-
-class Random:
-    def __init__(self, num_items: int, seed: int = 0):
-        self.num_items, self.max_len = num_items, 10
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def pad(self, histories):
-        return left_pad(histories, self.max_len, self.num_items)
-
-    def scores(self, history, lengths):
-        return torch.rand(len(history), self.num_items, generator=self.gen)
-
-
-def _rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target: the number of items scored strictly higher."""
-    t = scores.gather(1, targets[:, None])
-    return (scores > t).sum(1)
 
 
 def protocol(mask_history: bool) -> str:
@@ -67,13 +32,14 @@ def protocol(mask_history: bool) -> str:
 @torch.no_grad()
 def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[int]] | None = None,
              seed: int = 0, batch_size: int = 512, n_sampled: int = 100, mask_history: bool = True) -> dict:
+    """Every protocol of this module for `scorer` (an SRec, or a baseline of trainer/evaluation/ranking.py)
+    on the samples; ranks and metrics by trainer/evaluation/ranking.py (its tie rule: over the catalogue a
+    tie counts against the target for lower item ids; among sampled negatives the target is listed first)."""
     if hasattr(scorer, "eval"):
         scorer.eval()
     rng = np.random.default_rng([seed, 100])
-    sums = {f"hr@{k}": 0.0 for k in KS} | {f"ndcg@{k}": 0.0 for k in KS}
-    sums |= {"cand20_hr@1": 0.0, "sampled100_hr@10": 0.0, "sampled100_ndcg@10": 0.0}
-    n = len(samples)
-    for i in range(0, n, batch_size):
+    full_ranks, cand_ranks, sampled_ranks = [], [], []
+    for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         x, lengths = scorer.pad([s["history"] for s in chunk])
         scores = scorer.scores(x, lengths).float()
@@ -83,18 +49,15 @@ def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[
             full = scores.clone()
             for b, s in enumerate(chunk):
                 full[b, list(s["history"])] = float("-inf")
-        rank = _rank(full, targets)
+        rank = target_ranks(full, targets)
         if mask_history:  # a target that is in its own history is never hit (its score is -inf)
             rank = torch.where(full.gather(1, targets[:, None]).squeeze(1) == float("-inf"), num_items, rank)
-        for k in KS:
-            hit = rank < k
-            sums[f"hr@{k}"] += hit.sum().item()
-            sums[f"ndcg@{k}"] += (hit.float() / torch.log2(rank.float() + 2)).sum().item()
+        full_ranks.append(rank)
         if candidates is not None:
             cand = torch.as_tensor(candidates[i:i + batch_size])
-            cs = scores.gather(1, cand)
-            best = cand.gather(1, cs.argmax(1, keepdim=True)).squeeze(1)
-            sums["cand20_hr@1"] += (best == targets).sum().item()
+            present = (cand == targets[:, None]).any(1)
+            r = target_ranks(scores.gather(1, cand), (cand == targets[:, None]).long().argmax(1))
+            cand_ranks.append(torch.where(present, r, cand.shape[1]))  # a target missing from its candidates: no hit
         for b, s in enumerate(chunk):  # SASRec's protocol: 100 negatives the user never touched
             seen = set(s["history"]) | {s["target"]}
             want = min(n_sampled, num_items - len(seen))  # a tiny catalogue has fewer than 100 to offer
@@ -106,14 +69,19 @@ def evaluate(scorer, samples: list[dict], num_items: int, candidates: list[list[
                         seen.add(c)
                         if len(neg) == want:
                             break
-            r = int((scores[b, neg] > scores[b, s["target"]]).sum())
-            if r < 10:
-                sums["sampled100_hr@10"] += 1
-                sums["sampled100_ndcg@10"] += 1 / math.log2(r + 2)
-    out = {k: v / n if n else 0.0 for k, v in sums.items()}
-    if candidates is None:
-        out.pop("cand20_hr@1")
-    out["samples"] = n
+            sampled = scores[b, [s["target"], *neg]][None]
+            sampled_ranks.append(target_ranks(sampled, torch.zeros(1, dtype=torch.long)))
+
+    def ranks(parts):
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    full_m = ranking_metrics(ranks(full_ranks), hr_at=KS, ndcg_at=KS)
+    out = {k: v for k, v in full_m.items() if k != "samples"}
+    if candidates is not None:
+        out["cand20_hr@1"] = ranking_metrics(ranks(cand_ranks), hr_at=(1,), ndcg_at=())["hr@1"]
+    sampled_m = ranking_metrics(ranks(sampled_ranks), hr_at=(10,), ndcg_at=(10,))
+    out["sampled100_hr@10"], out["sampled100_ndcg@10"] = sampled_m["hr@10"], sampled_m["ndcg@10"]
+    out["samples"] = len(samples)
     out["full_ranking"] = protocol(mask_history)
     return out
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.model.srec import SRec, build_srec
+from trainer.model.srec import ARCHS, SRec, build_srec
 from trainer.model.srec.metrics import KS, evaluate, protocol
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,6 @@ def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str =
                         stop_metric: str = "ndcg@10", **_) -> None:
     """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
     the data build, so a typo costs seconds, not the build); a ValueError names the key."""
-    from trainer.model.srec import ARCHS
-
     if arch not in ARCHS:
         raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
     if init not in INITS:
