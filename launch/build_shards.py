@@ -17,10 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.schema import ConfigError, load_config, to_dict  # noqa: E402
-from shards.build import load_source, write_shards  # noqa: E402
-from shards.ctr import make_samples, manifest_params  # noqa: E402
-from shards.readers import read_profiles  # noqa: E402
+from configs.schema import ConfigError, load_config  # noqa: E402
+from shards.build import build_shards, load_source  # noqa: E402
 from trainer.job.ray_cluster import connect  # noqa: E402
 
 
@@ -40,7 +38,6 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         p.exit(2, f"error: {e}\n")
-    data_cfg = to_dict(cfg.data)
     workers = args.workers
     if args.ray:
         import ray  # only with --ray: a local build starts no Ray
@@ -50,16 +47,11 @@ def main(argv=None) -> None:
         except ValueError as e:
             p.exit(2, f"error: {e}\n")
         workers = workers or int(ray.cluster_resources().get("CPU", 1))
-    items, splits, stats = load_source(data_cfg, cfg.seed)
+    items, splits, stats = load_source(cfg.data, cfg.seed)
     # SUBR (data.ctr.retrieval=subr, ReiT, data.retrieval.hybrid) embeds items with the LLM at --tokenizer
-    splits = make_samples(data_cfg, splits, items, cfg.seed, args.tokenizer, os.path.join(args.out, "item_emb"))
-    wants_profiles = data_cfg["task"] == "ctr" and data_cfg["ctr"]["profile"]
-    profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
-    manifest = write_shards(items, splits, args.tokenizer, args.out, num_candidates=data_cfg["num_candidates"],
-                            max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
-                            workers=workers, stats=stats, progress=True, user_token=data_cfg["user_token"],
-                            task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
-                            domain=data_cfg["domain"], ray_tasks=args.ray)
+    manifest = build_shards(cfg.data, cfg.seed, items, splits, stats, args.tokenizer, args.out, llm_dir=args.tokenizer,
+                            cache_dir=os.path.join(args.out, "item_emb"), workers=workers, progress=True,
+                            ray_tasks=args.ray)
     print(json.dumps(manifest["stats"], indent=1))
 
 

@@ -55,11 +55,10 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data_cfg = to_dict(cfg.data)
-    items, splits, _stats = load_source(data_cfg, cfg.seed)
+    items, splits, _stats = load_source(cfg.data, cfg.seed)
     num_items = len(items)
     test = [s for s in splits.get(args.split, []) if s["history"]]
-    cands = [sample_candidates(s, num_items, data_cfg["num_candidates"], cfg.seed, args.split) for s in test]
+    cands = [sample_candidates(s, num_items, cfg.data.num_candidates, cfg.seed, args.split) for s in test]
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     try:

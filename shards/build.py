@@ -1,6 +1,8 @@
 """Raw interactions -> LLaRA samples -> tokenized webdataset tar shards + manifest.json.
 
-    load_source(data_cfg, seed) -> make_samples (shards/ctr.py) -> write_shards(items, splits, tokenizer_dir, out_dir, ...)
+    items, splits, stats = load_source(data, seed)        # data: the config's data section
+    build_shards(data, seed, items, splits, stats, tokenizer_dir, out_dir, llm_dir=..., cache_dir=..., workers=...)
+        = make_samples (shards/ctr.py: CTR labels, SUBR) + write_shards(items, splits, tokenizer_dir, out_dir, ...)
 
 as `python launch/build_shards.py` runs them (and launch/train.py, through trainer/data/prepare.py).
 
@@ -39,14 +41,16 @@ import sys
 import numpy as np
 import webdataset as wds
 
+from configs.schema import Data
 from shards import readers
-from shards.ctr import pool_len
+from shards.ctr import make_samples, manifest_params, pool_len
 from shards.interactions import as_table
 from shards.prompts import (CTR_TEMPLATES, check_domain, check_placeholder_tokens, templates, tokenize_ctr,
-    tokenize_llara)
+                            tokenize_llara)
 from shards.samples import (SPLIT_SCHEMES, SPLITS, _SPLIT_CODE, build_vocab, global_time_split, kcore_filter,
-    leave_one_out, sample_candidates, user_sequences, user_split)
-from shards.synthetic import SyntheticConfig, generate
+                            leave_one_out, sample_candidates, user_sequences, user_split)
+from shards.readers import read_profiles
+from shards.synthetic import generate
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -83,22 +87,21 @@ def _write_shard(f, records: list[dict]) -> None:
     writer.close()
 
 
-def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
+def load_source(data: Data, seed: int) -> tuple[list, dict, dict]:
     """Read the configured raw data and split it. Returns (items, splits, stats)."""
-    src, path = data_cfg["source"], data_cfg["path"]
+    src, path = data.source, data.path
     if src == "llara":
         items, splits = readers.read_llara_processed(path)
         return items, splits, {"source": src}
     if src == "synthetic":
-
-        interactions, items = generate(SyntheticConfig(seed=seed, **data_cfg["synthetic"]))
+        interactions, items = generate(data.synthetic, seed)
     else:
         if not path:
             raise ValueError(f"data.source={src!r} needs data.path")
         read = {"ml-100k": readers.read_movielens_100k, "ml-1m": readers.read_movielens_1m,
                 "lastfm": readers.read_lastfm, "sequences": readers.read_sequences}
         if src == "generic":
-            raw = readers.read_generic(path, data_cfg["items_path"])
+            raw = readers.read_generic(path, data.items_path)
         elif src in read:
             raw = read[src](path)
         else:
@@ -107,12 +110,12 @@ def load_source(data_cfg, seed: int) -> tuple[list, dict, dict]:
         del raw  # the table below is then the only copy
     interactions = as_table(interactions)  # numpy columns (shards/interactions.py): 16-32 bytes an interaction
     n_raw = len(interactions)
-    interactions = kcore_filter(interactions, data_cfg["kcore"])
+    interactions = kcore_filter(interactions, data.kcore)
     vocab = build_vocab(interactions, items)
     n_kept = len(interactions)
 
-    h = pool_len(data_cfg)  # history_len, or longer when SUBR picks the prompt's history from a pool
-    split = data_cfg["split"]
+    h = pool_len(data)  # history_len, or longer when SUBR picks the prompt's history from a pool
+    split = data.split
     if split == "time":
         splits = global_time_split(interactions, vocab["dense"], h)
     else:
@@ -511,3 +514,16 @@ def check_manifest(data_dir: str, manifest: dict, tokenizer_dir: str, verify_sha
             raise FileNotFoundError(f"shard {path} is listed in the manifest but missing")
         if verify_sha and sha256_file(path) != shard["sha256"]:
             raise ValueError(f"shard {path} does not match its sha256 in the manifest (corrupt or truncated)")
+
+
+def build_shards(data: Data, seed: int, items, splits: dict, stats: dict, tokenizer_dir: str, out_dir: str, *,
+                 llm_dir: str, cache_dir: str, workers: int, progress: bool = False, ray_tasks: bool = False) -> dict:
+    """The shards of the config's data section from load_source's output: the prompt samples (with SUBR's
+    item vectors, computed with the LLM at llm_dir or read from cache_dir, where retrieval is on), the
+    users' profiles for CTR prompts, then write_shards. Returns the manifest."""
+    samples = make_samples(data, splits, items, seed, llm_dir, cache_dir)
+    profiles = read_profiles(data.source, data.path) if data.task == "ctr" and data.ctr.profile else {}
+    return write_shards(items, samples, tokenizer_dir, out_dir, num_candidates=data.num_candidates, max_len=data.max_len,
+                        samples_per_shard=data.samples_per_shard, seed=seed, workers=workers, stats=stats,
+                        progress=progress, user_token=data.user_token, task=data.task, profiles=profiles,
+                        extra_params=manifest_params(data), domain=data.domain, ray_tasks=ray_tasks)

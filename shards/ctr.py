@@ -34,8 +34,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from configs.schema import Data, Retrieval
 from shards.retrieval import (cached_item_embeddings, l2_normalize, model_fingerprint, pca,
-    read_cached_item_embeddings, retrieve)
+                              read_cached_item_embeddings, retrieve)
 
 log = logging.getLogger(__name__)
 
@@ -174,92 +175,88 @@ def few_shot(rows: list[dict], n: int, seed: int) -> list[dict]:
     return [rows[i] for i in pick]
 
 
-def needs_retrieval(data_cfg: dict) -> bool:
-    ctr = data_cfg["ctr"]
-    return bool(data_cfg["task"] == "ctr" and (ctr["retrieval"] == "subr" or ctr["reit"])
-                or data_cfg["retrieval"]["hybrid"])
+def needs_retrieval(data: Data) -> bool:
+    """SUBR's item vectors are needed: CTR with SUBR or ReiT, or retrieval-enhanced hybrid prompts."""
+    return bool(data.task == "ctr" and (data.ctr.retrieval == "subr" or data.ctr.reit) or data.retrieval.hybrid)
 
 
-def pool_len(data_cfg: dict) -> int:
+def pool_len(data: Data) -> int:
     """History length the split keeps before the prompt's K are chosen."""
-    k = data_cfg["history_len"]
-    return max(k, int(data_cfg["retrieval"]["pool_len"])) if needs_retrieval(data_cfg) else k
+    return max(data.history_len, data.retrieval.pool_len) if needs_retrieval(data) else data.history_len
 
 
-def build_samples(data_cfg: dict, splits: dict, seed: int, item_vecs=None) -> dict:
-    """The prompt samples of every split from the source's splits (histories up to pool_len(data_cfg))."""
-    k, task, retrieval = data_cfg["history_len"], data_cfg["task"], data_cfg["retrieval"]
-    if task == "llara":
-        if not retrieval["hybrid"]:
+def build_samples(data: Data, splits: dict, seed: int, item_vecs=None) -> dict:
+    """The prompt samples of every split from the source's splits (histories up to pool_len(data))."""
+    k, retrieval = data.history_len, data.retrieval
+    if data.task == "llara":
+        if not retrieval.hybrid:
             return splits
-        return {s: Retrieved(with_history(rows), item_vecs, k, retrieval["order"], query="last") for s, rows in splits.items()}
-    if task not in TASKS:
-        raise ValueError(f"data.task={task!r}: expected llara or ctr")
-    ctr = data_cfg["ctr"]
-    if ctr["retrieval"] not in CTR_RETRIEVALS:
-        raise ValueError(f"data.ctr.retrieval={ctr['retrieval']!r}: expected none or subr")
-    subr = ctr["retrieval"] == "subr" or retrieval["hybrid"]
-    labelled = label_samples(splits, float(ctr["threshold"]), k)
+        return {s: Retrieved(with_history(rows), item_vecs, k, retrieval.order, query="last") for s, rows in splits.items()}
+    if data.task not in TASKS:
+        raise ValueError(f"data.task={data.task!r}: expected llara or ctr")
+    ctr = data.ctr
+    if ctr.retrieval not in CTR_RETRIEVALS:
+        raise ValueError(f"data.ctr.retrieval={ctr.retrieval!r}: expected none or subr")
+    subr = ctr.retrieval == "subr" or retrieval.hybrid
+    labelled = label_samples(splits, float(ctr.threshold), k)
     out = {}
     for split, rows in labelled.items():
         if split == "train":
-            rows = few_shot(rows, int(ctr["few_shot"]), seed)
-            if ctr["reit"]:
-                out[split] = Interleaved(Mapped(rows, lambda s: recent(s, k)), Retrieved(rows, item_vecs, k, retrieval["order"]))
+            rows = few_shot(rows, int(ctr.few_shot), seed)
+            if ctr.reit:
+                out[split] = Interleaved(Mapped(rows, lambda s: recent(s, k)), Retrieved(rows, item_vecs, k, retrieval.order))
                 continue
-        out[split] = Retrieved(rows, item_vecs, k, retrieval["order"]) if subr else Mapped(rows, lambda s: recent(s, k))
+        out[split] = Retrieved(rows, item_vecs, k, retrieval.order) if subr else Mapped(rows, lambda s: recent(s, k))
     return out
 
 
-def cached_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
+def cached_embeddings(retrieval: Retrieval, items, llm_dir: str, cache_dir: str, model_id: str | None = None):
     """The items' LLM embeddings [N, H] when cache_dir already holds them for this LLM and
     data.retrieval's template, pooling and dtype, else None. model_id: model_fingerprint(llm_dir), if known."""
-    retrieval = data_cfg["retrieval"]
-    return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items,
-                                       pooling=retrieval["pooling"], dtype=retrieval["dtype"])
+    return read_cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval.template, items,
+                                       pooling=retrieval.pooling, dtype=retrieval.dtype)
 
 
-def item_embeddings(data_cfg: dict, items, llm_dir: str, cache_dir: str, model_id: str | None = None, device=None):
+def item_embeddings(retrieval: Retrieval, items, llm_dir: str, cache_dir: str, model_id: str | None = None,
+                    device=None):
     """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there with
     the LLM's weights in data.retrieval.dtype (pooled in float32). Under torch.distributed every rank
     calls this and embeds its slice (shards/retrieval.py)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when embeddings are computed
 
-    retrieval = data_cfg["retrieval"]
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, retrieval["dtype"])).to(device or "cpu")
-    return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval["template"], items, model,
-                                  tok, batch_size=int(retrieval["batch_size"]), pooling=retrieval["pooling"],
-                                  dtype=retrieval["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, retrieval.dtype)).to(device or "cpu")
+    return cached_item_embeddings(cache_dir, model_id or model_fingerprint(llm_dir), retrieval.template, items, model,
+                                  tok, batch_size=int(retrieval.batch_size), pooling=retrieval.pooling,
+                                  dtype=retrieval.dtype)
 
 
-def item_vectors(data_cfg: dict, items, llm_dir: str, cache_dir: str):
+def item_vectors(retrieval: Retrieval, items, llm_dir: str, cache_dir: str):
     """SUBR's unit item vectors [N, dim] from the LLM at llm_dir (cached in cache_dir; the LLM is
     loaded only when the cache misses)."""
     model_id = model_fingerprint(llm_dir)
-    emb = cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)
+    emb = cached_embeddings(retrieval, items, llm_dir, cache_dir, model_id)
     if emb is None:
-        emb = item_embeddings(data_cfg, items, llm_dir, cache_dir, model_id)
-    dim = int(data_cfg["retrieval"]["pca_dim"])
-    log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, dim)
-    return l2_normalize(pca(emb, dim))
+        emb = item_embeddings(retrieval, items, llm_dir, cache_dir, model_id)
+    log.info("SUBR: %d item embeddings of size %d, PCA to %d", *emb.shape, retrieval.pca_dim)
+    return l2_normalize(pca(emb, retrieval.pca_dim))
 
 
-def make_samples(data_cfg: dict, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:
+def make_samples(data: Data, splits: dict, items, seed: int, llm_dir: str, cache_dir: str) -> dict:
     """build_samples with the item vectors computed (or read from cache) only when retrieval is on."""
-    vecs = item_vectors(data_cfg, items, llm_dir, os.path.abspath(cache_dir)) if needs_retrieval(data_cfg) else None
-    return build_samples(data_cfg, splits, seed, vecs)
+    vecs = item_vectors(data.retrieval, items, llm_dir, os.path.abspath(cache_dir)) if needs_retrieval(data) else None
+    return build_samples(data, splits, seed, vecs)
 
 
-def manifest_params(data_cfg: dict) -> dict:
+def manifest_params(data: Data) -> dict:
     """What the manifest records about CTR sampling and retrieval; {} for the default (LLaRA, no
     retrieval), so its manifest and config hash stay as they were."""
     out = {}
-    if data_cfg["task"] == "ctr":
-        out["ctr"] = dict(data_cfg["ctr"])
-    if needs_retrieval(data_cfg):
-        out["retrieval"] = dict(data_cfg["retrieval"])
+    if data.task == "ctr":
+        out["ctr"] = dict(data.ctr)
+    if needs_retrieval(data):
+        out["retrieval"] = dict(data.retrieval)
         if out["retrieval"]["dtype"] == "float32":  # as before the key existed: the same config hash
             del out["retrieval"]["dtype"]
     return out

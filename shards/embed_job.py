@@ -23,17 +23,16 @@ import ray.train.torch
 import torch
 from omegaconf import OmegaConf
 
-from configs.schema import to_dict
+from configs.schema import Retrieval, to_dict
 from shards.ctr import cached_embeddings, item_embeddings
 from shards.retrieval import cache_entry, gather_rows, model_fingerprint, shard_bounds
 
 log = logging.getLogger(__name__)
 
 
-def report_path(data_cfg: dict, items, cache_dir: str, model_id: str) -> str:
+def report_path(retrieval: Retrieval, items, cache_dir: str, model_id: str) -> str:
     """The workers' report beside the cache file of these embeddings."""
-    retrieval = data_cfg["retrieval"]
-    path, _, _ = cache_entry(cache_dir, model_id, retrieval["template"], items, retrieval["pooling"], dtype=retrieval["dtype"])
+    path, _, _ = cache_entry(cache_dir, model_id, retrieval.template, items, retrieval.pooling, dtype=retrieval.dtype)
     return path.removesuffix(".safetensors") + ".workers.json"
 
 
@@ -44,16 +43,16 @@ def embed_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # this worker's GPU with train.use_gpu (Ray made it the default), else CPU
-    data_cfg, items = to_dict(cfg.data), config["items"]
+    retrieval, items = cfg.data.retrieval, config["items"]
     start = time.time()
-    item_embeddings(data_cfg, items, config["llm_dir"], config["cache_dir"], config["model_id"], device)
+    item_embeddings(retrieval, items, config["llm_dir"], config["cache_dir"], config["model_id"], device)
     lo, hi = shard_bounds(len(items), rank, world)
     mine = torch.tensor([[rank, lo, hi, os.getpid(), round((time.time() - start) * 1000)]])
     every = gather_rows(mine, world)  # [world, 5]: of `world` rows, rank r's slice is row r
     if rank == 0:
         ranks = [{"rank": r, "first": first, "last": end - 1, "items": end - first, "pid": pid, "seconds": ms / 1000}
                  for r, first, end, pid, ms in every.tolist()]
-        with open(report_path(data_cfg, items, config["cache_dir"], config["model_id"]), "w") as f:
+        with open(report_path(retrieval, items, config["cache_dir"], config["model_id"]), "w") as f:
             json.dump({"items": len(items), "workers": world, "model": config["model_id"], "ranks": ranks}, f, indent=1)
 
 
@@ -63,9 +62,9 @@ def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str, *, run_on_workers
     report (which rank embedded which items), or None when the cache already held them: no job.
     run_on_workers(fn, config, workers, cpus_per_worker, use_gpu, storage_path=, name=) runs the job
     (trainer/job/ray_cluster.py's, with Ray already connected)."""
-    data_cfg, cache_dir = to_dict(cfg.data), os.path.abspath(cache_dir)
+    retrieval, cache_dir = cfg.data.retrieval, os.path.abspath(cache_dir)
     model_id = model_fingerprint(llm_dir)
-    if cached_embeddings(data_cfg, items, llm_dir, cache_dir, model_id) is not None:
+    if cached_embeddings(retrieval, items, llm_dir, cache_dir, model_id) is not None:
         log.info("item embeddings: found in the cache %s", cache_dir)
         return None
     train_cfg = cfg.train
@@ -73,7 +72,7 @@ def embed_on_workers(cfg, items, llm_dir: str, cache_dir: str, *, run_on_workers
     run_on_workers(embed_worker, {"cfg": to_dict(cfg), "items": items, "llm_dir": os.path.abspath(llm_dir),
                                   "cache_dir": cache_dir, "model_id": model_id},
                    train_cfg.num_workers, train_cfg.cpus_per_worker, train_cfg.use_gpu, storage_path=os.path.join(cache_dir, "ray"), name="embed")
-    with open(report_path(data_cfg, items, cache_dir, model_id)) as f:
+    with open(report_path(retrieval, items, cache_dir, model_id)) as f:
         report = json.load(f)
     for w in report["ranks"]:
         log.info("item embeddings: worker %d (pid %d) embedded items %d..%d (%d items) in %.1f s, loading the LLM included",

@@ -19,14 +19,15 @@ did not learn in 600 steps; a one-item first word makes it a per-item lookup. An
 LLM must attend to the one most recent item, while under "taste" every history item says the same.
 
 Output is the generic raw form the shard builder reads: an interactions table
-(user, item, rating, timestamp) and an items table (item, title, genre).
+(user, item, rating, timestamp) and an items table (item, title, genre). The settings are the config's
+data.synthetic section (their defaults: configs/llara_default.yaml), the generator seeded by `seed`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from configs.schema import Synthetic
 
 ADJECTIVES = (
     "Silver Golden Hidden Broken Silent Crimson Frozen Burning Distant Lonely Wild Secret Last "
@@ -41,20 +42,6 @@ NOUNS = (
 GENRES = "Action Adventure Comedy Drama Fantasy Horror Mystery Romance Sci-Fi Thriller Western".split()
 PATTERNS = ("taste", "chain")  # data.synthetic.pattern
 TITLE_KINDS = ("unique", "pairs")  # data.synthetic.titles
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    num_users: int = 500
-    num_items: int = 300
-    num_clusters: int = 10
-    min_seq_len: int = 15
-    max_seq_len: int = 30
-    p_follow: float = 0.9
-    zipf_a: float = 1.2
-    pattern: str = "taste"     # taste | chain (see above)
-    titles: str = "unique"     # unique | pairs (see above)
-    seed: int = 0
 
 
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
@@ -77,13 +64,13 @@ def make_titles(num_items: int, rng: np.random.Generator) -> list[str]:
     return [f"{pairs[i][0]} {pairs[i][1]}" for i in chosen]
 
 
-def generate(cfg: SyntheticConfig) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, str, str]]]:
+def generate(cfg: Synthetic, seed: int) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, str, str]]]:
     """Return (interactions, items). interactions: (user, item, rating, timestamp), time-ordered per user."""
     if cfg.pattern not in PATTERNS:
         raise ValueError(f"data.synthetic.pattern={cfg.pattern!r}: expected taste or chain")
     if cfg.titles not in TITLE_KINDS:
         raise ValueError(f"data.synthetic.titles={cfg.titles!r}: expected unique or pairs")
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     titles = make_unique_titles(cfg.num_items, rng) if cfg.titles == "unique" else make_titles(cfg.num_items, rng)
     genres = rng.choice(GENRES, size=cfg.num_items)
     cluster_of = rng.integers(0, cfg.num_clusters, size=cfg.num_items)

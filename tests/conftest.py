@@ -260,3 +260,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"SLURM, munge and Ray daemons left by the suite: {len(left)}")
     for pid, cmd in sorted(left.items()):
         terminalreporter.write_line(f"  pid {pid}: {cmd}")
+
+
+def synthetic(**settings):
+    """The default data.synthetic section (configs/llara_default.yaml) with `settings` over it, unchecked
+    (shards/synthetic.py's own checks then speak)."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import DEFAULT
+
+    return OmegaConf.merge(OmegaConf.load(DEFAULT).data.synthetic, settings)

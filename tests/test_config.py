@@ -70,7 +70,7 @@ def test_llara_lastfm_preset_data_fit_its_srec():
     from shards.build import load_source
     from trainer.model.srec.llara_import import load_llara_sasrec
 
-    items, splits, _ = load_source({**cfg.data, "path": os.path.join(REPO, cfg.data.path)}, cfg.seed)
+    items, splits, _ = load_source(OmegaConf.merge(cfg.data, {"path": os.path.join(REPO, cfg.data.path)}), cfg.seed)
     srec = load_llara_sasrec(os.path.join(REPO, cfg.srec.path))
     assert len(items) == srec.num_items == 4606 and len(splits["train"]) > 0
     train = cfg.train

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from shards.ctr import build_samples, few_shot, label_samples, pool_len
@@ -24,8 +25,8 @@ DENSE = {i: i - 10 for i in range(10, 16)}
 
 def _cfg(**ctr):
     c = {"threshold": 4.0, "retrieval": "none", "reit": False, "few_shot": -1, "profile": True, **ctr}
-    return {"task": "ctr", "history_len": 2, "ctr": c,
-            "retrieval": {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie"}}
+    return OmegaConf.create({"task": "ctr", "history_len": 2, "ctr": c,
+                             "retrieval": {"hybrid": False, "pool_len": 50, "order": "sequential", "template": "movie"}})
 
 
 def _vecs():
@@ -133,7 +134,7 @@ def test_few_shot_is_seeded_and_deterministic():
 
 
 def test_retrieval_hybrid_next_item_queries_the_last_item():
-    d = {"task": "llara", "history_len": 2, "retrieval": {"hybrid": True, "pool_len": 5, "order": "sequential"}}
+    d = OmegaConf.create({"task": "llara", "history_len": 2, "retrieval": {"hybrid": True, "pool_len": 5, "order": "sequential"}})
     splits = {"train": [{"user": 1, "history": [0, 1, 2, 4], "target": 5, "position": 4}]}
     out = build_samples(d, splits, seed=0, item_vecs=_vecs())
     assert out["train"][0]["history"] == [0, 4] and out["train"][0]["target"] == 5
@@ -156,8 +157,7 @@ def test_ml100k_ctr_samples(tmp_path):
     from shards.readers import read_profiles
     from configs.schema import load_config, to_dict
 
-    d = to_dict(load_config(None, ["data.source=ml-100k", f"data.path={ML100K}", "data.split=time",
-                                   "data.task=ctr"]).data)
+    d = load_config(None, ["data.source=ml-100k", f"data.path={ML100K}", "data.split=time", "data.task=ctr"]).data
     items, splits, _ = load_source(d, 0)
     out = build_samples(d, splits, seed=0)
     n = sum(len(v) for v in out.values())

@@ -109,8 +109,7 @@ def test_the_same_tokenizer_builds_game_shards_with_the_user_token(artist_run, t
     from trainer.model.tiny import build_tokenizer
 
     cfg, _ = artist_run
-    d = to_dict(cfg.data)
-    items, splits, stats = load_source(d, cfg.seed)
+    items, splits, stats = load_source(cfg.data, cfg.seed)
     tok_dir = str(tmp_path / "llm")
     build_tokenizer([" " + t for _, t, _ in items] + list(templates(True, "game")), 500, tok_dir, user_token=True)
     m = write_shards(items, splits, tok_dir, str(tmp_path / "d"), num_candidates=20, max_len=400,

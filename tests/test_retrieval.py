@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from conftest import ray_as_the_product_starts_it
@@ -249,9 +250,9 @@ def test_half_precision_embeddings_have_their_own_cache_entry(tiny_llm, tmp_path
     from shards.ctr import cached_embeddings, item_embeddings
 
     folder, _, _ = tiny_llm
-    d = {"retrieval": {"template": "movie", "pooling": "mean", "batch_size": 2, "dtype": "float32"}}
+    d = OmegaConf.create({"template": "movie", "pooling": "mean", "batch_size": 2, "dtype": "float32"})  # data.retrieval
     full = item_embeddings(d, ITEMS, folder, str(tmp_path))
-    half_d = {"retrieval": dict(d["retrieval"], dtype="bfloat16")}
+    half_d = OmegaConf.merge(d, {"dtype": "bfloat16"})
     assert cached_embeddings(half_d, ITEMS, folder, str(tmp_path)) is None  # not the float32 entry
     half = item_embeddings(half_d, ITEMS, folder, str(tmp_path))
     assert half.dtype == torch.float32 and len(os.listdir(tmp_path)) == 2
@@ -260,7 +261,7 @@ def test_half_precision_embeddings_have_their_own_cache_entry(tiny_llm, tmp_path
     assert torch.equal(cached_embeddings(half_d, ITEMS, folder, str(tmp_path)), half)
     assert torch.equal(cached_embeddings(d, ITEMS, folder, str(tmp_path)), full)
     with pytest.raises(ValueError, match="data.retrieval.dtype='int8': expected one of float32, bfloat16, float16"):
-        cached_embeddings({"retrieval": dict(d["retrieval"], dtype="int8")}, ITEMS, folder, str(tmp_path))
+        cached_embeddings(OmegaConf.merge(d, {"dtype": "int8"}), ITEMS, folder, str(tmp_path))
 
 
 _WORKER = """
@@ -336,7 +337,7 @@ def test_item_embeddings_spread_over_two_ray_workers(tiny_llm, tmp_path, monkeyp
         assert [(w["first"], w["last"], w["items"]) for w in ranks] == [(0, 1, 2), (2, 4, 3)]
         assert len({w["pid"] for w in ranks} | {os.getpid()}) == 3
         # (b) the cache holds what one process embeds alone
-        got = cached_embeddings(to_dict(cfg.data), ITEMS, folder, cache)
+        got = cached_embeddings(cfg.data.retrieval, ITEMS, folder, cache)
         want = embed_items(model, tok, item_texts(ITEMS, "movie"), batch_size=2)
         assert got is not None and got.shape == want.shape == (5, 32)
         assert torch.allclose(got, want, rtol=0, atol=1e-6), (got - want).abs().max()

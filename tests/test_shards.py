@@ -3,12 +3,13 @@ import os
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from conftest import ray_as_the_product_starts_it
+from conftest import ray_as_the_product_starts_it, synthetic
 from shards.build import check_manifest, load_items, load_manifest, load_source, write_shards
 from shards.prompts import CANS_EMB, HISTORY_EMB, PromptTooLong
-from shards.synthetic import SyntheticConfig, generate
+from shards.synthetic import generate
 from trainer.data.loader import meta, read_shard
 
 
@@ -19,7 +20,7 @@ def _build(tok_dir, out, seed=5, workers=1, **kw):
     from configs.schema import load_config, to_dict
 
     # the default data section (load_source reads a full one), a small synthetic set
-    data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
+    data = OmegaConf.merge(load_config().data, {"synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0})
     items, splits, stats = load_source(data, seed)
     params = dict(num_candidates=20, max_len=400, samples_per_shard=200, seed=seed, workers=workers, stats=stats)
     params.update(kw)
@@ -114,7 +115,7 @@ def test_truncated_shard_names_itself(small_run, tmp_path):
 def test_unknown_item_in_interactions_is_named():
     from shards.samples import build_vocab, user_sequences
 
-    inter, items = generate(SyntheticConfig(num_users=10, num_items=60, seed=5))
+    inter, items = generate(synthetic(num_users=10, num_items=60), 5)
     inter = inter + [(0, 999, 5, 10**10)]
     vocab = build_vocab(inter, items)
     with pytest.raises(ValueError, match=f"record {len(inter)} names item 999"):

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO, SHARED_DATA
 from shards.samples import global_time_split, kcore_filter, leave_one_out, sample_candidates, user_split
@@ -144,7 +145,7 @@ def test_movielens_100k_reads_and_splits_as_published():
     from shards.build import load_source
     from configs.schema import load_config, to_dict
 
-    data = {**to_dict(load_config().data), "source": "ml-100k", "path": folder}
+    data = OmegaConf.merge(load_config().data, {"source": "ml-100k", "path": folder})
     items, splits, st = load_source(data, 0)
     assert st["users"] == 943 and len(items) == 1682 and st["interactions"] == 100_000
     assert len(splits["test"]) == len(splits["val"]) == 943
@@ -173,7 +174,7 @@ def test_build_cli_on_ray(small_run, tmp_path):
     assert sum(s["count"] for s in m["shards"]) == st["train_samples"] + 2 * 60
     cfg = load_config(None, data)
     d = to_dict(cfg.data)
-    items, splits, stats = load_source(d, cfg.seed)
+    items, splits, stats = load_source(cfg.data, cfg.seed)
     here = write_shards(items, splits, paths["llm"], str(tmp_path / "here"), num_candidates=d["num_candidates"],
                         max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=1,
                         stats=stats)

@@ -5,10 +5,10 @@ import zipfile
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, synthetic
 from shards.safe_unpickle import UnsafePickle
 from shards.samples import build_vocab, leave_one_out, user_sequences
-from shards.synthetic import SyntheticConfig, generate
+from shards.synthetic import generate
 from trainer.model.srec import ARCHS, build_srec, load_srec, save_srec
 from trainer.model.srec.common import left_pad
 from trainer.evaluation.ranking import Popularity, Random
@@ -20,7 +20,7 @@ TRAINABLE = ["sasrec", "gru4rec", "caser"]
 
 @pytest.fixture(scope="module")
 def synthetic_splits():
-    inter, items = generate(SyntheticConfig(num_users=300, num_items=100, seed=2))
+    inter, items = generate(synthetic(num_users=300, num_items=100), 2)
     vocab = build_vocab(inter, items)
     return leave_one_out(user_sequences(inter, vocab["dense"]), 10)
 

@@ -25,7 +25,7 @@ def stock_folders(tmp_path_factory):
     from trainer.model.stock import stock_folder
 
     cfg = load_config(None, SMALL)
-    items, _, _ = load_source(to_dict(cfg.data), cfg.seed)
+    items, _, _ = load_source(cfg.data, cfg.seed)
     corpus = [" " + title for _, title, _ in items] * 4 + list(templates(False, "movie"))
     root = tmp_path_factory.mktemp("stock")
     return {kind: stock_folder(str(root / kind), kind, corpus, vocab_size=600) for kind in ("llama2", "mistral", "qwen2")}
@@ -73,7 +73,7 @@ def test_shards_built_with_the_stock_tokenizer_name_the_split_placeholder(stock_
     from configs.schema import load_config, to_dict
 
     cfg = load_config(None, STOCK_SMALL)
-    items, splits, _ = load_source(to_dict(cfg.data), cfg.seed)
+    items, splits, _ = load_source(cfg.data, cfg.seed)
     with pytest.raises(ValueError, match=r"has no \[PH\] token \(it splits it into \[.*\]\)"):
         write_shards(items, splits, stock_folders["llama2"], str(tmp_path), num_candidates=20, max_len=512,
                      samples_per_shard=100, seed=0, workers=1)
@@ -127,7 +127,7 @@ def test_a_7b_shaped_build_trains_llaras_parameter_count(tmp_path):
 def test_train_eval_export_on_a_stock_folder(kind, stage, stock_folders, tmp_path):
     """launch/train.py with model.base = the folder, 2 Ray workers, LoRA only, in the GPU's precision (bf16 on
     DeepSpeed's CPU accelerator) at ZeRO stage 2 and 3 (with its end-of-run evaluation, the evaluation code
-    launch/eval.py runs); then the export reloaded with plain transformers + peft (README's lines) gives the
+    launch/eval.py runs); then the export reloaded with plain transformers + peft (docs/runs.md's lines) gives the
     trained model's scores. (launch/eval.py reads a run's base and tokenizer from its stamp,
     trainer/data/prepare.py prepared_paths, checked for every family above.)"""
     out = tmp_path / "run"

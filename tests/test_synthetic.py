@@ -2,13 +2,15 @@ from collections import Counter
 
 import pytest
 
-from shards.synthetic import SyntheticConfig, generate
+from shards.synthetic import generate
+
+from conftest import synthetic
 
 
 def test_deterministic_and_well_formed():
-    cfg = SyntheticConfig(num_users=50, num_items=80, seed=3)
-    a, items = generate(cfg)
-    b, _ = generate(cfg)
+    cfg = synthetic(num_users=50, num_items=80)
+    a, items = generate(cfg, 3)
+    b, _ = generate(cfg, 3)
     assert a == b
     titles = [t for _, t, _ in items]
     assert len(set(titles)) == len(titles) == 80
@@ -23,7 +25,7 @@ def test_deterministic_and_well_formed():
 
 def test_sequences_carry_a_learnable_signal():
     """The most frequent successor of an item is far more predictable than chance."""
-    inter, _ = generate(SyntheticConfig(num_users=300, num_items=60, num_clusters=6, seed=1))
+    inter, _ = generate(synthetic(num_users=300, num_items=60, num_clusters=6), 1)
     seqs = {}
     for u, i, _, _ in inter:
         seqs.setdefault(u, []).append(i)
@@ -45,4 +47,4 @@ def test_sequences_carry_a_learnable_signal():
                                           (dict(num_items=5000), "at most 4900 items have unique titles, asked 5000")])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        generate(SyntheticConfig(num_users=2, **bad))
+        generate(synthetic(num_users=2, **bad), 0)

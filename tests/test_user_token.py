@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 import torch
 from transformers import AutoTokenizer
 
@@ -43,7 +44,7 @@ def _build(tok_dir, out, user_token=False):
     from configs.schema import load_config, to_dict
 
     # the default data section (load_source reads a full one), a small synthetic set
-    data = {**to_dict(load_config().data), "synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0}
+    data = OmegaConf.merge(load_config().data, {"synthetic": SYN, "history_len": 10, "split": "loo", "kcore": 0})
     items, splits, stats = load_source(data, 5)
     return write_shards(items, splits, tok_dir, str(out), num_candidates=20, max_len=400, samples_per_shard=200,
                         seed=5, workers=1, stats=stats, user_token=user_token)
@@ -74,7 +75,7 @@ def test_off_by_default_is_byte_identical_to_llara_only(small_run, tmp_path):
     cfg, paths = small_run
     assert cfg.data.user_token is False
     assert USER_EMB not in AutoTokenizer.from_pretrained(paths["llm"]).get_vocab()
-    items, _, _ = load_source(to_dict(cfg.data), cfg.seed)
+    items, _, _ = load_source(cfg.data, cfg.seed)
     corpus = [" " + t for _, t, _ in items] + list(LLARA_TEMPLATES) + list(CTR_ANSWERS)  # as prepare builds it
     tok = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, str(tmp_path / "llm"))
     assert USER_EMB not in tok.get_vocab()

@@ -1,4 +1,4 @@
-"""Run README's plain transformers + peft lines (the block after <!-- plain-reload -->) on a trained
+"""Run docs/runs.md's plain transformers + peft lines (the block after <!-- plain-reload -->) on a trained
 run's export and compare their hybrid logits with the project's own load_export on the same test
 samples. Prints a JSON line: {"samples", "max_abs_diff"}."""
 
@@ -13,10 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def readme_lines() -> str:
-    with open(os.path.join(REPO, "README.md")) as f:
+    with open(os.path.join(REPO, "docs/runs.md")) as f:
         text = f.read()
     block = re.search(r"<!-- plain-reload -->\n```python\n(.*?)```", text, re.S)
-    assert block, "README.md has no plain-reload block"
+    assert block, "docs/runs.md has no plain-reload block"
     return block.group(1)
 
 

@@ -19,10 +19,9 @@ import os
 from omegaconf import DictConfig
 
 from configs.schema import to_dict
-from shards.build import load_source, write_shards
-from shards.ctr import make_samples, manifest_params, needs_retrieval, pool_len
+from shards.build import build_shards, load_source
+from shards.ctr import needs_retrieval, pool_len
 from shards.prompts import CTR_ANSWERS, CTR_TEMPLATES, templates
-from shards.readers import read_profiles
 from trainer.model.build import prepare_tokenizer
 from trainer.model.srec import load_srec, save_srec
 from trainer.model.srec.llara_import import load_llara_sasrec
@@ -111,13 +110,12 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
         check_stamp(paths, stamp)
         log.info("reusing data and assets in %s", paths["output_dir"])
         return paths
-    data_cfg = to_dict(cfg.data)
-    templates(data_cfg["user_token"], data_cfg["domain"])  # an unknown data.domain stops here, before any work
+    templates(cfg.data.user_token, cfg.data.domain)  # an unknown data.domain stops here, before any work
     if not cfg.srec.path:
         check_pretrain_args(**to_dict(cfg.srec))  # so does a bad srec.* choice (the SRec is trained last)
-    items, splits, stats = load_source(data_cfg, cfg.seed)
+    items, splits, stats = load_source(cfg.data, cfg.seed)
     build_llm(cfg, items, paths)
-    manifest = build_shards(cfg, items, splits, stats, paths, embed)
+    manifest = prepare_shards(cfg, items, splits, stats, paths, embed)
     build_srec(cfg, splits, manifest["num_items"], paths)
     with open(paths["stamp"], "w") as f:
         json.dump(stamp, f, indent=1)
@@ -164,20 +162,13 @@ def build_llm(cfg: DictConfig, items, paths: dict) -> None:
                      tiny.intermediate_size, tiny.max_position_embeddings, cfg.seed)
 
 
-def build_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict, embed) -> dict:
+def prepare_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict, embed) -> dict:
     """Samples -> prompts -> tokenized shards in data/ (SUBR's item embeddings first, if needed); the manifest."""
-    data_cfg = to_dict(cfg.data)
-    if embed is not None and needs_retrieval(data_cfg):
+    if embed is not None and needs_retrieval(cfg.data):
         embed(items, paths["llm"], paths["item_emb"])  # make_samples then finds them in the cache
-    prompt_splits = make_samples(data_cfg, splits, items, cfg.seed, paths["llm"], paths["item_emb"])
-    wants_profiles = data_cfg["task"] == "ctr" and data_cfg["ctr"]["profile"]
-    profiles = read_profiles(data_cfg["source"], data_cfg["path"]) if wants_profiles else {}
     log.info("building shards in %s", paths["data"])
-    manifest = write_shards(items, prompt_splits, paths["tokenizer"], paths["data"], num_candidates=data_cfg["num_candidates"],
-                            max_len=data_cfg["max_len"], samples_per_shard=data_cfg["samples_per_shard"], seed=cfg.seed,
-                            workers=data_cfg["build_workers"], stats=stats, user_token=data_cfg["user_token"],
-                            task=data_cfg["task"], profiles=profiles, extra_params=manifest_params(data_cfg),
-                            domain=data_cfg["domain"])
+    manifest = build_shards(cfg.data, cfg.seed, items, splits, stats, paths["tokenizer"], paths["data"],
+                            llm_dir=paths["llm"], cache_dir=paths["item_emb"], workers=cfg.data.build_workers)
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     return manifest
 
@@ -191,7 +182,7 @@ def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> No
         save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])
     elif not cfg.srec.path:
         history_len = cfg.data.history_len
-        if pool_len(to_dict(cfg.data)) != history_len:
+        if pool_len(cfg.data) != history_len:
             splits = {name: [dict(x, history=x["history"][-history_len:]) for x in rows] for name, rows in splits.items()}
         srec_args = to_dict(cfg.srec)
         srec_args.pop("path")
