@@ -48,18 +48,18 @@ def main():
     run = a.run or tempfile.mkdtemp(prefix="bench_eval_")
     cfg = load_config(None, [f"output_dir={run}"])
     paths = prepare(cfg) if not a.run else run_paths(run)
-    srec = load_srec(paths["srec"]).eval()
-    export = os.path.join(paths["output_dir"], "export")
+    srec = load_srec(paths.srec).eval()
+    export = os.path.join(paths.output_dir, "export")
     if os.path.exists(os.path.join(export, "export.json")):
         source, what = {"export": export}, "the run's export"
     else:
         import json
 
-        with open(paths["stamp"]) as f:
+        with open(paths.stamp) as f:
             source, what = {"zero_shot": True, "config": json.load(f)}, "the untrained model"
     model, embed, tok = load_model_for_eval(source, paths, srec.hidden)
-    titles = load_items(paths["data"])["titles"]
-    samples = split_samples(paths, load_manifest(paths["data"]), "test", a.samples)
+    titles = load_items(paths.data)["titles"]
+    samples = split_samples(paths, load_manifest(paths.data), "test", a.samples)
     gen = lambda chunk: generate(model, embed, srec, chunk, tok, a.max_new_tokens, True, False, "cpu")  # noqa: E731
     score = lambda chunk: candidate_logliks(model, embed, srec, chunk, tok, titles, True, "cpu")  # noqa: E731
     gen(samples[: a.batch]), score(samples[: a.batch])  # warm-up

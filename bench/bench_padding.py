@@ -46,13 +46,13 @@ def build(name: str, out: str, build_workers: int) -> str | None:
         return None
     cfg.data.path = path
     paths = source_paths(cfg.output_dir, None, None)
-    if not os.path.exists(os.path.join(paths["data"], MANIFEST)):
+    if not os.path.exists(os.path.join(paths.data, MANIFEST)):
         t0 = time.perf_counter()
         items, splits, stats = load_source(cfg.data, cfg.seed)
         build_llm(cfg, items, paths)
         prepare_shards(cfg, items, splits, stats, paths, None)
-        print(f"{name}: built shards in {paths['data']} ({time.perf_counter() - t0:.0f} s)")
-    return paths["data"]
+        print(f"{name}: built shards in {paths.data} ({time.perf_counter() - t0:.0f} s)")
+    return paths.data
 
 
 def measure(data_dir: str, shards: list, micro: int, workers: int, accum: int, grouping: int) -> dict:

@@ -42,10 +42,10 @@ def main():
 
     cfg = load_config(None, [f"output_dir={a.out}", *a.overrides])
     paths = prepare(cfg)
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     test = split_samples(paths, manifest, "test", a.eval_samples)
     train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
-    for name, ranks in baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed).items():
+    for name, ranks in baseline_ranks(load_srec(paths.srec), test, train_targets, manifest["num_items"], cfg.seed).items():
         print(f"baseline {name}: HR@1 {ranking_metrics(ranks)['hr@1']:.3f}", flush=True)
     trained = {mode: train_and_rank(cfg, paths, mode, a.steps, broken=a.broken, eval_samples=a.eval_samples)
                for mode in a.modes.split(",")}

@@ -24,6 +24,10 @@ import logging
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the package is imported after the config's checks (main), not here
+    from trainer.data.prepare import RunPaths
 
 log = logging.getLogger("launch.train")
 _LOCK = None  # the output folder's lock file, open for the life of the process
@@ -93,7 +97,7 @@ def check_choices(cfg) -> None:
 
     if cfg.model.base:
         check_base_folder(cfg.model.base)
-    if not os.path.exists(run_paths(cfg.output_dir)["stamp"]):  # a built run folder no longer reads the raw data
+    if not os.path.exists(run_paths(cfg.output_dir).stamp):  # a built run folder no longer reads the raw data
         check_source(cfg.data.source, cfg.data.path, cfg.data.items_path)
     if cfg.srec.path and not os.path.exists(cfg.srec.path):
         raise ValueError(f"srec.path={cfg.srec.path}: no such file or folder")
@@ -150,7 +154,7 @@ def prepare_run(cfg):
     from trainer.job.ray_cluster import run_on_workers
     from trainer.data.prepare import prepare, run_paths
 
-    out = run_paths(cfg.output_dir)["output_dir"]
+    out = run_paths(cfg.output_dir).output_dir
     lock = lock_output_dir(out)
     signals.clear(out)
     signals.install_driver_handlers(out)
@@ -172,10 +176,10 @@ def prepare_run(cfg):
         except NoCompiler as e:
             raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
-    check_resume(cfg, paths["checkpoints"])
+    check_resume(cfg, paths.checkpoints)
 
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
-    check_manifest(paths["data"], load_manifest(paths["data"]), paths["tokenizer"], verify_sha=cfg.data.verify_shards)
+    check_manifest(paths.data, load_manifest(paths.data), paths.tokenizer, verify_sha=cfg.data.verify_shards)
     return out, paths, lock
 
 
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
     workers = (cfg.train.min_workers, cfg.train.num_workers) if cfg.train.min_workers else cfg.train.num_workers
     try:
         run_on_workers(train_worker, {"cfg": to_dict(cfg), "paths": paths}, workers,
-                       cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths["ray"], name="train",
+                       cfg.train.cpus_per_worker, cfg.train.use_gpu, storage_path=paths.ray, name="train",
                        max_failures=cfg.train.max_failures)
     except JobFailed as e:  # no restart can fix it: said once, in one line
         print(f"error: {e}", file=sys.stderr)
@@ -221,17 +225,17 @@ def main(argv=None) -> int:
     return print_outcome(cfg, paths)
 
 
-def print_outcome(cfg, paths: dict) -> int:
+def print_outcome(cfg, paths: RunPaths) -> int:
     """The run's last lines on the console, and the exit code: stopped on request, or the evaluation."""
     from trainer.job import signals
 
-    preempted = os.path.join(paths["output_dir"], signals.PREEMPTED_FILE)
+    preempted = os.path.join(paths.output_dir, signals.PREEMPTED_FILE)
     if os.path.exists(preempted):
         with open(preempted) as f:
             print(f"\nstopped on request after checkpoint {f.read().strip()}; run the same command to resume "
                   f"(exit code {signals.EXIT_PREEMPTED})")
         return signals.EXIT_PREEMPTED
-    metrics_path = os.path.join(paths["eval"], f"final_{cfg.eval.split}", "metrics.json")
+    metrics_path = os.path.join(paths.eval, f"final_{cfg.eval.split}", "metrics.json")
     with open(metrics_path) as f:
         m = json.load(f)
     if "ctr" in m:

@@ -7,9 +7,9 @@ from trainer.data.loader import SplitReader, collate, rank_loader
 
 
 def _readers(paths, world, micro=4, seed=0, accum=1):
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     shards = [s for s in manifest["shards"] if s["split"] == "train"]
-    return [SplitReader(paths["data"], shards, r, world, micro, seed, shuffle=True, grad_accum=accum) for r in range(world)]
+    return [SplitReader(paths.data, shards, r, world, micro, seed, shuffle=True, grad_accum=accum) for r in range(world)]
 
 
 def _keys(batches, fillers=False):

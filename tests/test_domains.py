@@ -87,11 +87,11 @@ def artist_run(tmp_path_factory):
 
 def test_an_artist_config_builds_artist_shards(artist_run):
     cfg, paths = artist_run
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     assert manifest["params"]["templates"] == list(ARTIST_TEMPLATES)
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     shard = next(s for s in manifest["shards"] if s["split"] == "test")
-    samples = list(read_shard(os.path.join(paths["data"], shard["name"])))
+    samples = list(read_shard(os.path.join(paths.data, shard["name"])))
     assert samples
     for s in samples[:10]:
         prompt = tok.decode(s["input_ids"][:s["prompt_len"]], skip_special_tokens=False)
@@ -127,14 +127,14 @@ def test_a_stamp_from_before_the_key_reads_as_movie(artist_run, tmp_path):
     from trainer.data.prepare import prepare
 
     _, paths = artist_run
-    with open(paths["stamp"]) as f:
+    with open(paths.stamp) as f:
         stamp = json.load(f)
     assert stamp["data"]["domain"] == "artist"
     del stamp["data"]["domain"]  # as prepared before data.domain existed: those runs built movie prompts
     out = tmp_path / "old"
     os.makedirs(out / "assets")
     (out / "assets" / "prepare.json").write_text(json.dumps(stamp))
-    assert prepare(load_config(None, [f"output_dir={out}", *TINY]))["output_dir"] == str(out)  # reused
+    assert prepare(load_config(None, [f"output_dir={out}", *TINY])).output_dir == str(out)  # reused
     with pytest.raises(ValueError, match="another data config"):
         prepare(load_config(None, [f"output_dir={out}", *TINY, "data.domain=artist"]))
 
@@ -152,6 +152,6 @@ def test_runtime_keys_may_change_in_a_prepared_folder(tmp_path):
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
     (out / "assets" / "prepare.json").write_text(json.dumps(stamp))
     runtime = ["model.injection=reference", "data.loader_workers=1", "data.verify_shards=false", "data.build_workers=2"]
-    assert prepare(load_config(None, [f"output_dir={out}", *TINY, *runtime]))["output_dir"] == str(out)  # reused
+    assert prepare(load_config(None, [f"output_dir={out}", *TINY, *runtime])).output_dir == str(out)  # reused
     with pytest.raises(ValueError, match="another data config"):
         prepare(load_config(None, [f"output_dir={out}", *TINY, *runtime, "data.history_len=7"]))

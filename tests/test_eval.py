@@ -93,8 +93,8 @@ def test_llaras_test_set_with_llaras_sasrec_as_the_srec(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "eval" / "zero_shot_test" / "metrics.json").read_text())
     assert m["samples"] == 95  # LLaRA's MovieLens test rows (one with an empty history is not among them)
-    samples = split_samples(paths, load_manifest(paths["data"]), "test", -1)
+    samples = split_samples(paths, load_manifest(paths.data), "test", -1)
     rows = [{"history": meta(s)["history"], "target": meta(s)["target"]} for s in samples]
-    want = evaluate(load_srec(paths["srec"]), rows, 1682, [meta(s)["candidates"] for s in samples])
+    want = evaluate(load_srec(paths.srec), rows, 1682, [meta(s)["candidates"] for s in samples])
     assert m["baselines"]["srec"]["hr@1"] == pytest.approx(want["cand20_hr@1"])
     assert m["baselines"]["srec"]["hr@1"] > 2 * m["baselines"]["random"]["hr@1"]  # the released SASRec carries signal

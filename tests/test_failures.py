@@ -93,7 +93,7 @@ def test_a_full_disk_while_checkpointing_ends_the_run_at_once_saying_where_and_h
     ends with exit 1 and one line naming the folder, the space a checkpoint needs and what is free, without
     a restart (train.max_failures=2 would have tried twice more); the part written has no COMPLETE."""
     _, paths = small_run
-    out = copy_prepared(paths["output_dir"], tmp_path / "run")
+    out = copy_prepared(paths.output_dir, tmp_path / "run")
     checkpoints = out / "checkpoints"
     why = _mount_tmpfs(checkpoints, "1m")
     if why:

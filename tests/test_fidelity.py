@@ -64,10 +64,10 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     from trainer.train_loop import step_loss
 
     torch.manual_seed(cfg.seed)
-    manifest = load_manifest(paths["data"])
-    tokenizer = load_tokenizer(paths["llm"])
-    srec = load_srec(paths["srec"]).eval().requires_grad_(False)
-    model, embed = build_llara_model(paths["llm"], srec.hidden, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze),
+    manifest = load_manifest(paths.data)
+    tokenizer = load_tokenizer(paths.llm)
+    srec = load_srec(paths.srec).eval().requires_grad_(False)
+    model, embed = build_llara_model(paths.llm, srec.hidden, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze),
                                      seed=cfg.seed)
     if broken == "adapter_grad":
         embed.adapter.requires_grad_(False)
@@ -79,7 +79,7 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = max(1, int(cfg.train.warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
-    reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], 0, 1, 8, cfg.seed, True)
+    reader = SplitReader(paths.data, [s for s in manifest["shards"] if s["split"] == "train"], 0, 1, 8, cfg.seed, True)
     batches = itertools.chain.from_iterable(reader.rank_batches(epoch) for epoch in itertools.count())
     ph = tokenizer.convert_tokens_to_ids("[PH]")
     model.train()
@@ -94,7 +94,7 @@ def train_and_rank(cfg, paths, mode: str, steps: int = STEPS, broken: str | None
         sched.step()
     train_seconds = time.time() - start
     model.eval()
-    titles = load_items(paths["data"])["titles"]
+    titles = load_items(paths.data)["titles"]
     test = split_samples(paths, manifest, "test", eval_samples)
     out = {"adapter_change": sum((p.detach() - q).abs().sum().item() for p, q in zip(embed.adapter.parameters(), adapter_before)),
            "samples": len(test)}
@@ -136,10 +136,10 @@ def test_srec_alone_beats_random(fidelity_run):
     from trainer.model.srec import load_srec
 
     cfg, paths = fidelity_run
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     test = split_samples(paths, manifest, "test", EVAL_SAMPLES)
     train_targets = [meta(s)["target"] for s in split_samples(paths, manifest, "train", -1)]
-    ranks = baseline_ranks(load_srec(paths["srec"]), test, train_targets, manifest["num_items"], cfg.seed)
+    ranks = baseline_ranks(load_srec(paths.srec), test, train_targets, manifest["num_items"], cfg.seed)
     hr = {k: ranking_metrics(v)["hr@1"] for k, v in ranks.items()}
     assert hr["srec"] > hr["random"] + 0.25 and hr["srec"] > hr["popularity"] + 0.15, hr
 

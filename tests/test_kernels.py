@@ -256,7 +256,7 @@ def test_hybrid_embedding_fused_equals_reference(small_run):
     cfg, paths = small_run
     outs = []
     for injection in ("fused", "reference"):
-        model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora), injection=injection, seed=3)
+        model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora), injection=injection, seed=3)
         ids = torch.randint(10, 100, (2, 12), generator=torch.Generator().manual_seed(0))
         slot = torch.full((2, 12), -1)
         slot[0, 3], slot[1, 11], slot[1, 2] = 0, 1, 0
@@ -283,7 +283,7 @@ def test_zero3_two_ranks_match_one_process(small_run, tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
     def run(launcher, name, extra):
-        r = subprocess.run([*launcher, script, paths["llm"], str(tmp_path / name), *extra], cwd=REPO, env=env,
+        r = subprocess.run([*launcher, script, paths.llm, str(tmp_path / name), *extra], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads((tmp_path / name).read_text())
@@ -323,7 +323,7 @@ def test_half_precision_under_zero3_and_zero2_on_two_ranks_matches_one_process(s
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PRECISION=precision, ZERO_STAGE=str(stage))
         launcher = [sys.executable] if nproc == 0 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--nproc_per_node", str(nproc), "--standalone"]
-        r = subprocess.run([*launcher, script, paths["llm"], str(tmp_path / name), *(["--single"] if nproc == 0 else [])],
+        r = subprocess.run([*launcher, script, paths.llm, str(tmp_path / name), *(["--single"] if nproc == 0 else [])],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads((tmp_path / name).read_text())

@@ -114,7 +114,7 @@ def test_a_corrupt_shard_is_refused_before_any_worker_starts(small_run, tmp_path
 
     _, paths = small_run
     out = tmp_path / "run"
-    shutil.copytree(paths["output_dir"], out, ignore=shutil.ignore_patterns(".lock", "ray", "checkpoints", "logs"))
+    shutil.copytree(paths.output_dir, out, ignore=shutil.ignore_patterns(".lock", "ray", "checkpoints", "logs"))
     shard = out / "data" / "train-00000.tar"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -136,7 +136,7 @@ def test_a_gpu_run_without_gpus_is_refused_before_the_data_build(tmp_path):
 
 def test_eval_on_gpu_without_gpus_is_refused(small_run, tmp_path):
     _, paths = small_run
-    r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--run", paths["output_dir"], "--zero-shot",
+    r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--run", paths.output_dir, "--zero-shot",
                         "--gpu", "--workers", "1", "--out", str(tmp_path / "eval")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "--gpu asks for 1 workers with a GPU each, the Ray cluster has 0 GPU(s)" in r.stderr

@@ -37,7 +37,7 @@ def test_answer_only_logits_give_the_full_computations_loss_and_gradients(small_
     from trainer.train_loop import answer_loss, answer_positions, step_loss
 
     cfg, paths = small_run
-    model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze))
+    model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze))
     model.eval()  # no LoRA dropout: both passes see the same network
     srec = build_srec("sasrec", 50, hidden=64).eval()
     batch = _batch(model.get_input_embeddings().num_embeddings)
@@ -71,7 +71,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(small_run):
     srec = build_srec("sasrec", 50, hidden=64).eval()
     results = []
     for checkpointing in (False, True):
-        model, embed = build_llara_model(paths["llm"], 64, {**cfg.model.lora, "dropout": 0.0},
+        model, embed = build_llara_model(paths.llm, 64, {**cfg.model.lora, "dropout": 0.0},
                                          unfreeze=list(cfg.model.unfreeze), activation_checkpointing=checkpointing)
         model.train()
         mlp = model.get_base_model().model.layers[0].mlp  # inside the checkpointed forward (the layer's own hooks are not)
@@ -113,11 +113,11 @@ def test_activation_checkpointing_under_zero3_on_two_ranks_matches_one_process(s
     _, paths = small_run
     script = os.path.join(REPO, "tests", "scripts", "zero3_steps.py")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, script, paths["llm"], str(tmp_path / "one.json"), "--single"], cwd=REPO,
+    one = subprocess.run([sys.executable, script, paths.llm, str(tmp_path / "one.json"), "--single"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO,
+                          script, paths.llm, str(tmp_path / "two.json")], cwd=REPO,
                          env=dict(env, ACTIVATION_CHECKPOINTING="1"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     losses = [json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("one", "two")]

@@ -30,7 +30,7 @@ def test_reference_injection_matches_loop():
 
 def test_hybrid_embedding_in_peft_model(small_run):
     cfg, paths = small_run
-    model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora))
+    model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora))
     assert model.get_input_embeddings() is embed and isinstance(embed, HybridEmbedding)
     base_weight = model.get_base_model().model.embed_tokens.weight
     assert embed.weight is base_weight  # the LLM's own parameter, not a copy
@@ -38,7 +38,7 @@ def test_hybrid_embedding_in_peft_model(small_run):
     assert any("lora_A" in n for n in trainable) and any("adapter" in n for n in trainable)
     assert not any(n.endswith("embed_tokens.weight") for n in trainable)
 
-    tok = load_tokenizer(paths["llm"])
+    tok = load_tokenizer(paths.llm)
     ids = torch.randint(10, len(tok), (2, 12))
     slot = torch.full((2, 12), -1)
     slot[0, 3], slot[1, 11] = 0, 1
@@ -57,7 +57,7 @@ def test_hybrid_embedding_in_peft_model(small_run):
 
 def test_adapter_gradient_only_in_hybrid_steps(small_run):
     cfg, paths = small_run
-    model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora))
+    model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora))
     ids = torch.randint(10, 100, (2, 12))
     slot = torch.full((2, 12), -1)
     slot[:, 2] = 0
@@ -76,7 +76,7 @@ def test_text_only_training_step_gives_the_adapter_an_exact_zero_gradient(small_
     from trainer.train_loop import step_loss
 
     cfg, paths = small_run
-    model, embed = build_llara_model(paths["llm"], 64, dict(cfg.model.lora))
+    model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora))
     srec = build_srec("sasrec", 50, hidden=64).eval()
     ids = torch.randint(10, 100, (2, 12))
     slot = torch.full((2, 12), -1)

@@ -9,11 +9,11 @@ from trainer.data.loader import SplitReader, _raw_records, collate, rank_loader,
 
 
 def _shards(paths):
-    return [s for s in load_manifest(paths["data"])["shards"] if s["split"] == "train"]
+    return [s for s in load_manifest(paths.data)["shards"] if s["split"] == "train"]
 
 
 def _readers(paths, world, micro=4, accum=1, grouping=8, seed=0):
-    return [SplitReader(paths["data"], _shards(paths), r, world, micro, seed, shuffle=True, grad_accum=accum,
+    return [SplitReader(paths.data, _shards(paths), r, world, micro, seed, shuffle=True, grad_accum=accum,
                         length_grouping=grouping) for r in range(world)]
 
 
@@ -36,7 +36,7 @@ def _order_before(paths, epoch, seed=0):
     shards = _shards(paths)
     out = []
     for s in np.random.default_rng([seed, epoch]).permutation(len(shards)).tolist():
-        records = list(_raw_records(f"{paths['data']}/{shards[s]['name']}"))
+        records = list(_raw_records(f"{paths.data}/{shards[s]['name']}"))
         for i in np.random.default_rng([seed, epoch, s]).permutation(len(records)).tolist():
             out.append((records[i]["__key__"], records[i]["llara.bin"]))
     return out

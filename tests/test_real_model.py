@@ -78,10 +78,10 @@ def test_the_first_step_is_the_plain_base_and_training_lowers_the_loss(real_run)
     first = {k for name in os.listdir(out / "logs" / "samples") for line in open(out / "logs" / "samples" / name)
              for k in json.loads(line)["keys"] if json.loads(line)["step"] == 1}
     assert len(first) == 2  # 2 workers x micro-batch 1
-    samples = [s for s in split_samples(paths, load_manifest(paths["data"]), "train", -1) if s["key"] in first]
+    samples = [s for s in split_samples(paths, load_manifest(paths.data), "train", -1) if s["key"] in first]
 
     # README's plain lines: the base, grown by the run's tokens (each new row the mean of the old ones)
-    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     old = plain.get_input_embeddings().weight.shape[0]
     plain.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -91,6 +91,6 @@ def test_the_first_step_is_the_plain_base_and_training_lowers_the_loss(real_run)
     before = _text_only_losses(plain, tokenizer, samples)
     assert records[0]["loss"] == pytest.approx(sum(before) / len(before), rel=1e-4)
 
-    trained, _, _ = load_export(paths["export"], base, load_srec(paths["srec"]).hidden)
+    trained, _, _ = load_export(paths.export, base, load_srec(paths.srec).hidden)
     after = _text_only_losses(trained, tokenizer, samples)
     assert sum(after) < sum(before), (before, after)  # the steps trained on these samples lowered their loss

@@ -127,7 +127,7 @@ def test_trained_state_saved_on_one_rank_count_restores_on_another(small_run, tm
 
     def run(phase, ranks):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                            "--standalone", script, paths["llm"], str(tmp_path), phase],
+                            "--standalone", script, paths.llm, str(tmp_path), phase],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.load(open(tmp_path / f"{phase}.json"))

@@ -20,14 +20,14 @@ from trainer.model.srec import load_srec
 def setup(small_run):
     cfg, paths = small_run
     torch.manual_seed(0)
-    srec = load_srec(paths["srec"])
-    model, embed = build_llara_model(paths["llm"], srec.hidden, dict(cfg.model.lora))
+    srec = load_srec(paths.srec)
+    model, embed = build_llara_model(paths.llm, srec.hidden, dict(cfg.model.lora))
     model.eval()
-    tok = load_tokenizer(paths["llm"])
-    manifest = load_manifest(paths["data"])
+    tok = load_tokenizer(paths.llm)
+    manifest = load_manifest(paths.data)
     shard = next(s for s in manifest["shards"] if s["split"] == "test")
-    samples = list(read_shard(os.path.join(paths["data"], shard["name"]), shard["count"]))[:3]
-    return model, embed, srec, tok, samples, load_items(paths["data"])["titles"]
+    samples = list(read_shard(os.path.join(paths.data, shard["name"]), shard["count"]))[:3]
+    return model, embed, srec, tok, samples, load_items(paths.data)["titles"]
 
 
 def _brute_force(model, embed, srec, tok, sample, title, hybrid):

@@ -29,11 +29,11 @@ def _build(tok_dir, out, seed=5, workers=1, **kw):
 
 def test_samples_hold_what_llara_needs(small_run):
     cfg, paths = small_run
-    manifest = load_manifest(paths["data"])
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
-    titles = load_items(paths["data"])["titles"]
+    manifest = load_manifest(paths.data)
+    tok = AutoTokenizer.from_pretrained(paths.llm)
+    titles = load_items(paths.data)["titles"]
     assert {s["split"] for s in manifest["shards"]} == {"train", "val", "test"}
-    samples = list(read_shard(os.path.join(paths["data"], "test-00000.tar")))
+    samples = list(read_shard(os.path.join(paths.data, "test-00000.tar")))
     test_count = sum(x["count"] for x in manifest["shards"] if x["split"] == "test")
     assert len(samples) == test_count == manifest["stats"]["test_samples"] > 0
     for s in samples[:20]:
@@ -59,18 +59,18 @@ def test_samples_hold_what_llara_needs(small_run):
 
 def test_build_is_byte_identical(small_run, tmp_path):
     _, paths = small_run
-    a = _build(paths["llm"], tmp_path / "a")
-    b = _build(paths["llm"], tmp_path / "b")
+    a = _build(paths.llm, tmp_path / "a")
+    b = _build(paths.llm, tmp_path / "b")
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["config_hash"] == b["config_hash"]
-    c = _build(paths["llm"], tmp_path / "c", seed=6)  # another seed: other data and candidates
+    c = _build(paths.llm, tmp_path / "c", seed=6)  # another seed: other data and candidates
     assert [s["sha256"] for s in a["shards"]] != [s["sha256"] for s in c["shards"]]
 
 
 def test_validation_candidates_fixed(small_run, tmp_path):
     _, paths = small_run
-    _build(paths["llm"], tmp_path / "a")
-    _build(paths["llm"], tmp_path / "b", samples_per_shard=7)  # other sharding, same samples
+    _build(paths.llm, tmp_path / "a")
+    _build(paths.llm, tmp_path / "b", samples_per_shard=7)  # other sharding, same samples
     va = [meta(s)["candidates"] for s in read_shard(str(tmp_path / "a" / "val-00000.tar"))]
     vb = [meta(s)["candidates"] for n in sorted(os.listdir(tmp_path / "b")) if n.startswith("val-")
           for s in read_shard(str(tmp_path / "b" / n))]
@@ -80,16 +80,16 @@ def test_validation_candidates_fixed(small_run, tmp_path):
 def test_prompt_longer_than_limit_is_refused(small_run, tmp_path):
     _, paths = small_run
     with pytest.raises(PromptTooLong, match=r"the limit \(data.max_len\) is 50"):
-        _build(paths["llm"], tmp_path / "x", max_len=50)
+        _build(paths.llm, tmp_path / "x", max_len=50)
 
 
 def test_manifest_must_match_shards_and_tokenizer(small_run, tmp_path):
     _, paths = small_run
     out = tmp_path / "m"
-    manifest = _build(paths["llm"], out)
-    check_manifest(str(out), manifest, paths["llm"])  # fine as built
+    manifest = _build(paths.llm, out)
+    check_manifest(str(out), manifest, paths.llm)  # fine as built
     other_tok = tmp_path / "tok"
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     tok.add_tokens(["zzzextra"])
     tok.save_pretrained(other_tok)
     with pytest.raises(ValueError, match="rebuild the shards"):
@@ -98,13 +98,13 @@ def test_manifest_must_match_shards_and_tokenizer(small_run, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="train-00000.tar does not match its sha256"):
-        check_manifest(str(out), manifest, paths["llm"])
+        check_manifest(str(out), manifest, paths.llm)
 
 
 def test_truncated_shard_names_itself(small_run, tmp_path):
     _, paths = small_run
     out = tmp_path / "t"
-    _build(paths["llm"], out)
+    _build(paths.llm, out)
     shard = out / "train-00000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3 + 100])
@@ -128,7 +128,7 @@ def test_item_id_outside_vocabulary_in_a_sample(small_run, tmp_path):
     splits = {"train": [{"user": 0, "history": [1, 2, 3], "target": 4, "position": 3},
                         {"user": 1, "history": [5, 31], "target": 6, "position": 2}]}
     with pytest.raises(ValueError, match=r"train sample 1 \(user 1\): item id 31 is outside the vocabulary 0..29"):
-        write_shards(items, splits, paths["llm"], str(tmp_path / "v"), num_candidates=20, max_len=400,
+        write_shards(items, splits, paths.llm, str(tmp_path / "v"), num_candidates=20, max_len=400,
                      samples_per_shard=10, seed=0, workers=1)
 
 
@@ -137,7 +137,7 @@ def test_empty_history_is_dropped_and_counted(small_run, tmp_path):
     items = [(i, f"Title {i}", "") for i in range(30)]
     splits = {"train": [{"user": 0, "history": [], "target": 4, "position": 0},
                         {"user": 0, "history": [4], "target": 5, "position": 1}]}
-    m = write_shards(items, splits, paths["llm"], str(tmp_path / "e"), num_candidates=20, max_len=400,
+    m = write_shards(items, splits, paths.llm, str(tmp_path / "e"), num_candidates=20, max_len=400,
                      samples_per_shard=10, seed=0, workers=1)
     assert m["stats"]["train_dropped_empty_history"] == 1 and m["stats"]["train_samples"] == 1
 
@@ -145,15 +145,15 @@ def test_empty_history_is_dropped_and_counted(small_run, tmp_path):
 @pytest.mark.slow  # a spawned pool of 2 build workers (new interpreters)
 def test_parallel_build_equals_serial(small_run, tmp_path):
     _, paths = small_run
-    a = _build(paths["llm"], tmp_path / "a", workers=1)
-    b = _build(paths["llm"], tmp_path / "b", workers=2)
+    a = _build(paths.llm, tmp_path / "a", workers=1)
+    b = _build(paths.llm, tmp_path / "b", workers=2)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
 def test_shard_cut_at_a_record_boundary_is_caught(small_run, tmp_path):
     _, paths = small_run
     out = tmp_path / "cut"
-    manifest = _build(paths["llm"], out)
+    manifest = _build(paths.llm, out)
     shard = out / "train-00000.tar"
     import tarfile
 
@@ -176,7 +176,7 @@ def test_webdataset_reads_our_shards_the_same(small_run):
     import webdataset as wds
 
     _, paths = small_run
-    path = os.path.join(paths["data"], "test-00000.tar")
+    path = os.path.join(paths.data, "test-00000.tar")
     ours = list(read_shard(path))
     theirs = list(wds.WebDataset(path, shardshuffle=False, nodesplitter=lambda u: u, empty_check=False))
     assert [s["key"] for s in ours] == [r["__key__"] for r in theirs]
@@ -188,7 +188,7 @@ def test_webdataset_reads_our_shards_the_same(small_run):
 def test_corrupt_tar_header_is_named(small_run, tmp_path):
     _, paths = small_run
     out = tmp_path / "hdr"
-    _build(paths["llm"], out)
+    _build(paths.llm, out)
     shard = out / "val-00000.tar"
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF  # a byte inside the first member's header: its checksum no longer matches
@@ -252,7 +252,7 @@ def test_a_killed_build_resumes_from_the_shards_it_wrote(small_run, tmp_path):
 
     _, paths = small_run
     out = tmp_path / "build"
-    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "1",
+    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths.llm, "--out", str(out), "--workers", "1",
            "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.samples_per_shard=100"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / PROGRESS
@@ -300,7 +300,7 @@ def test_ray_tasks_on_two_nodes_write_the_same_shards_with_1_2_3_workers(small_r
 
     _, paths = small_run
     local = tmp_path / "local"
-    _build(paths["llm"], local, workers=1)
+    _build(paths.llm, local, workers=1)
     read_files = build.tokenizer_files
 
     def read_then_delete(folder):
@@ -318,7 +318,7 @@ def test_ray_tasks_on_two_nodes_write_the_same_shards_with_1_2_3_workers(small_r
             cluster.wait_for_nodes()
             assert len([n for n in ray.nodes() if n["Alive"]]) == 2
             for workers in (1, 2, 3):
-                tokenizer = shutil.copytree(paths["llm"], tmp_path / f"copy{workers}" / os.path.basename(paths["llm"]))
+                tokenizer = shutil.copytree(paths.llm, tmp_path / f"copy{workers}" / os.path.basename(paths.llm))
                 caplog.clear()
                 _build(str(tokenizer), tmp_path / f"ray{workers}", workers=workers, ray_tasks=True)
                 assert not tokenizer.exists()

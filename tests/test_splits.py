@@ -162,7 +162,7 @@ def test_build_cli_on_ray(small_run, tmp_path):
     _, paths = small_run
     out = tmp_path / "cli"
     data = ["data.synthetic.num_users=60", "data.synthetic.num_items=80", "data.samples_per_shard=300"]
-    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths["llm"], "--out", str(out), "--workers", "2", "--ray",
+    cmd = [sys.executable, "launch/build_shards.py", "--tokenizer", paths.llm, "--out", str(out), "--workers", "2", "--ray",
            *data]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -175,7 +175,7 @@ def test_build_cli_on_ray(small_run, tmp_path):
     cfg = load_config(None, data)
     d = to_dict(cfg.data)
     items, splits, stats = load_source(cfg.data, cfg.seed)
-    here = write_shards(items, splits, paths["llm"], str(tmp_path / "here"), num_candidates=d["num_candidates"],
+    here = write_shards(items, splits, paths.llm, str(tmp_path / "here"), num_candidates=d["num_candidates"],
                         max_len=d["max_len"], samples_per_shard=d["samples_per_shard"], seed=cfg.seed, workers=1,
                         stats=stats)
     assert here == m

@@ -47,14 +47,14 @@ def test_prepare_adds_llaras_tokens_and_a_pad_and_the_model_grows_to_match(kind,
     assert (stock.pad_token is None) == (kind != "qwen2") and (stock.bos_token is None) == (kind == "qwen2")
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={base}", *STOCK_SMALL])
     paths = prepare(cfg)
-    assert paths["llm"] == base and paths["tokenizer"] == str(tmp_path / "assets" / "tokenizer")
+    assert paths.llm == base and paths.tokenizer == str(tmp_path / "assets" / "tokenizer")
     assert prepared_paths(str(tmp_path)) == paths  # what launch/eval.py reads back from the run folder
-    tok = load_tokenizer(paths["tokenizer"])
+    tok = load_tokenizer(paths.tokenizer)
     added = len(PLACEHOLDERS) + (kind != "qwen2")  # [PAD] only where there was no pad
     assert len(tok) == len(stock) + added
     assert tok.pad_token == ("[PAD]" if kind != "qwen2" else stock.pad_token)
     assert stock.get_vocab().items() <= tok.get_vocab().items()  # every old token keeps its id
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     assert manifest["stats"]["train_samples"] > 0  # every sample found its placeholders
     model, embed = build_llara_model(base, 64, dict(cfg.model.lora), unfreeze=[], vocab_size=len(tok))
     inner = model.get_base_model()

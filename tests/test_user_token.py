@@ -63,9 +63,9 @@ def user_run(tmp_path_factory):
 
 
 def _test_samples(paths, n=None):
-    m = load_manifest(paths["data"])
+    m = load_manifest(paths.data)
     shard = next(s for s in m["shards"] if s["split"] == "test")
-    return list(read_shard(os.path.join(paths["data"], shard["name"])))[:n]
+    return list(read_shard(os.path.join(paths.data, shard["name"])))[:n]
 
 
 def test_off_by_default_is_byte_identical_to_llara_only(small_run, tmp_path):
@@ -74,13 +74,13 @@ def test_off_by_default_is_byte_identical_to_llara_only(small_run, tmp_path):
 
     cfg, paths = small_run
     assert cfg.data.user_token is False
-    assert USER_EMB not in AutoTokenizer.from_pretrained(paths["llm"]).get_vocab()
+    assert USER_EMB not in AutoTokenizer.from_pretrained(paths.llm).get_vocab()
     items, _, _ = load_source(cfg.data, cfg.seed)
     corpus = [" " + t for _, t, _ in items] + list(LLARA_TEMPLATES) + list(CTR_ANSWERS)  # as prepare builds it
     tok = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, str(tmp_path / "llm"))
     assert USER_EMB not in tok.get_vocab()
     assert sha256_file(str(tmp_path / "llm" / "tokenizer.json")) == GOLDEN_TOKENIZER
-    assert sha256_file(os.path.join(paths["llm"], "tokenizer.json")) == GOLDEN_TOKENIZER  # what prepare built
+    assert sha256_file(os.path.join(paths.llm, "tokenizer.json")) == GOLDEN_TOKENIZER  # what prepare built
     m = _build(str(tmp_path / "llm"), tmp_path / "d")
     assert m["config_hash"] == GOLDEN_CONFIG_HASH and "user_token" not in m["params"]
     assert {s["name"]: s["sha256"] for s in m["shards"]} == GOLDEN_SHARDS
@@ -98,10 +98,10 @@ def test_templates_name_the_user_once():
 
 def test_prompt_has_one_user_slot_at_its_position(user_run):
     cfg, paths = user_run
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     user_id = tok.convert_tokens_to_ids(USER_EMB)
     assert user_id not in (None, tok.unk_token_id)
-    manifest = load_manifest(paths["data"])
+    manifest = load_manifest(paths.data)
     assert manifest["params"]["user_token"] is True and manifest["params"]["templates"] == list(USER_TEMPLATES)
     assert manifest["config_hash"] != GOLDEN_CONFIG_HASH
     samples = _test_samples(paths)
@@ -120,7 +120,7 @@ def test_prompt_has_one_user_slot_at_its_position(user_run):
 
 def test_tokenize_refuses_a_tokenizer_without_the_user_token(small_run):
     _, paths = small_run
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     sample = {"user": 0, "history": [1, 2], "candidates": [3, 4], "target": 3}
     titles = [f"Movie {i}" for i in range(5)]
     plain = tokenize_llara(sample, titles, LLARA_TEMPLATES[0], tok, 400)
@@ -130,7 +130,7 @@ def test_tokenize_refuses_a_tokenizer_without_the_user_token(small_run):
     from trainer.model.build import load_tokenizer
 
     with pytest.raises(ValueError, match=r"\[UserEmb\]"):
-        load_tokenizer(paths["llm"], user_token=True)
+        load_tokenizer(paths.llm, user_token=True)
 
 
 def test_collate_maps_user_slots_after_the_unique_items(user_run, small_run):
@@ -146,7 +146,7 @@ def test_collate_maps_user_slots_after_the_unique_items(user_run, small_run):
             assert batch["slot_map"][b, s["user_pos"] + off] == U + b
             assert (batch["slot_map"][b] >= U).sum() == 1  # only the user slot points past the items
     _, plain_paths = small_run
-    plain = next(iter(read_shard(os.path.join(plain_paths["data"], "test-00000.tar"))))
+    plain = next(iter(read_shard(os.path.join(plain_paths.data, "test-00000.tar"))))
     with pytest.raises(ValueError, match="mixed"):
         collate([samples[0], plain], 0)
 
@@ -156,8 +156,8 @@ def _model(paths, user_token):
     from trainer.model.srec import load_srec
 
     lora = {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    srec = load_srec(paths["srec"]).eval().requires_grad_(False)
-    model, embed = build_llara_model(paths["llm"], srec.hidden, lora, unfreeze=["lm_head"], user_token=user_token)
+    srec = load_srec(paths.srec).eval().requires_grad_(False)
+    model, embed = build_llara_model(paths.llm, srec.hidden, lora, unfreeze=["lm_head"], user_token=user_token)
     return model, embed, srec
 
 
@@ -186,7 +186,7 @@ def test_step_injects_user_adapter_of_user_state_and_grads(user_run):
     from trainer.train_loop import step_loss
 
     cfg, paths = user_run
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     ph_id, user_id = tok.convert_tokens_to_ids(PH), tok.convert_tokens_to_ids(USER_EMB)
     model, embed, srec = _model(paths, True)
     samples = _test_samples(paths, 3)
@@ -232,17 +232,17 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
     from trainer.model.export import export_model, load_export
 
     cfg, paths = user_run
-    tok = AutoTokenizer.from_pretrained(paths["llm"])
+    tok = AutoTokenizer.from_pretrained(paths.llm)
     model, embed, srec = _model(paths, True)
     with torch.no_grad():
         for p in embed.user_adapter.parameters():
             p.add_(0.01)  # differ from a fresh init, so loading is what makes them equal
-    export_model(model, tok, str(tmp_path / "export"), 0, {"base": paths["llm"]})
+    export_model(model, tok, str(tmp_path / "export"), 0, {"base": paths.llm})
     assert os.path.exists(tmp_path / "export" / "user_projector.safetensors")
     with open(tmp_path / "export" / "export.json") as f:
         info = json.load(f)
     assert info["user_projector"] and not any("user_adapter" in n for n in info["trained_base"])
-    loaded, lembed, ltok = load_export(str(tmp_path / "export"), paths["llm"], srec.hidden)
+    loaded, lembed, ltok = load_export(str(tmp_path / "export"), paths.llm, srec.hidden)
     for a, b in zip(embed.user_adapter.parameters(), lembed.user_adapter.parameters()):
         assert torch.equal(a, b)
     samples = _test_samples(paths, 2)
@@ -253,7 +253,7 @@ def test_export_round_trip_and_generation(user_run, tmp_path):
     generate(loaded, lembed, srec, samples, ltok, 2, hybrid=False, synced_gpus=False, device="cpu")  # text mode runs
     # read in bf16 (GPU evaluation): every weight in it, LoRA's too (the dtype policy, trainer/job/precision.py:
     # as training held them), the trained ones equal to the export's rounded to bf16
-    half, hembed, _ = load_export(str(tmp_path / "export"), paths["llm"], srec.hidden, dtype=torch.bfloat16)
+    half, hembed, _ = load_export(str(tmp_path / "export"), paths.llm, srec.hidden, dtype=torch.bfloat16)
     half_params = dict(half.named_parameters())
     assert {p.dtype for p in half_params.values()} == {torch.bfloat16}
     for a, b in zip(embed.user_adapter.parameters(), hembed.user_adapter.parameters()):
@@ -268,17 +268,17 @@ def test_prepare_refuses_a_changed_user_token_and_reads_old_stamps(small_run, us
 
     _, paths = user_run
     with pytest.raises(ValueError, match="another data config"):
-        prepare(load_config(None, [f"output_dir={paths['output_dir']}", *SMALL, "srec.epochs=1", "data.build_workers=1"]))
+        prepare(load_config(None, [f"output_dir={paths.output_dir}", *SMALL, "srec.epochs=1", "data.build_workers=1"]))
     # a folder prepared before the option existed (its stamp has no data.user_token) is reused when
     # off and refused when on
     _, small_paths = small_run
     out = tmp_path / "old"
     os.makedirs(out / "assets")
-    with open(small_paths["stamp"]) as f:
+    with open(small_paths.stamp) as f:
         stamp = json.load(f)
     del stamp["data"]["user_token"]
     (out / "assets" / "prepare.json").write_text(json.dumps(stamp))
-    assert prepare(load_config(None, [f"output_dir={out}", *SMALL]))["output_dir"] == str(out)
+    assert prepare(load_config(None, [f"output_dir={out}", *SMALL])).output_dir == str(out)
     with pytest.raises(ValueError, match="another data config"):
         prepare(load_config(None, [f"output_dir={out}", *SMALL, "data.user_token=true"]))
     shutil.rmtree(out)
@@ -299,11 +299,11 @@ def test_zero3_two_ranks_with_the_user_token_match_one_process(user_run, tmp_pat
     script = os.path.join(REPO, "tests", "scripts", "zero3_steps.py")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", USER_TOKEN="1", TEXT_STEPS="1")
     env.pop("TEXT_ONLY", None)
-    single = subprocess.run([sys.executable, script, paths["llm"], str(tmp_path / "one.json"), "--single"], cwd=REPO,
+    single = subprocess.run([sys.executable, script, paths.llm, str(tmp_path / "one.json"), "--single"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           script, paths["llm"], str(tmp_path / "two.json")], cwd=REPO, env=env,
+                           script, paths.llm, str(tmp_path / "two.json")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert dist.returncode == 0, dist.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("one", "two"))

@@ -41,6 +41,7 @@ from shards.build import check_manifest, load_manifest
 from shards.collectives import all_reduce_sums, any_rank
 from trainer.data.curriculum import is_hybrid, warmup_cosine
 from trainer.data.loader import SplitReader, rank_loader, user_states
+from trainer.data.prepare import RunPaths
 from trainer.evaluation.evaluate import evaluate_trained, write_outputs
 from trainer.job import signals, trainable_state
 from trainer.job.ds_config import deepspeed_config
@@ -67,7 +68,7 @@ RAY_REPORT_EVERY_S = 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 class Run:
     """What a worker holds for the job: built by setup, advanced by train."""
     cfg: DictConfig
-    paths: dict                 # trainer/data/prepare.py run_paths: every file of the run
+    paths: RunPaths             # every file of the run (trainer/data/prepare.py)
     rank: int
     world: int
     device: torch.device
@@ -104,7 +105,7 @@ def train_worker(config: dict) -> None:
 
 # ---- setup
 
-def setup(cfg: DictConfig, paths: dict) -> Run:
+def setup(cfg: DictConfig, paths: RunPaths) -> Run:
     import deepspeed
     import ray
     import ray.train
@@ -123,14 +124,14 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
     log.info("rank %d of %d on Ray node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), os.uname().nodename)
 
     manifest, tokenizer, srec = load_inputs(cfg, paths, device)
-    tag = ckpt.find_latest(paths["checkpoints"])
-    state = ckpt.read_trainer_state(os.path.join(paths["checkpoints"], tag)) if tag else None
+    tag = ckpt.find_latest(paths.checkpoints)
+    state = ckpt.read_trainer_state(os.path.join(paths.checkpoints, tag)) if tag else None
     # the accumulation for the workers Ray gave (an elastic range, or a resume on another count: the
     # checkpoint's global batch is kept); launch/train.py refused an impossible split before Ray started
     cfg.train.grad_accum = ckpt.accumulation_at(cfg.train, world, state, tag)
     ds_config = deepspeed_config(cfg, precision)
     loading = partitioned_loading(ds_config)  # ZeRO-3: each worker loads only its partition of the LLM
-    model, embed = build_llara_model(paths["llm"], srec.hidden, OmegaConf.to_container(cfg.model.lora),
+    model, embed = build_llara_model(paths.llm, srec.hidden, OmegaConf.to_container(cfg.model.lora),
                                      unfreeze=list(cfg.model.unfreeze), seed=cfg.seed,
                                      injection=cfg.model.injection, user_token=cfg.data.user_token,
                                      dtype=TORCH_DTYPES[precision],  # loaded in it: a 7B is 14 GB per worker, not 28
@@ -138,15 +139,15 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
                                      attn_implementation=cfg.model.attn_implementation,
                                      activation_checkpointing=cfg.train.activation_checkpointing)
     train_cfg = cfg.train
-    reader = SplitReader(paths["data"], [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
+    reader = SplitReader(paths.data, [s for s in manifest["shards"] if s["split"] == "train"], rank, world,
                          train_cfg.micro_batch, cfg.seed, shuffle=True, grad_accum=train_cfg.grad_accum,
                          length_grouping=cfg.data.length_grouping)
     if reader.num_samples == 0:
-        raise ValueError(f"no training samples in {paths['data']}")
+        raise ValueError(f"no training samples in {paths.data}")
     steps_per_epoch = reader.batches_per_epoch() // train_cfg.grad_accum
     total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * steps_per_epoch
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    engine = build_engine(cfg, model, ds_config, device, total_steps, paths["deepspeed_config"] if rank == 0 else None)
+    engine = build_engine(cfg, model, ds_config, device, total_steps, paths.deepspeed_config if rank == 0 else None)
     if rank == 0:
         log.info("global batch %d = micro %d x accumulation %d x workers %d; %d steps (%d per epoch); "
                  "ZeRO stage %d; %d trainable parameters", train_cfg.micro_batch * train_cfg.grad_accum * world,
@@ -160,18 +161,18 @@ def setup(cfg: DictConfig, paths: dict) -> Run:
                peak_flops=peak, precision=precision)
 
 
-def load_inputs(cfg: DictConfig, paths: dict, device) -> tuple[dict, Any, Any]:
+def load_inputs(cfg: DictConfig, paths: RunPaths, device) -> tuple[dict, Any, Any]:
     """(manifest, tokenizer, frozen SRec), checked against each other and the config."""
-    manifest = load_manifest(paths["data"])
-    check_manifest(paths["data"], manifest, paths["tokenizer"], verify_sha=False)  # sha256s: once, by the driver
+    manifest = load_manifest(paths.data)
+    check_manifest(paths.data, manifest, paths.tokenizer, verify_sha=False)  # sha256s: once, by the driver
     built_with = bool(manifest["params"].get("user_token", False))  # manifests from before data.user_token: off
     if built_with != cfg.data.user_token:
-        raise ValueError(f"data.user_token={cfg.data.user_token} but the shards in {paths['data']} were built with "
+        raise ValueError(f"data.user_token={cfg.data.user_token} but the shards in {paths.data} were built with "
                          f"user_token={built_with}: rebuild them")
-    tokenizer = load_tokenizer(paths["tokenizer"], cfg.data.user_token)
-    srec = load_srec(paths["srec"]).to(device).eval().requires_grad_(False)  # frozen, outside the engine
+    tokenizer = load_tokenizer(paths.tokenizer, cfg.data.user_token)
+    srec = load_srec(paths.srec).to(device).eval().requires_grad_(False)  # frozen, outside the engine
     if srec.num_items != manifest["num_items"]:
-        raise ValueError(f"the SRec at {paths['srec']} knows {srec.num_items} items, the shards' vocabulary has "
+        raise ValueError(f"the SRec at {paths.srec} knows {srec.num_items} items, the shards' vocabulary has "
                          f"{manifest['num_items']}: refusing to start")
     return manifest, tokenizer, srec
 
@@ -206,7 +207,7 @@ def resume(run: Run) -> None:
     worker count that wrote it through DeepSpeed's files; on another through trainer/job/trainable_state.py."""
     import torch.distributed as dist
 
-    root, (tag, state) = run.paths["checkpoints"], run.checkpoint
+    root, (tag, state) = run.paths.checkpoints, run.checkpoint
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
             _truncate_logs(run.paths, 0)
@@ -256,11 +257,11 @@ def check_epoch_order(cfg: DictConfig, state: dict, tag: str, world: int) -> Non
                          f"epoch's order depends on them; resume with the checkpoint's values")
 
 
-def _truncate_logs(paths: dict, step: int) -> None:
+def _truncate_logs(paths: RunPaths, step: int) -> None:
     """After a resume from `step`, drop the lines of steps the interrupted run did after it: metrics.jsonl
     and every rank's sample log (of any worker count). A line torn by a kill is dropped too."""
     samples = _samples_dir(paths)
-    files = [paths["metrics"]] + ([os.path.join(samples, n) for n in os.listdir(samples)] if os.path.isdir(samples) else [])
+    files = [paths.metrics] + ([os.path.join(samples, n) for n in os.listdir(samples)] if os.path.isdir(samples) else [])
     for path in files:
         if not os.path.exists(path):
             continue
@@ -389,14 +390,14 @@ def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
     signal or the STOP file); every rank decides the same. Returns True when the run stops here."""
     step = record["step"]
     # rank 0's clock says whether a metrics report is due, shared with the stop flag in one collective
-    stop, report_due = any_rank(signals.requested(run.paths["output_dir"]), step_log.report_due(record))
+    stop, report_due = any_rank(signals.requested(run.paths.output_dir), step_log.report_due(record))
     if step % run.cfg.train.checkpoint_every == 0 or step == run.total_steps or stop:
         save_checkpoint(run)
     if report_due:
         step_log.report(record)
     if stop and run.is_main:
         log.info("stop requested: checkpoint %s written at step %d; run again to resume", ckpt.tag_for(step), step)
-        with open(os.path.join(run.paths["output_dir"], signals.PREEMPTED_FILE), "w") as f:
+        with open(os.path.join(run.paths.output_dir, signals.PREEMPTED_FILE), "w") as f:
             f.write(ckpt.tag_for(step))
     return stop
 
@@ -423,14 +424,14 @@ def _sample_log(run: Run):
     return open(os.path.join(folder, f"rank{run.rank}.jsonl"), "a")
 
 
-def _samples_dir(paths: dict) -> str:
-    return os.path.join(paths["logs"], "samples")
+def _samples_dir(paths: RunPaths) -> str:
+    return os.path.join(paths.logs, "samples")
 
 
 def _write_pid(run: Run) -> None:
     """logs/worker_<rank>.pid: for operators (and tests) to signal this worker."""
-    os.makedirs(run.paths["logs"], exist_ok=True)
-    with open(os.path.join(run.paths["logs"], f"worker_{run.rank}.pid"), "w") as f:
+    os.makedirs(run.paths.logs, exist_ok=True)
+    with open(os.path.join(run.paths.logs, f"worker_{run.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
 
 
@@ -483,7 +484,7 @@ class StepLog:
 
     def __init__(self, run: Run):
         self.run, self.steps_since_summary = run, 0
-        self.tensorboard = _tensorboard(run.paths["tensorboard"]) if run.is_main else None
+        self.tensorboard = _tensorboard(run.paths.tensorboard) if run.is_main else None
         self.last_report = time.monotonic()
 
     def logging_step(self, step: int) -> bool:
@@ -513,7 +514,7 @@ class StepLog:
         return {"tflops_per_s": flops / 1e12, "mfu": mfu, "peak_memory_gib": round(memory, 3), "memory": kind}
 
     def write(self, record: dict) -> None:
-        with open(self.run.paths["metrics"], "a") as f:
+        with open(self.run.paths.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.logging_step(record["step"]):
             return
@@ -559,7 +560,7 @@ def _tensorboard(log_dir: str):
 def save_checkpoint(run: Run) -> None:
     """Write the checkpoint of the current step (collective); keep the newest train.keep_last."""
     step = run.progress["global_step"]
-    ckpt.save_checkpoint(run.engine, run.paths["checkpoints"], step, trainer_state(run), run.rank, run.cfg.train.keep_last)
+    ckpt.save_checkpoint(run.engine, run.paths.checkpoints, step, trainer_state(run), run.rank, run.cfg.train.keep_last)
     run.last_saved = step
 
 
@@ -571,7 +572,7 @@ def trainer_state(run: Run) -> dict:
             "scheduler": engine.lr_scheduler.state_dict(),  # for a resize (DeepSpeed's files hold it too)
             "engine_steps": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps")},
             "config": OmegaConf.to_container(run.cfg), "manifest_hash": run.manifest["config_hash"],
-            "srec_sha256": srec_hash(run.paths["srec"])}
+            "srec_sha256": srec_hash(run.paths.srec)}
 
 
 # ---- finish
@@ -585,10 +586,10 @@ def finish(run: Run) -> None:
     if run.last_saved != step:
         save_checkpoint(run)
     if run.is_main:
-        _plot_losses(run.paths["metrics"], run.paths["loss_plot"])
-    export_model(run.engine.module, run.tokenizer, run.paths["export"], run.rank,
-                 {"step": step, "srec_sha256": srec_hash(run.paths["srec"]), "base": run.paths["llm"],
-                  "srec": run.paths["srec"], "injection": run.cfg.model.injection})
+        _plot_losses(run.paths.metrics, run.paths.loss_plot)
+    export_model(run.engine.module, run.tokenizer, run.paths.export, run.rank,
+                 {"step": step, "srec_sha256": srec_hash(run.paths.srec), "base": run.paths.llm,
+                  "srec": run.paths.srec, "injection": run.cfg.model.injection})
     result = evaluate(run)
     ray.train.report({"done": True, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
 
@@ -606,11 +607,11 @@ def evaluate(run: Run) -> dict:
         return metrics
     metrics.update({"split": eval_cfg.split, "prompts": "hybrid" if hybrid else "text", "precision": run.precision,
                     "source": {"final": ckpt.tag_for(step)}, "step": step, "mode": run.cfg.train.mode})
-    out = os.path.join(run.paths["eval"], f"final_{eval_cfg.split}")
+    out = os.path.join(run.paths.eval, f"final_{eval_cfg.split}")
     write_outputs(out, rows, metrics, f"The end of training: step {step}, train.mode {run.cfg.train.mode}, split "
                                       f"`{eval_cfg.split}`, {metrics['prompts']} prompts, {run.precision}.")
     shutil.copyfile(os.path.join(out, "metrics.json"),
-                    os.path.join(run.paths["checkpoints"], ckpt.tag_for(step), f"{eval_cfg.split}_metrics.json"))
+                    os.path.join(run.paths.checkpoints, ckpt.tag_for(step), f"{eval_cfg.split}_metrics.json"))
     if "ctr" in metrics:
         c = metrics["ctr"]
         log.info("%s: CTR AUC %.4f, log loss %.4f, accuracy %.4f on %d samples", eval_cfg.split,

@@ -30,14 +30,14 @@ def main():
     from trainer.model.srec import load_srec
 
     paths = prepared_paths(run)
-    export = paths["export"]
+    export = paths.export
     meta = read_export_meta(export)
     plain = {"export": export, "base": meta["base"]}
     exec(readme_lines(), plain)  # README's lines, as a user would paste them
 
-    srec = load_srec(paths["srec"]).eval()
+    srec = load_srec(paths.srec).eval()
     ours, embed, tokenizer = load_export(export, meta["base"], srec.hidden, meta["injection"])
-    samples = split_samples(paths, load_manifest(paths["data"]), "test", 4)
+    samples = split_samples(paths, load_manifest(paths.data), "test", 4)
     batch = collate(samples, tokenizer.pad_token_id)
     with torch.no_grad():
         vectors = srec.item_vectors(batch["unique_items"])

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
@@ -61,54 +62,73 @@ def _built_from(stamp: dict) -> dict:
     return out
 
 
-def run_paths(output_dir: str) -> dict:
-    """Every place a run reads or writes under its output folder, named once here. The names inside
-    a folder belong to the module that writes it: shards/build.py (data/), trainer/job/checkpoint.py
+@dataclass
+class RunPaths:
+    """Every place a run reads or writes under its output folder, named once here (run_paths). The names
+    inside a folder belong to the module that writes it: shards/build.py (data/), trainer/job/checkpoint.py
     (checkpoints/step_N/), trainer/model/export.py (export/), trainer/job/signals.py (STOP, PREEMPTED)."""
+    output_dir: str
+    llm: str                # the LLM's folder: assets/llm (the tiny Llama), or model.base where it is
+    tokenizer: str          # the run's tokenizer: assets/llm, or assets/tokenizer beside a model.base
+    srec: str               # the frozen SRec's folder: assets/srec, or srec.path when that is a folder
+    data: str               # the shards, manifest.json, items.json
+    checkpoints: str
+    logs: str
+    eval: str
+    export: str
+    stamp: str              # assets/prepare.json: what the assets and shards were built from
+    item_emb: str           # SUBR's cached item embeddings
+    metrics: str            # logs/metrics.jsonl
+    tensorboard: str
+    loss_plot: str
+    deepspeed_config: str
+    ray: str                # Ray Train's run state, a folder per launch
+
+
+def run_paths(output_dir: str) -> RunPaths:
     out = os.path.abspath(output_dir)
-    logs = os.path.join(out, "logs")
-    return {"output_dir": out, "llm": os.path.join(out, "assets", "llm"), "tokenizer": os.path.join(out, "assets", "llm"),
-            "srec": os.path.join(out, "assets", "srec"),
-            "data": os.path.join(out, "data"), "checkpoints": os.path.join(out, "checkpoints"),
-            "logs": logs, "eval": os.path.join(out, "eval"), "export": os.path.join(out, "export"),
-            "stamp": os.path.join(out, "assets", "prepare.json"), "item_emb": os.path.join(out, "assets", "item_emb"),
-            "metrics": os.path.join(logs, "metrics.jsonl"), "tensorboard": os.path.join(logs, "tensorboard"),
-            "loss_plot": os.path.join(logs, "loss.png"), "deepspeed_config": os.path.join(logs, "deepspeed_config.json"),
-            "ray": os.path.join(logs, "ray")}
+    logs, assets = os.path.join(out, "logs"), os.path.join(out, "assets")
+    return RunPaths(output_dir=out, llm=os.path.join(assets, "llm"), tokenizer=os.path.join(assets, "llm"),
+                    srec=os.path.join(assets, "srec"), data=os.path.join(out, "data"),
+                    checkpoints=os.path.join(out, "checkpoints"), logs=logs, eval=os.path.join(out, "eval"),
+                    export=os.path.join(out, "export"), stamp=os.path.join(assets, "prepare.json"),
+                    item_emb=os.path.join(assets, "item_emb"), metrics=os.path.join(logs, "metrics.jsonl"),
+                    tensorboard=os.path.join(logs, "tensorboard"), loss_plot=os.path.join(logs, "loss.png"),
+                    deepspeed_config=os.path.join(logs, "deepspeed_config.json"), ray=os.path.join(logs, "ray"))
 
 
-def source_paths(output_dir: str, model_base: str | None, srec_path: str | None) -> dict:
+def source_paths(output_dir: str, model_base: str | None, srec_path: str | None) -> RunPaths:
     """run_paths with the run's sources in place: model.base's folder as the LLM, used where it is
     (the run's tokenizer, the base's plus LLaRA's tokens, then lives in assets/tokenizer), and an
     SRec folder given as srec.path (LLaRA's .pt is imported into assets/srec)."""
     paths = run_paths(output_dir)
     if model_base:
-        paths["llm"] = os.path.abspath(model_base)
-        paths["tokenizer"] = os.path.join(paths["output_dir"], "assets", "tokenizer")
+        paths.llm = os.path.abspath(model_base)
+        paths.tokenizer = os.path.join(paths.output_dir, "assets", "tokenizer")
     if srec_path and not str(srec_path).endswith(".pt"):
-        paths["srec"] = os.path.abspath(srec_path)
+        paths.srec = os.path.abspath(srec_path)
     return paths
 
 
-def prepared_paths(output_dir: str) -> dict:
+def prepared_paths(output_dir: str) -> RunPaths:
     """The paths of a run prepared before (launch/eval.py): its sources read from its stamp."""
     paths = run_paths(output_dir)
-    if not os.path.exists(paths["stamp"]):
+    if not os.path.exists(paths.stamp):
         return paths
-    with open(paths["stamp"]) as f:
+    with open(paths.stamp) as f:
         stamp = json.load(f)
     return source_paths(output_dir, stamp["model"].get("base"), stamp["srec"].get("path"))
 
 
-def prepare(cfg: DictConfig, embed=None) -> dict:
+def prepare(cfg: DictConfig, embed=None) -> RunPaths:
     """Build (or reuse) the run's assets and shards; returns run_paths. embed(items, llm_dir, cache_dir),
     when given, computes SUBR's item embeddings into the cache before the shards need them (launch/train.py
     does it on the Ray workers); without it they are computed here, in this process."""
     paths = source_paths(cfg.output_dir, cfg.model.base, cfg.srec.path)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
-    if os.path.exists(paths["stamp"]):
+    if os.path.exists(paths.stamp):
         check_stamp(paths, stamp)
-        log.info("reusing data and assets in %s", paths["output_dir"])
+        log.info("reusing data and assets in %s", paths.output_dir)
         return paths
     templates(cfg.data.user_token, cfg.data.domain)  # an unknown data.domain stops here, before any work
     if not cfg.srec.path:
@@ -117,14 +137,14 @@ def prepare(cfg: DictConfig, embed=None) -> dict:
     build_llm(cfg, items, paths)
     manifest = prepare_shards(cfg, items, splits, stats, paths, embed)
     build_srec(cfg, splits, manifest["num_items"], paths)
-    with open(paths["stamp"], "w") as f:
+    with open(paths.stamp, "w") as f:
         json.dump(stamp, f, indent=1)
     return paths
 
 
-def check_stamp(paths: dict, stamp: dict) -> None:
+def check_stamp(paths: RunPaths, stamp: dict) -> None:
     """Refuse an output folder prepared from another data, model or SRec config (a ValueError)."""
-    with open(paths["stamp"]) as f:
+    with open(paths.stamp) as f:
         old = json.load(f)
     for (*parents, key), value in _ADDED_KEYS.items():
         node = old
@@ -135,51 +155,51 @@ def check_stamp(paths: dict, stamp: dict) -> None:
     old, new = _built_from(old), _built_from(stamp)
     if old != new:
         changed = sorted(k for k in new if old.get(k) != new[k])
-        raise ValueError(f"{paths['output_dir']} was prepared with another {', '.join(changed)} config; "
+        raise ValueError(f"{paths.output_dir} was prepared with another {', '.join(changed)} config; "
                          "use a new output_dir (or the old config) so checkpoints match their data and model")
 
 
-def build_llm(cfg: DictConfig, items, paths: dict) -> None:
+def build_llm(cfg: DictConfig, items, paths: RunPaths) -> None:
     """The run's tokenizer and LLM: model.base's folder with its tokenizer grown by LLaRA's tokens
     (trainer/model/build.py prepare_tokenizer; the model grows to match when it is loaded), or the
     tiny Llama and its tokenizer built in assets/llm."""
     user_token = cfg.data.user_token
     if cfg.model.base:
-        tokenizer, added = prepare_tokenizer(paths["llm"], paths["tokenizer"], user_token)
-        log.info("tokenizer of %s with %s added (%d tokens) in %s", paths["llm"], ", ".join(added) or "nothing",
-                 len(tokenizer), paths["tokenizer"])
+        tokenizer, added = prepare_tokenizer(paths.llm, paths.tokenizer, user_token)
+        log.info("tokenizer of %s with %s added (%d tokens) in %s", paths.llm, ", ".join(added) or "nothing",
+                 len(tokenizer), paths.tokenizer)
         return
-    log.info("building the tokenizer and the tiny Llama in %s", paths["llm"])
+    log.info("building the tokenizer and the tiny Llama in %s", paths.llm)
     # titles as prompts hold them, after a space: " Silver Harbor" is then two whole-word tokens
     # (trained on bare titles, BPE learned "Silver" and split " Silver" into " S"+"il"+"v"+"er")
     # and ReLLa's answers, so that " Yes" and " No" are whole tokens (CTR scoring reads their logits)
     corpus = [" " + t for _, t, _ in items] + list(templates(user_token, cfg.data.domain)) + list(CTR_ANSWERS)
     if cfg.data.task == "ctr":  # only then: the default tokenizer stays byte-identical
         corpus += list(CTR_TEMPLATES) + [f"{n}. ({r} stars), Yes. No." for n in range(1, 11) for r in range(1, 6)]
-    tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths["llm"], user_token=user_token)
+    tokenizer = build_tokenizer(corpus * 4, cfg.model.tiny.vocab_size, paths.llm, user_token=user_token)
     tiny = cfg.model.tiny
-    build_tiny_llama(tokenizer, paths["llm"], tiny.hidden_size, tiny.num_layers, tiny.num_heads,
+    build_tiny_llama(tokenizer, paths.llm, tiny.hidden_size, tiny.num_layers, tiny.num_heads,
                      tiny.intermediate_size, tiny.max_position_embeddings, cfg.seed)
 
 
-def prepare_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: dict, embed) -> dict:
+def prepare_shards(cfg: DictConfig, items, splits: dict, stats: dict, paths: RunPaths, embed) -> dict:
     """Samples -> prompts -> tokenized shards in data/ (SUBR's item embeddings first, if needed); the manifest."""
     if embed is not None and needs_retrieval(cfg.data):
-        embed(items, paths["llm"], paths["item_emb"])  # make_samples then finds them in the cache
-    log.info("building shards in %s", paths["data"])
-    manifest = build_shards(cfg.data, cfg.seed, items, splits, stats, paths["tokenizer"], paths["data"],
-                            llm_dir=paths["llm"], cache_dir=paths["item_emb"], workers=cfg.data.build_workers)
+        embed(items, paths.llm, paths.item_emb)  # make_samples then finds them in the cache
+    log.info("building shards in %s", paths.data)
+    manifest = build_shards(cfg.data, cfg.seed, items, splits, stats, paths.tokenizer, paths.data,
+                            llm_dir=paths.llm, cache_dir=paths.item_emb, workers=cfg.data.build_workers)
     log.info("data: %s", {k: v for k, v in manifest["stats"].items()})
     return manifest
 
 
-def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> None:
+def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: RunPaths) -> None:
     """The frozen SRec: srec.path's folder as it is, LLaRA's .pt imported, or one pretrained here on
     the same splits (on the history_len most recent items, as the prompts' K); its item count checked."""
     if cfg.srec.path and str(cfg.srec.path).endswith(".pt"):
 
         log.info("importing LLaRA's SASRec from %s", cfg.srec.path)
-        save_srec(load_llara_sasrec(cfg.srec.path), paths["srec"])
+        save_srec(load_llara_sasrec(cfg.srec.path), paths.srec)
     elif not cfg.srec.path:
         history_len = cfg.data.history_len
         if pool_len(cfg.data) != history_len:
@@ -188,12 +208,12 @@ def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: dict) -> No
         srec_args.pop("path")
         log.info("pretraining %s (%d epochs at most)", srec_args["arch"], srec_args["epochs"])
         model, report = pretrain(splits, num_items, max_len=history_len, seed=cfg.seed, **srec_args)
-        save_srec(model, paths["srec"])
-        with open(os.path.join(paths["srec"], "pretrain_report.json"), "w") as f:
+        save_srec(model, paths.srec)
+        with open(os.path.join(paths.srec, "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)
         log.info("%s: best validation NDCG@10 %.4f (full ranking, %s)", srec_args["arch"], report["best_val_ndcg@10"],
                  report["full_ranking"])
-    n = load_srec(paths["srec"]).num_items
+    n = load_srec(paths.srec).num_items
     if n != num_items:
-        raise ValueError(f"the SRec at {paths['srec']} knows {n} items, the shards' vocabulary has "
+        raise ValueError(f"the SRec at {paths.srec} knows {n} items, the shards' vocabulary has "
                          f"{num_items}; use an SRec trained on this data set")

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from shards.build import load_items, load_manifest
 from trainer.data.loader import collate, meta, read_shard
+from trainer.data.prepare import RunPaths
 from trainer.evaluation.ranking import Popularity, Random, ranking_metrics, target_ranks
 from trainer.evaluation.scoring import candidate_logliks, ctr_metrics, prompt_inputs, target_positions, yes_probability
 from trainer.job.precision import TORCH_DTYPES, resolve_precision
@@ -93,13 +94,13 @@ def is_ctr(manifest: dict) -> bool:
     return manifest["params"].get("task", "llara") == "ctr"  # manifests from before data.task are LLaRA's
 
 
-def split_samples(paths: dict, manifest: dict, split: str, max_samples: int) -> list[dict]:
+def split_samples(paths: RunPaths, manifest: dict, split: str, max_samples: int) -> list[dict]:
     """The split's samples in shard order; the first max_samples of them when max_samples > 0."""
     samples = []
     for shard in (s for s in manifest["shards"] if s["split"] == split):
-        samples.extend(read_shard(os.path.join(paths["data"], shard["name"]), shard["count"]))
+        samples.extend(read_shard(os.path.join(paths.data, shard["name"]), shard["count"]))
     if not samples:
-        raise ValueError(f"the shards in {paths['data']} have no {split!r} split")
+        raise ValueError(f"the shards in {paths.data} have no {split!r} split")
     return samples[:max_samples] if max_samples > 0 else samples
 
 
@@ -184,7 +185,7 @@ def baseline_ranks(srec, samples: list[dict], train_targets: list[int] | None, n
     return out
 
 
-def run_baselines(paths: dict, manifest: dict, srec, samples: list[dict], seed: int) -> dict:
+def run_baselines(paths: RunPaths, manifest: dict, srec, samples: list[dict], seed: int) -> dict:
     """baseline_ranks on the samples in key order, popularity counted on the run's training split (if any)."""
     has_train = any(s["split"] == "train" for s in manifest["shards"])
     if not has_train:
@@ -214,12 +215,12 @@ def summarize(rows: list[dict], baselines: dict, modes) -> dict:
 
 # ---- the end of training
 
-def evaluate_trained(engine, embed, srec, tokenizer, paths: dict, manifest: dict, cfg, rank: int, world: int,
+def evaluate_trained(engine, embed, srec, tokenizer, paths: RunPaths, manifest: dict, cfg, rank: int, world: int,
                      device, hybrid: bool) -> tuple[list[dict] | None, dict]:
     """The trained engine on eval.split (collective: every rank calls it): rank 0 gets (rows, metrics),
     as summarize gives them (generation, or CTR; with eval.compare also the candidates ranked by
     likelihood with hybrid and with text-only prompts, next to the baselines); the other ranks (None, {})."""
-    titles = load_items(paths["data"])["titles"]
+    titles = load_items(paths.data)["titles"]
     samples = split_samples(paths, manifest, cfg.eval.split, cfg.eval.max_samples)
     ctr = is_ctr(manifest)
     compare = bool(cfg.eval.compare) and not ctr
@@ -240,7 +241,7 @@ def evaluate_trained(engine, embed, srec, tokenizer, paths: dict, manifest: dict
 @dataclass
 class EvalJob:
     """What launch/eval.py asks every evaluation worker to do."""
-    paths: dict
+    paths: RunPaths
     source: dict           # {"export": dir} | {"checkpoint": dir, "config": ...} | {"zero_shot": True, "config": ...}
     split: str
     modes: list
@@ -257,7 +258,7 @@ class EvalJob:
     header: str            # the report's first line; {precision} is filled in by the workers
 
 
-def load_model_for_eval(source: dict, paths: dict, srec_dim: int, dtype: torch.dtype = torch.float32):
+def load_model_for_eval(source: dict, paths: RunPaths, srec_dim: int, dtype: torch.dtype = torch.float32):
     """(model, hybrid embedding, tokenizer) from {"export": dir}, {"checkpoint": dir, "config": run config}
     or {"zero_shot": True, "config": prepared config} (the base LLM, nothing trained).
 
@@ -267,12 +268,12 @@ def load_model_for_eval(source: dict, paths: dict, srec_dim: int, dtype: torch.d
     if "export" in source:
 
         injection = read_export_meta(source["export"]).get("injection", "fused")  # exports before model.injection
-        return load_export(source["export"], paths["llm"], srec_dim, injection, dtype)
+        return load_export(source["export"], paths.llm, srec_dim, injection, dtype)
 
     run_cfg = source["config"]
     user_token = bool(run_cfg["data"].get("user_token", False))  # runs from before data.user_token had none
-    tokenizer = load_tokenizer(paths["tokenizer"], user_token)
-    model, embed = build_llara_model(paths["llm"], srec_dim, run_cfg["model"]["lora"],
+    tokenizer = load_tokenizer(paths.tokenizer, user_token)
+    model, embed = build_llara_model(paths.llm, srec_dim, run_cfg["model"]["lora"],
                                      unfreeze=run_cfg["model"]["unfreeze"], seed=run_cfg["seed"],
                                      injection=run_cfg["model"]["injection"], user_token=user_token, dtype=dtype,
                                      vocab_size=len(tokenizer))
@@ -318,13 +319,13 @@ def eval_worker(config: dict) -> None:
     on_gpu = device.type == "cuda"
     precision = resolve_precision(job.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
                                   option="--precision")
-    srec = load_srec(job.paths["srec"]).eval().requires_grad_(False).to(device)
+    srec = load_srec(job.paths.srec).eval().requires_grad_(False).to(device)
     model, embed, tokenizer = load_model_for_eval(job.source, job.paths, srec.hidden, TORCH_DTYPES[precision])
     if on_gpu and embed.injection == "fused":  # its Triton kernels need a C compiler here: said before the first batch
         check_triton_compiler()
     model.to(device)
-    manifest = load_manifest(job.paths["data"])
-    titles = load_items(job.paths["data"])["titles"]
+    manifest = load_manifest(job.paths.data)
+    titles = load_items(job.paths.data)["titles"]
     samples = split_samples(job.paths, manifest, job.split, job.max_samples)
     check_modes(manifest, job.modes)
     batches = rank_batches(samples, rank, world, job.batch_size, synced=False)  # a whole model per worker
