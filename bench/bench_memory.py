@@ -269,6 +269,58 @@ def run_row(a, name: str, kind: str, extra: list[str], ranks: int = 1, report: b
     return rows
 
 
+def rows_checkpointing_and_logits(a, config, rows: set, results: dict, ratios: list) -> None:
+    """Activation checkpointing off and on; the whole step's and the LM head's peak with full and answer-only logits."""
+    if "checkpointing" in rows:
+        off = run_row(a, "checkpointing_off", "single", ["--answer-only"])[0]
+        on = run_row(a, "checkpointing_on", "single", ["--answer-only", "--checkpointing"])[0]
+        results["checkpointing"] = {"off": off, "on": on}
+        ratios.append(f"activation checkpointing: peak above rest {off['above_rest'] / on['above_rest']:.2f}x lower, "
+                      f"step time {on['median_s'] / off['median_s']:.2f}x")
+    if "logits" in rows:
+        full = run_row(a, "logits_full", "single", [])[0]
+        only = results.get("checkpointing", {}).get("off") or run_row(a, "logits_answer_only", "single",
+                                                                       ["--answer-only"])[0]
+        results["logits_model"] = {"full": full, "answer_only": only}
+        ratios.append(f"answer-only logits, whole step: peak above rest {full['above_rest'] / only['above_rest']:.2f}x "
+                      f"lower, step time {only['median_s'] / full['median_s']:.2f}x")
+        for vocab in (config.vocab_size, 151936):
+            head = [run_row(a, f"head_{vocab}_{kind}", "head", ["--hidden", str(config.hidden_size), "--vocab",
+                                                                str(vocab), *flag])[0]
+                    for kind, flag in (("full", []), ("answer_only", ["--answer-only"]))]
+            results[f"logits_head_{vocab}"] = {"full": head[0], "answer_only": head[1]}
+            ratios.append(f"answer-only logits, LM head + loss at V={vocab:,}: "
+                          f"{head[0]['above_rest'] / max(head[1]['above_rest'], 1):.0f}x lower peak")
+
+
+def rows_zero_and_padding(a, config, rows: set, results: dict, ratios: list) -> None:
+    """ZeRO-2 against ZeRO-3 on 2 ranks (memory, time, collective bytes); length grouping on LastFM's shards."""
+    if "zero" in rows:
+        for stage in (2, 3):
+            results[f"zero{stage}"] = run_row(a, f"zero{stage}", "zero", ["--stage", str(stage)], ranks=2)
+        z2, z3 = results["zero2"], results["zero3"]
+        sent = {s: max(sum(c["bytes"] for c in r["comms"].values()) for r in results[f"zero{s}"]) / a.steps
+                for s in (2, 3)}
+        ratios.append(f"ZeRO-3 vs 2: per-rank rest {max(r['rest'] for r in z3) / max(r['rest'] for r in z2):.2f}x, "
+                      f"peak {max(r['peak'] for r in z3) / max(r['peak'] for r in z2):.2f}x, "
+                      f"step time {max(r['median_s'] for r in z3) / max(r['median_s'] for r in z2):.2f}x, "
+                      f"collective bytes per step {sent[3] / max(sent[2], 1):.0f}x "
+                      f"({sent[2] / 2**20:.1f} MiB vs {sent[3] / 2**20:.1f} MiB)")
+    if "padding" in rows:
+        if not os.path.exists(os.path.join(a.lastfm, "manifest.json")):
+            print(f"padding: skipped, no LastFM shards in {a.lastfm} (run bench/bench_padding.py --sets lastfm first)")
+        else:
+            r = run_row(a, "padding", "padding", ["--lastfm", a.lastfm, "--lastfm-tokenizer", a.lastfm_tokenizer,
+                                                  "--padding-batches", str(a.padding_batches)], report=False)[0]
+            results["padding"] = r
+            for name, x in r.items():
+                print(f"padding {name}: padded {100 * x['padded_share']:.1f}%, {x['useful_per_s']:.1f} useful tokens/s, "
+                      f"s per micro-batch {[round(t, 1) for t in x['seconds']]}")
+            ratios.append(f"length grouping (N=8) on LastFM: padded {100 * r['off']['padded_share']:.1f}% -> "
+                          f"{100 * r['grouped']['padded_share']:.1f}%, useful tokens/s "
+                          f"{r['grouped']['useful_per_s'] / r['off']['useful_per_s']:.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="/tmp/bench_memory")
@@ -319,50 +371,8 @@ def main():
     results = {"args": {k: v for k, v in vars(a).items()}, "model": {"hidden": config.hidden_size,
                "layers": config.num_hidden_layers, "vocab": config.vocab_size}}
     ratios = []
-    if "checkpointing" in rows:
-        off = run_row(a, "checkpointing_off", "single", ["--answer-only"])[0]
-        on = run_row(a, "checkpointing_on", "single", ["--answer-only", "--checkpointing"])[0]
-        results["checkpointing"] = {"off": off, "on": on}
-        ratios.append(f"activation checkpointing: peak above rest {off['above_rest'] / on['above_rest']:.2f}x lower, "
-                      f"step time {on['median_s'] / off['median_s']:.2f}x")
-    if "logits" in rows:
-        full = run_row(a, "logits_full", "single", [])[0]
-        only = results.get("checkpointing", {}).get("off") or run_row(a, "logits_answer_only", "single",
-                                                                       ["--answer-only"])[0]
-        results["logits_model"] = {"full": full, "answer_only": only}
-        ratios.append(f"answer-only logits, whole step: peak above rest {full['above_rest'] / only['above_rest']:.2f}x "
-                      f"lower, step time {only['median_s'] / full['median_s']:.2f}x")
-        for vocab in (config.vocab_size, 151936):
-            head = [run_row(a, f"head_{vocab}_{kind}", "head", ["--hidden", str(config.hidden_size), "--vocab",
-                                                                str(vocab), *flag])[0]
-                    for kind, flag in (("full", []), ("answer_only", ["--answer-only"]))]
-            results[f"logits_head_{vocab}"] = {"full": head[0], "answer_only": head[1]}
-            ratios.append(f"answer-only logits, LM head + loss at V={vocab:,}: "
-                          f"{head[0]['above_rest'] / max(head[1]['above_rest'], 1):.0f}x lower peak")
-    if "zero" in rows:
-        for stage in (2, 3):
-            results[f"zero{stage}"] = run_row(a, f"zero{stage}", "zero", ["--stage", str(stage)], ranks=2)
-        z2, z3 = results["zero2"], results["zero3"]
-        sent = {s: max(sum(c["bytes"] for c in r["comms"].values()) for r in results[f"zero{s}"]) / a.steps
-                for s in (2, 3)}
-        ratios.append(f"ZeRO-3 vs 2: per-rank rest {max(r['rest'] for r in z3) / max(r['rest'] for r in z2):.2f}x, "
-                      f"peak {max(r['peak'] for r in z3) / max(r['peak'] for r in z2):.2f}x, "
-                      f"step time {max(r['median_s'] for r in z3) / max(r['median_s'] for r in z2):.2f}x, "
-                      f"collective bytes per step {sent[3] / max(sent[2], 1):.0f}x "
-                      f"({sent[2] / 2**20:.1f} MiB vs {sent[3] / 2**20:.1f} MiB)")
-    if "padding" in rows:
-        if not os.path.exists(os.path.join(a.lastfm, "manifest.json")):
-            print(f"padding: skipped, no LastFM shards in {a.lastfm} (run bench/bench_padding.py --sets lastfm first)")
-        else:
-            r = run_row(a, "padding", "padding", ["--lastfm", a.lastfm, "--lastfm-tokenizer", a.lastfm_tokenizer,
-                                                  "--padding-batches", str(a.padding_batches)], report=False)[0]
-            results["padding"] = r
-            for name, x in r.items():
-                print(f"padding {name}: padded {100 * x['padded_share']:.1f}%, {x['useful_per_s']:.1f} useful tokens/s, "
-                      f"s per micro-batch {[round(t, 1) for t in x['seconds']]}")
-            ratios.append(f"length grouping (N=8) on LastFM: padded {100 * r['off']['padded_share']:.1f}% -> "
-                          f"{100 * r['grouped']['padded_share']:.1f}%, useful tokens/s "
-                          f"{r['grouped']['useful_per_s'] / r['off']['useful_per_s']:.2f}x")
+    rows_checkpointing_and_logits(a, config, rows, results, ratios)
+    rows_zero_and_padding(a, config, rows, results, ratios)
     json.dump(results, open(os.path.join(a.out, "bench_memory.json"), "w"), indent=1)
     print("ratios: " + " | ".join(ratios))
 

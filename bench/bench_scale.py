@@ -417,97 +417,67 @@ def paper_7b(ckpt_bytes_per_trainable: float = 12.0) -> dict:
 
 # ---- main
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads (Llama-2-7B has no GQA)")
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--tok-vocab", type=int, default=4000, help="the BPE's target size (the corpus may give fewer)")
-    p.add_argument("--pad-vocab", type=int, default=32000, help="embedding rows at least this many (0: the tokenizer's)")
-    p.add_argument("--users", type=int, default=60)
-    p.add_argument("--srec-epochs", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--checkpoint-every", type=int, default=2)
-    p.add_argument("--stop-after", type=int, default=2, help="write STOP once this step's checkpoint is complete")
-    p.add_argument("--eval-rows", type=int, default=4)
-    p.add_argument("--before", choices=["measure", "compute"], default="measure")
-    p.add_argument("--analyse-only", action="store_true",
-                   help="no runs: redo the figures from <out>/bench_scale.json and the run folder")
-    p.add_argument("overrides", nargs="*", help="more key=value for launch/train.py")
-    a = p.parse_args()
+def run_all(a, out: str, base: str, run_dir: str, logs: str, res: dict) -> None:
+    """The runs: the model folder, training stopped at a checkpoint (run 1) and resumed (run 2), then
+    launch/eval.py on the export; their figures go into res."""
+    res["build"] = build_folder(base, a)
+    print(f"model folder {base}: " + ("reused" if res["build"]["reused"] else f"built in {res['build']['seconds']:.0f} s"),
+          flush=True)
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = os.path.abspath(a.out)
-    os.makedirs(out, exist_ok=True)
-    base, run_dir = os.path.join(out, "base"), os.path.join(out, "run")
-    logs = os.path.join(run_dir, "logs")
-    res = {"args": vars(a)}
-    t_all = time.time()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "launch/train.py", *train_args(a, run_dir, base)]
+    res["command"] = "OMP_WAIT_POLICY=PASSIVE python launch/train.py " + " ".join(train_args(a, run_dir, base))
+    print(res["command"], flush=True)
 
-    if a.analyse_only:
-        with open(os.path.join(out, "bench_scale.json")) as f:
-            prev = json.load(f)
-        res.update({k: prev[k] for k in ("build", "command", "eval_command", "run1", "run2", "eval", "before", "failed")
-                    if k in prev})
+    # run 1: stopped by a STOP file once step --stop-after's checkpoint is complete
+    from trainer.job.checkpoint import COMPLETE, tag_for
+
+    marker = os.path.join(run_dir, "checkpoints", tag_for(a.stop_after), COMPLETE)
+    stop_written = {}
+
+    def stop_when_saved():
+        if not stop_written and os.path.exists(marker):
+            with open(os.path.join(run_dir, "STOP"), "w") as f:
+                f.write("bench_scale")
+            stop_written["at"] = time.time()
+
+    r1 = run_logged(cmd, os.path.join(out, "train1.log"), logs, on_poll=stop_when_saved)
+    r1["checkpoints"] = checkpoint_sizes(run_dir)
+    res["run1"] = r1
+    print(f"run 1: exit {r1['rc']} after {r1['seconds']:.0f} s (75 = stopped at a checkpoint)", flush=True)
+    if r1["rc"] != 75:
+        print(tail(os.path.join(out, "train1.log"), 60))
+        res["failed"] = "run 1"
     else:
-        res["build"] = build_folder(base, a)
-        print(f"model folder {base}: " + ("reused" if res["build"]["reused"] else f"built in {res['build']['seconds']:.0f} s"),
-              flush=True)
+        for name in os.listdir(logs):  # run 2's workers write their own
+            if re.fullmatch(r"worker_\d+\.pid", name):
+                os.remove(os.path.join(logs, name))
+        r2 = run_logged(cmd, os.path.join(out, "train2.log"), logs)
+        r2["checkpoints"] = checkpoint_sizes(run_dir)
+        text = open(os.path.join(out, "train2.log"), errors="replace").read()
+        m = re.search(r"resumed from (step_\d+): step (\d+)", text)
+        r2["resumed_from"] = m.group(1) if m else None
+        res["run2"] = r2
+        print(f"run 2: exit {r2['rc']} after {r2['seconds']:.0f} s; resumed from {r2['resumed_from']}", flush=True)
+        if r2["rc"] != 0:
+            print(tail(os.path.join(out, "train2.log"), 60))
+            res["failed"] = "run 2"
 
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "launch/train.py", *train_args(a, run_dir, base)]
-        res["command"] = "OMP_WAIT_POLICY=PASSIVE python launch/train.py " + " ".join(train_args(a, run_dir, base))
-        print(res["command"], flush=True)
+    if "failed" not in res:
+        ecmd = [sys.executable, "launch/eval.py", "--run", run_dir, "--max-samples", str(a.eval_rows),
+                "--batch-size", "4", "--modes", "score"]
+        res["eval_command"] = "OMP_WAIT_POLICY=PASSIVE python " + " ".join(ecmd[1:])
+        ev = run_logged(ecmd, os.path.join(out, "eval.log"), None)
+        res["eval"] = ev
+        print(f"launch/eval.py: exit {ev['rc']} after {ev['seconds']:.0f} s", flush=True)
+        if ev["rc"] != 0:
+            print(tail(os.path.join(out, "eval.log"), 60))
+            res["failed"] = "eval"
 
-        # run 1: stopped by a STOP file once step --stop-after's checkpoint is complete
-        from trainer.job.checkpoint import COMPLETE, tag_for
 
-        marker = os.path.join(run_dir, "checkpoints", tag_for(a.stop_after), COMPLETE)
-        stop_written = {}
-
-        def stop_when_saved():
-            if not stop_written and os.path.exists(marker):
-                with open(os.path.join(run_dir, "STOP"), "w") as f:
-                    f.write("bench_scale")
-                stop_written["at"] = time.time()
-
-        r1 = run_logged(cmd, os.path.join(out, "train1.log"), logs, on_poll=stop_when_saved)
-        r1["checkpoints"] = checkpoint_sizes(run_dir)
-        res["run1"] = r1
-        print(f"run 1: exit {r1['rc']} after {r1['seconds']:.0f} s (75 = stopped at a checkpoint)", flush=True)
-        if r1["rc"] != 75:
-            print(tail(os.path.join(out, "train1.log"), 60))
-            res["failed"] = "run 1"
-        else:
-            for name in os.listdir(logs):  # run 2's workers write their own
-                if re.fullmatch(r"worker_\d+\.pid", name):
-                    os.remove(os.path.join(logs, name))
-            r2 = run_logged(cmd, os.path.join(out, "train2.log"), logs)
-            r2["checkpoints"] = checkpoint_sizes(run_dir)
-            text = open(os.path.join(out, "train2.log"), errors="replace").read()
-            m = re.search(r"resumed from (step_\d+): step (\d+)", text)
-            r2["resumed_from"] = m.group(1) if m else None
-            res["run2"] = r2
-            print(f"run 2: exit {r2['rc']} after {r2['seconds']:.0f} s; resumed from {r2['resumed_from']}", flush=True)
-            if r2["rc"] != 0:
-                print(tail(os.path.join(out, "train2.log"), 60))
-                res["failed"] = "run 2"
-
-        if "failed" not in res:
-            ecmd = [sys.executable, "launch/eval.py", "--run", run_dir, "--max-samples", str(a.eval_rows),
-                    "--batch-size", "4", "--modes", "score"]
-            res["eval_command"] = "OMP_WAIT_POLICY=PASSIVE python " + " ".join(ecmd[1:])
-            ev = run_logged(ecmd, os.path.join(out, "eval.log"), None)
-            res["eval"] = ev
-            print(f"launch/eval.py: exit {ev['rc']} after {ev['seconds']:.0f} s", flush=True)
-            if ev["rc"] != 0:
-                print(tail(os.path.join(out, "eval.log"), 60))
-                res["failed"] = "eval"
-
-    # the model's numbers
+def model_figures(a, out: str, base: str, run_dir: str, logs: str, res: dict, prev: dict, t_all: float) -> None:
+    """The model's numbers: parameter counts, activations, DeepSpeed's estimate, checkpoint sizes (with and
+    without the frozen base), the steps' timings and Llama-2-7B on paper; written to bench_scale.json."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(base)
@@ -553,6 +523,47 @@ def main():
     with open(os.path.join(out, "bench_scale.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     report(res)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads (Llama-2-7B has no GQA)")
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--tok-vocab", type=int, default=4000, help="the BPE's target size (the corpus may give fewer)")
+    p.add_argument("--pad-vocab", type=int, default=32000, help="embedding rows at least this many (0: the tokenizer's)")
+    p.add_argument("--users", type=int, default=60)
+    p.add_argument("--srec-epochs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--checkpoint-every", type=int, default=2)
+    p.add_argument("--stop-after", type=int, default=2, help="write STOP once this step's checkpoint is complete")
+    p.add_argument("--eval-rows", type=int, default=4)
+    p.add_argument("--before", choices=["measure", "compute"], default="measure")
+    p.add_argument("--analyse-only", action="store_true",
+                   help="no runs: redo the figures from <out>/bench_scale.json and the run folder")
+    p.add_argument("overrides", nargs="*", help="more key=value for launch/train.py")
+    a = p.parse_args()
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    base, run_dir = os.path.join(out, "base"), os.path.join(out, "run")
+    logs = os.path.join(run_dir, "logs")
+    res = {"args": vars(a)}
+    t_all = time.time()
+
+    if a.analyse_only:
+        with open(os.path.join(out, "bench_scale.json")) as f:
+            prev = json.load(f)
+        res.update({k: prev[k] for k in ("build", "command", "eval_command", "run1", "run2", "eval", "before", "failed")
+                    if k in prev})
+    else:
+        prev = {}
+        run_all(a, out, base, run_dir, logs, res)
+    model_figures(a, out, base, run_dir, logs, res, prev, t_all)
 
 
 def report(res: dict) -> None:

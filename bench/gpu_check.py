@@ -298,6 +298,20 @@ def model_folder(choice: str, dry_run: bool, work: str) -> tuple[str, str]:
     return os.path.abspath(choice), choice
 
 
+def print_summary(report: dict) -> None:
+    """One line per figure of the training check, and what a dry run could not check."""
+    train = report.get("train", {})
+    if train.get("ok"):
+        memory = ", ".join(f"{m:.2f}" for m in train["peak_gpu_memory_gib"] if m is not None) or "n/a (CPU)"
+        mfu = f"{100 * train['mfu']:.1f}%" if train.get("mfu") is not None else "n/a (no known peak)"
+        say(f"\ntrain on {train['world']} x {train['device']}: {train['samples_per_s']:.1f} samples/s, "
+            f"{train['tokens_per_s']:.0f} tokens/s, {train['tflops_per_s']:.2f} TFLOP/s, MFU {mfu}, peak memory per "
+            f"GPU (GiB) {memory}; resumed at step {train['resumed_from_step']}: losses within "
+            f"{train['resume_max_rel_diff']:.1e} relative of the first run's")
+    for line in report["not_checked"]:
+        say(f"not checked here: {line}")
+
+
 # ---- the driver
 
 def main(argv=None) -> int:
@@ -370,16 +384,7 @@ def main(argv=None) -> int:
         "bf16 on tensor cores (run here: DeepSpeed's CPU accelerator in bf16)", "peak GPU memory and MFU (no GPU)"]
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    train = report.get("train", {})
-    if train.get("ok"):
-        memory = ", ".join(f"{m:.2f}" for m in train["peak_gpu_memory_gib"] if m is not None) or "n/a (CPU)"
-        mfu = f"{100 * train['mfu']:.1f}%" if train.get("mfu") is not None else "n/a (no known peak)"
-        say(f"\ntrain on {train['world']} x {train['device']}: {train['samples_per_s']:.1f} samples/s, "
-            f"{train['tokens_per_s']:.0f} tokens/s, {train['tflops_per_s']:.2f} TFLOP/s, MFU {mfu}, peak memory per "
-            f"GPU (GiB) {memory}; resumed at step {train['resumed_from_step']}: losses within "
-            f"{train['resume_max_rel_diff']:.1e} relative of the first run's")
-    for line in report["not_checked"]:
-        say(f"not checked here: {line}")
+    print_summary(report)
     say(f"{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}; written: {args.out}")
     if args.fidelity and gpus and not failed:
         cmd = [sys.executable, os.path.join(REPO, "bench", "fidelity.py"), "--out", os.path.abspath(args.fidelity),

@@ -409,9 +409,8 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         raise ValueError("data.user_token=true is not supported with data.task=ctr")
     os.makedirs(out_dir, exist_ok=True)
     titles = [t for _, t, _ in items]
-    num_items = len(items)
     stats = dict(stats or {})
-    raw_ids = stats.pop("raw_item_ids", list(range(num_items)))
+    raw_ids = stats.pop("raw_item_ids", list(range(len(items))))
     params = {"num_candidates": num_candidates, "max_len": max_len, "samples_per_shard": samples_per_shard,
               "seed": seed, "templates": list(templates(user_token, domain))}
     if user_token:  # only when on: the default manifest (and its config_hash) stays as it was
@@ -419,7 +418,31 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
     if task == "ctr":  # likewise: only CTR manifests name a task
         params["task"], params["templates"] = "ctr", list(CTR_TEMPLATES)
     params.update(extra_params or {})
+    manifest = _new_manifest(len(items), titles, splits, params, stats, tokenizer_dir)
+    from transformers import AutoTokenizer  # heavy: only once a build is under way
+
+    check_placeholder_tokens(AutoTokenizer.from_pretrained(tokenizer_dir), user_token, tokenizer_dir)
     profiles = profiles or {}
+
+    def encode_args(shard):  # what a worker needs to encode one shard (_encode_shard)
+        return (shard, len(items), num_candidates, max_len, seed, user_token, task,
+                {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles}, domain)
+
+    total = sum(manifest["stats"][f"{split}_samples"] for split in SPLITS)
+    manifest["shards"] = _stream_shards(out_dir, splits, samples_per_shard, manifest["config_hash"], encode_args,
+                                        tokenizer_dir, titles, workers or os.cpu_count() or 1, ray_tasks,
+                                        total if progress else None)
+    with open(os.path.join(out_dir, ITEMS), "w") as f:
+        json.dump({"raw_item_ids": raw_ids, "titles": titles, "genres": [g for _, _, g in items]}, f)
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.remove(os.path.join(out_dir, PROGRESS))
+    return manifest
+
+
+def _new_manifest(num_items: int, titles: list[str], splits: dict, params: dict, stats: dict, tokenizer_dir: str) -> dict:
+    """The manifest before its shards: params, the config hash (params and the data's digest), the
+    tokenizer's sha256 and each split's sample counts."""
     config_hash = hashlib.sha256(json.dumps({**params, "data": data_digest(titles, splits)}, sort_keys=True)
                                  .encode()).hexdigest()
     manifest = {
@@ -427,21 +450,24 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         "tokenizer": {"name": os.path.basename(os.path.normpath(tokenizer_dir)), "sha256": tokenizer_hash(tokenizer_dir)},
         "config_hash": config_hash, "params": params, "stats": {**stats, "items": num_items}, "shards": [],
     }
-    from transformers import AutoTokenizer
-
-    check_placeholder_tokens(AutoTokenizer.from_pretrained(tokenizer_dir), user_token, tokenizer_dir)
     for split in SPLITS:
         rows = splits.get(split, [])
         kept = sum(1 for s in rows if s["history"])
         manifest["stats"][f"{split}_samples"] = kept
         manifest["stats"][f"{split}_dropped_empty_history"] = len(rows) - kept
-    total = sum(manifest["stats"][f"{split}_samples"] for split in SPLITS)
+    return manifest
+
+
+def _stream_shards(out_dir: str, splits: dict, samples_per_shard: int, config_hash: str, encode_args,
+                   tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: bool, total: int | None) -> list[dict]:
+    """Encode every shard on the workers (those a stopped build wrote are kept: resume_shards), write each
+    as it comes back, in order, and record it in PROGRESS; returns the manifest's shard entries. total:
+    the samples to count on a progress bar, None for no bar."""
     done = resume_shards(out_dir, config_hash)
     with open(os.path.join(out_dir, PROGRESS), "w") as f:  # the kept shards first: a second stop loses none
         f.write(json.dumps({"config_hash": config_hash}) + "\n" + "".join(json.dumps(e) + "\n" for e in done.values()))
-    workers = workers or os.cpu_count() or 1
     bar = None
-    if progress:
+    if total is not None:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="sample", desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
@@ -453,11 +479,9 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         for split, index, shard in shard_plan(splits, samples_per_shard):
             name = f"{split}-{index:05d}.tar"
             kept = name in done and done[name]["count"] == len(shard)  # its split is in its name (resume_shards)
-            args = None if kept else (shard, num_items, num_candidates, max_len, seed, user_token, task,
-                                      {s["user"]: profiles[s["user"]] for _, _, s in shard if s["user"] in profiles},
-                                      domain)
-            yield (name, split, len(shard)), args
+            yield (name, split, len(shard)), None if kept else encode_args(shard)
 
+    entries = []
     submit, close = _submitter(tokenizer_dir, titles, workers, ray_tasks)
     try:
         with open(os.path.join(out_dir, PROGRESS), "a") as log_file:
@@ -472,7 +496,7 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
                     entry = {"name": name, "split": split, "count": count, "sha256": hashlib.sha256(data).hexdigest()}
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
-                manifest["shards"].append(entry)
+                entries.append(entry)
                 if bar is not None:
                     if not bar.desc.endswith(split):
                         bar.set_description(f"tokenizing {split}")
@@ -481,12 +505,7 @@ def write_shards(items, splits, tokenizer_dir: str, out_dir: str, *, num_candida
         if bar is not None:
             bar.close()
         close()
-    with open(os.path.join(out_dir, ITEMS), "w") as f:
-        json.dump({"raw_item_ids": raw_ids, "titles": titles, "genres": [g for _, _, g in items]}, f)
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.remove(os.path.join(out_dir, PROGRESS))
-    return manifest
+    return entries
 
 
 def load_manifest(data_dir: str) -> dict:

@@ -88,3 +88,13 @@ def test_the_project_is_imported_at_the_top_of_modules():
                     if any(n.split(".")[0] in PACKAGES for n in names):
                         inside.append(f"{module}.{fn.name} (line {node.lineno})")
     assert not inside, "imports of the project inside functions: " + ", ".join(inside)
+
+
+def test_no_function_is_longer_than_a_screen_and_a_half():
+    """Every function of the project fits in 80 lines (the recipe's phases included)."""
+    long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 80 lines: " + ", ".join(long)
