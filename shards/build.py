@@ -40,6 +40,11 @@ import sys
 
 import numpy as np
 import webdataset as wds
+import io
+import multiprocessing as mp
+import shutil
+import tempfile
+from collections import deque
 
 from configs.schema import Data
 from shards import readers
@@ -139,7 +144,7 @@ PROGRESS = "build-progress.jsonl"  # shards written so far by an unfinished buil
 
 def _init_worker(tokenizer_dir, titles):
     global _TOKENIZER, _TITLES, _LOADED_FOR
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy to import
 
     _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
     _TITLES, _LOADED_FOR = titles, tokenizer_dir
@@ -161,8 +166,6 @@ def _init_pool_worker(tokenizer_dir, titles):
 
 def _encode_shard(args) -> bytes:
     """One shard's tar file, in memory, from its (index, split, sample) list and the build's settings."""
-    import io
-
     if _INIT_ERROR:
         raise RuntimeError(f"a tokenizing process could not start: {_INIT_ERROR}")
 
@@ -188,8 +191,6 @@ def tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:
 
 def tokenizer_folder(files: dict[str, bytes]) -> str:
     """tokenizer_files written into a new private temporary folder (mkdtemp: no name another user can take)."""
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="llmrec-tokenizer-")
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
@@ -201,9 +202,7 @@ def _encode_shard_on_ray(tokenizer: tuple[str, dict[str, bytes]], titles, args) 
     """A Ray task: _encode_shard in a Ray worker process, on any node. The tokenizer comes as (a digest, its
     files) (tokenizer_files), loaded once per process from a private temporary folder, deleted once loaded.
     Returns the shard's bytes and the node it was encoded on (the build counts them)."""
-    import shutil
-
-    import ray
+    import ray  # lazy: only where a cluster is used
 
     global _LOADED_FOR
     digest, files = tokenizer
@@ -326,8 +325,6 @@ def _in_order(submit, tasks, window: int):
     encoding and returns a function that waits for its bytes; at most `window` shards in flight (bounded
     memory, unlike Pool.imap, which takes every task at once). args None (a shard kept from a stopped
     build) gives None in its place."""
-    from collections import deque
-
     pending = deque()
     for tag, args in tasks:
         while len(pending) >= window or (pending and pending[0][1] is None):
@@ -343,7 +340,7 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
     """(submit, close): where shards are encoded. Ray tasks of one CPU each on the connected cluster, a
     pool of `workers` spawned processes, or this process (workers=1)."""
     if ray_tasks:
-        import ray
+        import ray  # lazy: only where a cluster is used
 
         files = tokenizer_files(tokenizer_dir)
         digest = hashlib.sha256(json.dumps({n: hashlib.sha256(d).hexdigest() for n, d in files.items()}).encode())
@@ -366,8 +363,6 @@ def _submitter(tokenizer_dir: str, titles: list[str], workers: int, ray_tasks: b
                          ", ".join(f"{node[:8]} {n}" for node, n in sorted(nodes.items())))
         return submit, close
     if workers > 1:
-        import multiprocessing as mp
-
         pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_dir, titles))
 
         def close():
@@ -468,7 +463,7 @@ def _stream_shards(out_dir: str, splits: dict, samples_per_shard: int, config_ha
         f.write(json.dumps({"config_hash": config_hash}) + "\n" + "".join(json.dumps(e) + "\n" for e in done.values()))
     bar = None
     if total is not None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only with a progress bar
 
         bar = tqdm(total=total, unit="sample", desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
         if done:

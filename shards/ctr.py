@@ -33,6 +33,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from configs.schema import Data, Retrieval
 from shards.retrieval import (cached_item_embeddings, l2_normalize, model_fingerprint, pca,
@@ -147,8 +148,6 @@ def recent(sample: dict, k: int) -> dict:
 def retrieve_histories(samples: list[dict], item_vecs, k: int, order: str, query: str = "target") -> list[dict]:
     """Each sample with its history replaced by the k items SUBR picks (query: the target, or the
     most recent history item); ratings follow their items. (Retrieved: the same, made when read.)"""
-    import torch
-
     if not samples:
         return []
     hist = [s["history"] for s in samples]
@@ -222,7 +221,6 @@ def item_embeddings(retrieval: Retrieval, items, llm_dir: str, cache_dir: str, m
     """The items' LLM embeddings [N, H] float32, read from cache_dir or computed and written there with
     the LLM's weights in data.retrieval.dtype (pooled in float32). Under torch.distributed every rank
     calls this and embeds its slice (shards/retrieval.py)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when embeddings are computed
 
     tok = AutoTokenizer.from_pretrained(llm_dir)

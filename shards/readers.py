@@ -228,7 +228,7 @@ def read_sequences(path: str, titles: dict[int, str] | None = None) -> RawData:
 def _table(path: str):
     """Rows of a CSV (header required) or Parquet file as dicts, one at a time: (line or row number, row)."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional, Parquet only
 
         n = 2
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):

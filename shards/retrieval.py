@@ -36,6 +36,8 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from shards.collectives import all_reduce_scalar, collective_device, rank_world
 
@@ -215,8 +217,6 @@ def _tensor_sha256(x: torch.Tensor) -> str:
 def load_cached(path: str, key: str, n: int) -> torch.Tensor | None:
     """The cached [n, H] embeddings at `path`, or None when absent, unreadable (truncated, partial),
     written for another key, of the wrong shape, or when its data no longer matches its checksum."""
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         return None
     try:
@@ -234,8 +234,6 @@ def load_cached(path: str, key: str, n: int) -> torch.Tensor | None:
 
 def save_cached(path: str, key: str, x: torch.Tensor) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees a partial file."""
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     x = x.contiguous()
     tmp = f"{path}.tmp-{os.getpid()}"

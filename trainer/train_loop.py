@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+import torch.distributed as dist
 
 import trainer.job.checkpoint as ckpt
 from shards.build import check_manifest, load_manifest
@@ -106,10 +107,10 @@ def train_worker(config: dict) -> None:
 # ---- setup
 
 def setup(cfg: DictConfig, paths: RunPaths) -> Run:
-    import deepspeed
-    import ray
-    import ray.train
-    import ray.train.torch
+    import deepspeed  # lazy: reads DS_ACCELERATOR on import
+    import ray  # lazy: only where a cluster is used
+    import ray.train  # lazy: only where a cluster is used
+    import ray.train.torch  # lazy: only where a cluster is used
 
     if cfg.train.use_gpu and cfg.model.injection == "fused":
         check_triton_compiler()  # a node without gcc/clang says so now, not in the first forward
@@ -180,7 +181,7 @@ def load_inputs(cfg: DictConfig, paths: RunPaths, device) -> tuple[dict, Any, An
 def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: int, config_file: str | None):
     """DeepSpeed's engine: AdamW on the trainable parameters, warm-up + cosine per optimizer step,
     ds_config (train.* with train.deepspeed merged in; written to config_file when given)."""
-    import deepspeed
+    import deepspeed  # lazy: reads DS_ACCELERATOR on import
 
     train_cfg = cfg.train
     warmup = max(1, int(train_cfg.warmup_ratio * total_steps))
@@ -205,8 +206,6 @@ def build_engine(cfg: DictConfig, model, ds_config: dict, device, total_steps: i
 def resume(run: Run) -> None:
     """Continue from the newest complete checkpoint in the run's folder; nothing if there is none. On the
     worker count that wrote it through DeepSpeed's files; on another through trainer/job/trainable_state.py."""
-    import torch.distributed as dist
-
     root, (tag, state) = run.paths.checkpoints, run.checkpoint
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
@@ -536,7 +535,7 @@ class StepLog:
                 and time.monotonic() - self.last_report >= RAY_REPORT_EVERY_S)
 
     def report(self, record: dict) -> None:
-        import ray.train
+        import ray.train  # lazy: only where a cluster is used
 
         ray.train.report(record)
         self.last_report = time.monotonic()
@@ -580,7 +579,7 @@ def trainer_state(run: Run) -> dict:
 def finish(run: Run) -> None:
     """After the last step: its checkpoint (if that step wrote none), the loss plot, the export, and
     the evaluation (rank 0 writes eval/final_<split>/ and a copy of its metrics into the last checkpoint)."""
-    import ray.train
+    import ray.train  # lazy: only where a cluster is used
 
     step = run.progress["global_step"]
     if run.last_saved != step:

@@ -279,7 +279,7 @@ def load_model_for_eval(source: dict, paths: RunPaths, srec_dim: int, dtype: tor
                                      vocab_size=len(tokenizer))
     if source.get("zero_shot"):  # LoRA starts as the identity; the adapter is its seeded initialisation
         return model.eval(), embed, tokenizer
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: reads DS_ACCELERATOR on import
 
     root, tag = os.path.split(source["checkpoint"].rstrip("/"))
     state = get_fp32_state_dict_from_zero_checkpoint(root, tag)
@@ -305,8 +305,8 @@ def check_modes(manifest: dict, modes) -> None:
 
 def eval_worker(config: dict) -> None:
     """Ray Train worker of launch/eval.py: evaluate this rank's share, gather on rank 0, write there."""
-    import ray.train
-    import ray.train.torch
+    import ray.train  # lazy: only where a cluster is used
+    import ray.train.torch  # lazy: only where a cluster is used
 
     job: EvalJob = config["job"]
     ctx = ray.train.get_context()

@@ -28,6 +28,8 @@ import time
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+import errno
+import numpy as np
 
 from configs.schema import accumulation_for
 from trainer.job import trainable_state
@@ -84,8 +86,6 @@ class NoSpaceForCheckpoint(Unrecoverable, OSError):
 def _out_of_space(e: BaseException, root: str, needed: int) -> bool:
     """ENOSPC / EDQUOT as an OSError, or any write error with less free space left under `root` than a
     checkpoint needs (torch.save then raises RuntimeErrors such as "basic_ios::clear: iostream error")."""
-    import errno
-
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return os.path.isdir(root) and shutil.disk_usage(root).free < needed
@@ -244,8 +244,6 @@ def load_resized(engine, root: str, tag: str, state: dict, rank: int, seed: int)
     caller): the trained state from trainable.safetensors (verified against the file bit for bit), the
     scheduler, DeepSpeed's step counters; each rank's RNG from the rank of that number in the checkpoint,
     and for a rank that did not exist there, seeded from (seed, step, rank)."""
-    import numpy as np
-
     path = os.path.join(root, tag)
     trainable_state.restore(engine, path)
     trainable_state.verify(engine, path)  # raises unless every trained tensor equals the file's, bit for bit

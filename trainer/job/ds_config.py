@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+from omegaconf import DictConfig, OmegaConf
 
 # dotted key in DeepSpeed's config -> where the trainer takes it from
 OWNED = {
@@ -69,8 +70,6 @@ def base_config(t, precision: str) -> dict:
 
 
 def _overrides(t) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
     extra = t.get("deepspeed") or {}
     return OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else copy.deepcopy(dict(extra))
 
@@ -136,8 +135,8 @@ def check_deepspeed_overrides(cfg) -> None:
         raise ValueError("train.deepspeed.zero_optimization.offload_param needs train.offload_params=true "
                          "and train.zero_stage=3")
 
-    from deepspeed import __version__ as ds_version
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed import __version__ as ds_version  # lazy: reads DS_ACCELERATOR on import
+    from deepspeed.runtime.config import DeepSpeedConfig  # lazy: reads DS_ACCELERATOR on import
 
     if zero.get("stage3_module_granularity_threshold") and _version(ds_version) <= GRANULARITY_BROKEN_UP_TO:
         raise ValueError(

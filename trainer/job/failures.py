@@ -25,6 +25,7 @@ import contextlib
 import errno
 import os
 import socket
+import traceback
 
 FATAL_TYPES = (ValueError, TypeError, KeyError, IndexError, AssertionError, NotImplementedError, ImportError)
 FATAL_OS_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -76,8 +77,6 @@ def one_line(e: BaseException) -> str:
     """The exception's type and message on one line (DeepSpeed's bare asserts say where they were raised)."""
     text = " ".join(str(e).split())
     if not text:
-        import traceback
-
         frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         text = f"raised at {frame.filename}:{frame.lineno} in {frame.name}" if frame else "(no message)"
     return f"{type(e).__name__}: {text}"
@@ -107,8 +106,6 @@ def fatal_errors(traceback_dir: str | None = None):
         rank = _rank()
         message = f"{one_line(e)} (rank {rank} on {socket.gethostname()}"
         if traceback_dir:
-            import traceback
-
             path = os.path.join(traceback_dir, f"failure-rank{rank}.txt")
             try:
                 os.makedirs(traceback_dir, exist_ok=True)

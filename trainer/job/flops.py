@@ -24,6 +24,9 @@ torch leaves TF32 off for matmuls), else unknown (CPU): MFU is then not reported
 
 from __future__ import annotations
 
+import resource
+import torch
+
 # per GPU, TFLOP/s from the vendors' data sheets, dense: (bf16, fp16, fp32); None where the GPU has none.
 # Matched as substrings of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100")
 KNOWN_PEAK_TFLOPS = (("H200", (989.0, 989.0, 67.0)), ("H100 PCIe", (756.0, 756.0, 51.0)),
@@ -80,12 +83,9 @@ def peak_flops(device_name: str | None, precision: str = "bf16", override_tflops
 def peak_memory_gib(device) -> tuple[float, str]:
     """(GiB, what): on CUDA the allocator's peak since the last call (then reset), else this process's
     peak resident set size (the kernel's high-water mark: it never goes down)."""
-    import torch
-
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak / 2**30, "gpu_allocated"
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss"  # Linux: KiB

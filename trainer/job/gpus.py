@@ -7,7 +7,7 @@ from __future__ import annotations
 def require_gpus(workers: int, switch: str) -> None:
     """A ValueError naming `switch` when the connected Ray cluster has fewer GPUs than `workers` (the
     launchers print it and exit 2)."""
-    import ray
+    import ray  # lazy: only where a cluster is used
 
     have = int(ray.cluster_resources().get("GPU", 0))
     if have < workers:

@@ -24,6 +24,8 @@ import os
 import secrets
 import stat
 import time
+import torch
+import warnings
 
 from trainer.job.console import quiet_known_noise
 from trainer.job.failures import fatal_error_of, fatal_errors
@@ -54,7 +56,7 @@ def on_worker_process_start() -> None:
     line every second, the cleaner asking the other cluster, finding no such controller and ending itself
     (had the run's placement group been registered by then, it would have removed it: the workers with it);
     with a stale file, 40-s timeouts and a 12-s wait with a traceback at the end of every run."""
-    import ray
+    import ray  # lazy: only where a cluster is used
 
     quiet_known_noise()  # the controller's lines too
     install_worker_handlers()
@@ -119,7 +121,7 @@ def set_auth_mode(auth: str, starting: bool, address: str | None = None) -> None
     os.environ["RAY_AUTH_MODE"] = auth
     # Ray caches its config (the auth mode in it) at import: read it again, as Ray's own code does when it
     # turns token mode on for a new local cluster (ray._private.authentication, Ray 2.60)
-    from ray._raylet import Config
+    from ray._raylet import Config  # lazy: only where a cluster is used
 
     Config.initialize("")
 
@@ -128,7 +130,7 @@ def connect(address: str | None, num_cpus: int, object_store_mb: int, use_gpu: b
     """Join the cluster at `address` (else RAY_ADDRESS, as `ray job submit` sets it) or start a local
     one with `num_cpus` CPUs and an object store of `object_store_mb`, with Ray's token authentication
     unless auth="disabled" (module docstring). A second call does nothing."""
-    import ray
+    import ray  # lazy: only where a cluster is used
 
     if ray.is_initialized():
         return
@@ -151,7 +153,7 @@ def _logs_dir() -> str:
     """The started cluster's log folder (gcs_server.out, raylet.out, ...): where to look when Ray itself fails.
     Ray 2.60 has no public call for it."""
     try:
-        from ray._private.worker import global_worker
+        from ray._private.worker import global_worker  # lazy: only where a cluster is used
 
         return global_worker.node.get_logs_dir_path()
     except Exception:  # noqa: BLE001 - a private API: a log line is not worth a failed start
@@ -173,8 +175,8 @@ def run_on_workers(fn, config: dict, workers: int | tuple[int, int], cpus_per_wo
     folder of its own per run: no job's state, nor Ray's bookkeeping of checkpoints, is ever read back
     by another. The jobs keep their checkpoints themselves (trainer/job/checkpoint.py). Ray must be
     connected (connect)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError  # lazy: only where a cluster is used
+    from ray.train.torch import TorchTrainer  # lazy: only where a cluster is used
 
     quiet_known_noise()  # before fit(): Ray Train reads its switches in the driver
 
@@ -218,10 +220,6 @@ def _guarded(fn, traceback_dir: str, use_gpu: bool, threads: int, config):
 def setup_worker_process(use_gpu: bool, threads: int) -> None:
     """The first thing each worker of a job does (run_on_workers): DeepSpeed's accelerator, torch's threads,
     and a console that shows the run's own lines (the libraries' info lines and known noise dropped)."""
-    import warnings
-
-    import torch
-
     quiet_known_noise()
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -231,12 +229,12 @@ def setup_worker_process(use_gpu: bool, threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("ray", "ray.train", "deepspeed", "DeepSpeed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # lazy: heavy to import
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per worker and model load
     # some of Ray's loggers are named by their file's path (Ray Train's "Reporting training result ..."
     # line on every report), so no name above covers them: their info lines are dropped by where they come from
-    import ray
+    import ray  # lazy: only where a cluster is used
 
     ray_dir = os.path.dirname(ray.__file__) + os.sep
     for handler in logging.getLogger().handlers:

@@ -38,7 +38,7 @@ def install_worker_handlers() -> None:
     Ray's worker_process_setup_hook)."""
     signal.signal(signal.SIGUSR1, _on_signal)
     try:
-        import ray._private.utils as ray_utils
+        import ray._private.utils as ray_utils  # lazy: only where a cluster is used
 
         ray_set = ray_utils.set_sigterm_handler
     except (ImportError, AttributeError):

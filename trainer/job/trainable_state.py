@@ -24,6 +24,7 @@ import os
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import torch.distributed as dist
 
 from trainer.job.failures import Unrecoverable
 
@@ -61,7 +62,7 @@ def optimizer_step(engine) -> float:
 def gather(engine) -> dict[str, torch.Tensor]:
     """Collective (every rank, same order): the whole fp32 master copy and optimizer states of every
     trained parameter, as the tensors of FILE (on every rank)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # lazy: reads DS_ACCELERATOR on import
 
     keys, out = optimizer_state_keys(engine), {}
     for name, p in trained_parameters(engine):
@@ -83,8 +84,6 @@ def save(engine, checkpoint_dir: str, rank: int) -> int:
 
 def _my_partition(full: torch.Tensor, p) -> torch.Tensor:
     """This rank's ZeRO-3 partition of a whole tensor: flattened, zero-padded to world x partition size."""
-    import torch.distributed as dist
-
     size = p.ds_tensor.numel()
     flat = full.flatten()
     padded = torch.zeros(size * dist.get_world_size(), dtype=flat.dtype)
@@ -113,9 +112,9 @@ def _create_states(engine, keys: list[str]) -> None:
 def restore(engine, checkpoint_dir: str) -> dict:
     """Write FILE into the engine (every rank, collective under ZeRO-3): module parameters, fp32 master
     copy, optimizer states and step. Returns {"tensors", "values", "bytes"} of what was restored."""
-    import deepspeed
+    import deepspeed  # lazy: reads DS_ACCELERATOR on import
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)  # lazy: reads DS_ACCELERATOR on import
 
     path = os.path.join(checkpoint_dir, FILE)
     if not os.path.exists(path):
@@ -157,7 +156,7 @@ def verify(engine, checkpoint_dir: str) -> None:
     """Collective: the module's parameters, the fp32 master copy and the optimizer states gathered from
     the engine equal FILE bit for bit (the module's copy in its own dtype), or a RuntimeError naming the first
     tensor that does not."""
-    import deepspeed
+    import deepspeed  # lazy: reads DS_ACCELERATOR on import
 
     gathered = gather(engine)
     params = trained_parameters(engine)

@@ -22,7 +22,7 @@ def prepare_tokenizer(base_dir: str, out_dir: str, user_token: bool = False):
     pad token. The pad is a new "[PAD]", as LLaRA adds, not eos: padded positions are masked out of
     attention and loss either way, but with pad = eos a collator or a user's code that masks labels by
     id would also mask the answer's real eos. Tokens the base already has are kept as they are."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy to import
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     wanted = [*PLACEHOLDERS, USER_EMB] if user_token else list(PLACEHOLDERS)
@@ -37,7 +37,7 @@ def prepare_tokenizer(base_dir: str, out_dir: str, user_token: bool = False):
 
 def load_tokenizer(tokenizer_dir: str, user_token: bool = False):
     """The run's tokenizer; refused (a ValueError naming the pieces) when it lacks LLaRA's tokens."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy to import
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     check_placeholder_tokens(tok, user_token, tokenizer_dir)
@@ -51,7 +51,7 @@ def partitioned_loading(ds_config: dict):
     holds the whole model in host memory. None for other stages (each rank then holds the model)."""
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         return None
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import HfDeepSpeedConfig  # lazy: heavy to import
 
     return HfDeepSpeedConfig(ds_config)
 
@@ -60,7 +60,7 @@ def _whole(params):
     """Within the block the parameters are whole, and what rank 0 writes reaches every rank's partition
     (ZeRO-3, deepspeed.zero.GatheredParameters); elsewhere nothing to do."""
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # lazy: reads DS_ACCELERATOR on import
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
     return contextlib.nullcontext()
@@ -99,8 +99,8 @@ def build_llara_model(model_dir, srec_dim: int, lora_cfg: dict, unfreeze=(), dty
     ZeRO-3's parameter hooks; the injection runs before the first layer, outside the recomputation).
     """
     # imported here: launch/train.py's config check reads ATTENTIONS and should not pay for peft (~4 s)
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, PretrainedConfig
+    from peft import LoraConfig, get_peft_model  # lazy: heavy to import
+    from transformers import AutoModelForCausalLM, PretrainedConfig  # lazy: heavy to import
 
     if isinstance(model_dir, PretrainedConfig):
         model = AutoModelForCausalLM.from_config(model_dir, dtype=dtype, attn_implementation=attn_implementation)

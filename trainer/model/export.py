@@ -35,7 +35,7 @@ def _gathered(model, names_params):
     """Full copies of the given parameters (ZeRO-3 gathers them; elsewhere they are whole already)."""
     params = [p for _, p in names_params]
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # lazy: reads DS_ACCELERATOR on import
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {n: p.detach().clone().cpu() for n, p in names_params}
@@ -73,8 +73,8 @@ def load_export(export_dir: str, base_dir: str, srec_dim: int, injection: str = 
     """(peft model, hybrid embedding, tokenizer) from an export, in a process with no DeepSpeed, in
     `dtype` (bf16 for GPU evaluation: a 7B base is then read as 14 GB, not 28).
     The user-state adapter is rebuilt when the export has one (user_projector.safetensors)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel  # lazy: heavy to import
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy to import
 
     tok = AutoTokenizer.from_pretrained(os.path.join(export_dir, "tokenizer"))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)

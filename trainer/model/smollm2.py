@@ -21,6 +21,9 @@ import logging
 import os
 import shutil
 import tempfile
+import importlib.util
+import torch
+from importlib.metadata import version
 
 from shards.build import sha256_file
 
@@ -43,8 +46,6 @@ def default_root() -> str:
 
 def gguf_path() -> str:
     """The package's GGUF file; a ValueError saying how to install it when it is not there."""
-    import importlib.util
-
     spec = importlib.util.find_spec(MODULE)  # found without importing it (its __init__ imports llama-cpp)
     folders = list(spec.submodule_search_locations or []) if spec else []
     for folder in folders:
@@ -57,8 +58,6 @@ def gguf_path() -> str:
 
 def smollm2_folder(root: str | None = None) -> str:
     """The stock folder made from the installed package (made once per package version and file)."""
-    from importlib.metadata import version
-
     source = gguf_path()
     root = os.path.abspath(root or default_root())
     folder = os.path.join(root, f"smollm2-135m-instruct-{version(PACKAGE)}-{sha256_file(source)[:12]}")
@@ -85,8 +84,7 @@ def smollm2_folder(root: str | None = None) -> str:
 
 
 def _convert(source: str, out: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy to import
 
     folder, name = os.path.split(source)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

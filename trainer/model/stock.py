@@ -53,7 +53,7 @@ def _bpe(corpus: list[str], vocab_size: int, byte_level: bool, special: list[str
 
 def stock_tokenizer(kind: str, corpus: list[str], vocab_size: int = 1000):
     """A tokenizer with the conventions of `kind`'s released one (module docstring)."""
-    from transformers import LlamaTokenizer, Qwen2Tokenizer
+    from transformers import LlamaTokenizer, Qwen2Tokenizer  # lazy: heavy to import
 
     if kind == "qwen2":
         vocab, merges = _bpe(corpus, vocab_size, True, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
@@ -64,7 +64,7 @@ def stock_tokenizer(kind: str, corpus: list[str], vocab_size: int = 1000):
 
 def stock_config(kind: str, tokenizer, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
                  intermediate_size: int, max_position_embeddings: int = 2048):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config  # lazy: heavy to import
 
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -79,7 +79,7 @@ def stock_folder(out_dir: str, kind: str = "llama2", corpus: list[str] | None = 
                  hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                  intermediate_size: int = 172, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
     """Write a `kind`-shaped folder (config.json, safetensors weights, tokenizer) with random weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: heavy to import
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")

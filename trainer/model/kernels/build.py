@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import torch
 
 log = logging.getLogger("trainer.model.kernels")
 
@@ -87,8 +88,6 @@ def cache_root() -> str:
 
 def folder_name(source: str, cflags: list[str], ldflags: list[str]) -> str:
     """`llmrec_inject-<sha256[:12]>-torch<version>`: one folder per source, flags, torch and Python ABI."""
-    import torch
-
     h = hashlib.sha256()
     for part in (source, *cflags, "--", *ldflags, torch.__version__, torch.version.git_version or "",
                  str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")), sys.implementation.cache_tag,
@@ -105,8 +104,6 @@ def load(source: str, cflags: list[str], ldflags: list[str], root: str | None = 
 
 
 def _load(source: str, cflags: list[str], ldflags: list[str], root: str | None) -> str:
-    import torch
-
     folder = os.path.join(root or cache_root(), folder_name(source, cflags, ldflags))
     lib = os.path.join(folder, NAME + ".so")
     built_here = False

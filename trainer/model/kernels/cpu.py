@@ -19,6 +19,7 @@ whenever torch itself uses OpenMP; the library then shares torch's OpenMP runtim
 from __future__ import annotations
 
 import functools
+import torch
 
 from trainer.model.kernels.build import NoCompiler, load  # noqa: F401  (NoCompiler: raised by load_library)
 
@@ -175,7 +176,5 @@ TORCH_LIBRARY_IMPL(llmrec, Autograd, m) {
 def load_library() -> str:
     """Load the C++ library (it defines the ops when loaded), building it first if there is no complete
     build for this source and torch; returns its path. Raises NoCompiler if it must be built and cannot."""
-    import torch
-
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     return load(SOURCE, ["-O3", *openmp], openmp)

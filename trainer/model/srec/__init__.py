@@ -7,6 +7,7 @@ import json
 import os
 
 from safetensors.torch import load_file, save_file
+import inspect
 
 from trainer.model.srec.caser import Caser
 from trainer.model.srec.common import SRec, left_pad
@@ -20,7 +21,6 @@ ARCHS = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser, "llara_sasrec": L
 def build_srec(arch: str, num_items: int, **kwargs) -> SRec:
     if arch not in ARCHS:
         raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    import inspect
 
     accepted = inspect.signature(ARCHS[arch].__init__).parameters
     return ARCHS[arch](num_items, **{k: v for k, v in kwargs.items() if k in accepted})
