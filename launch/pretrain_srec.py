@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from omegaconf import OmegaConf
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from shards.build import load_source
     from shards.samples import sample_candidates
-    from configs.schema import ConfigError, load_config, to_dict
+    from configs.schema import ConfigError, load_config
     from trainer.model.srec.metrics import evaluate, format_table, protocol
     from trainer.model.srec.pretrain import check_pretrain_args
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not (args.import_llara or args.evaluate):  # before the data is read
             for arch in (args.archs.split(",") if args.archs else [cfg.srec.arch]):
-                check_pretrain_args(**dict(to_dict(cfg.srec), arch=arch))
+                check_pretrain_args(OmegaConf.merge(cfg.srec, {"arch": arch}))
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -86,7 +88,6 @@ def main(argv=None) -> int:
 def srec_models(args, cfg, splits: dict, num_items: int):
     """(name, model) for each SRec to evaluate: LLaRA's imported, saved folders, or pretrained here
     (each saved to <out>/<arch>/ with its report). A model for another item count is a ValueError."""
-    from configs.schema import to_dict
     from trainer.model.srec import load_srec, save_srec
     from trainer.model.srec.pretrain import pretrain
 
@@ -106,13 +107,10 @@ def srec_models(args, cfg, splits: dict, num_items: int):
         for folder in args.evaluate.split(","):
             yield os.path.basename(os.path.normpath(folder)), checked(load_srec(folder).eval(), folder)
         return
-    srec_args = to_dict(cfg.srec)
-    srec_args.pop("path")
-    for arch in (args.archs.split(",") if args.archs else [srec_args["arch"]]):
-        srec_args["arch"] = arch
+    for arch in (args.archs.split(",") if args.archs else [cfg.srec.arch]):
         try:
-            model, report = pretrain(splits, num_items, max_len=cfg.data.history_len, seed=cfg.seed, progress=True,
-                                     **srec_args)
+            model, report = pretrain(splits, num_items, OmegaConf.merge(cfg.srec, {"arch": arch}),
+                                     max_len=cfg.data.history_len, seed=cfg.seed, progress=True)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(arch) from None  # main says which model has nothing saved
         save_srec(model, os.path.join(args.out, arch))

@@ -164,7 +164,7 @@ def prepare_run(cfg):
         connect_ray(cfg, out)
         require_gpus(cfg.train.num_workers, "train.use_gpu=true")
     embed = None
-    if needs_retrieval(to_dict(cfg.data)):  # SUBR's item embeddings are computed on the Ray workers: Ray first
+    if needs_retrieval(cfg.data):  # SUBR's item embeddings are computed on the Ray workers: Ray first
         connect_ray(cfg, out)
         embed = functools.partial(embed_on_workers, cfg, run_on_workers=run_on_workers)
     if cfg.model.injection == "fused":  # built once here, under a lock that dies with its holder, before the workers need it

@@ -270,3 +270,13 @@ def synthetic(**settings):
     from configs.schema import DEFAULT
 
     return OmegaConf.merge(OmegaConf.load(DEFAULT).data.synthetic, settings)
+
+
+def srec_section(**settings):
+    """The default srec section (configs/llara_default.yaml) with `settings` over it, unchecked
+    (trainer/model/srec/pretrain.py's own checks then speak)."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import DEFAULT
+
+    return OmegaConf.merge(OmegaConf.load(DEFAULT).srec, settings)

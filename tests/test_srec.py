@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import SHARED_DATA, synthetic
+from conftest import SHARED_DATA, srec_section, synthetic
 from shards.safe_unpickle import UnsafePickle
 from shards.samples import build_vocab, leave_one_out, user_sequences
 from shards.synthetic import generate
@@ -13,9 +13,14 @@ from trainer.model.srec import ARCHS, build_srec, load_srec, save_srec
 from trainer.model.srec.common import left_pad
 from trainer.evaluation.ranking import Popularity, Random
 from trainer.model.srec.metrics import evaluate
-from trainer.model.srec.pretrain import pretrain
+from trainer.model.srec.pretrain import pretrain as pretrain_section
 
 TRAINABLE = ["sasrec", "gru4rec", "caser"]
+
+
+def pretrain(splits, num_items, max_len=10, seed=0, **settings):
+    """pretrain with the default srec section and `settings` over it (the keys are the config's)."""
+    return pretrain_section(splits, num_items, srec_section(**settings), max_len=max_len, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +99,7 @@ def test_all_positions_objective_learns(synthetic_splits):
 
 def test_adam_beta2_reaches_the_optimizer(synthetic_splits):
     """srec.adam_beta2 (the SASRec authors train with 0.98) changes the trained weights; the default is torch's."""
-    import inspect
-
-    assert inspect.signature(pretrain).parameters["adam_beta2"].default == 0.999
+    assert srec_section().adam_beta2 == 0.999  # the default, in configs/llara_default.yaml
     kw = dict(arch="sasrec", hidden=16, max_len=10, epochs=1, lr=0.005, seed=0)
     a, _ = pretrain(synthetic_splits, 100, **kw)
     b, _ = pretrain(synthetic_splits, 100, adam_beta2=0.999, **kw)

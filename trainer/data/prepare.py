@@ -132,7 +132,7 @@ def prepare(cfg: DictConfig, embed=None) -> RunPaths:
         return paths
     templates(cfg.data.user_token, cfg.data.domain)  # an unknown data.domain stops here, before any work
     if not cfg.srec.path:
-        check_pretrain_args(**to_dict(cfg.srec))  # so does a bad srec.* choice (the SRec is trained last)
+        check_pretrain_args(cfg.srec)  # so does a bad srec.* choice (the SRec is trained last)
     items, splits, stats = load_source(cfg.data, cfg.seed)
     build_llm(cfg, items, paths)
     manifest = prepare_shards(cfg, items, splits, stats, paths, embed)
@@ -204,14 +204,12 @@ def build_srec(cfg: DictConfig, splits: dict, num_items: int, paths: RunPaths) -
         history_len = cfg.data.history_len
         if pool_len(cfg.data) != history_len:
             splits = {name: [dict(x, history=x["history"][-history_len:]) for x in rows] for name, rows in splits.items()}
-        srec_args = to_dict(cfg.srec)
-        srec_args.pop("path")
-        log.info("pretraining %s (%d epochs at most)", srec_args["arch"], srec_args["epochs"])
-        model, report = pretrain(splits, num_items, max_len=history_len, seed=cfg.seed, **srec_args)
+        log.info("pretraining %s (%d epochs at most)", cfg.srec.arch, cfg.srec.epochs)
+        model, report = pretrain(splits, num_items, cfg.srec, max_len=history_len, seed=cfg.seed)
         save_srec(model, paths.srec)
         with open(os.path.join(paths.srec, "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        log.info("%s: best validation NDCG@10 %.4f (full ranking, %s)", srec_args["arch"], report["best_val_ndcg@10"],
+        log.info("%s: best validation NDCG@10 %.4f (full ranking, %s)", cfg.srec.arch, report["best_val_ndcg@10"],
                  report["full_ranking"])
     n = load_srec(paths.srec).num_items
     if n != num_items:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configs.schema import SRec as SRecSection
 from trainer.model.srec import ARCHS, SRec, build_srec
 from trainer.model.srec.metrics import KS, evaluate, protocol
 
@@ -101,39 +102,42 @@ LOSSES = ("ce", "bce")  # srec.loss
 POSITIONS = ("last", "all")  # srec.positions
 INITS = ("default", "xavier", "normal")  # srec.init
 STOP_METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "hr") for k in KS)  # srec.stop_metric (full ranking)
+PRETRAIN_KEYS = ("path", "arch", "epochs", "lr", "batch_size", "patience", "loss", "negatives", "positions", "weight_decay",
+                 "adam_beta2", "init", "init_std", "val_users", "stop_metric", "eval_mask_history")  # not the model's
 
 
-def check_pretrain_args(arch: str = "sasrec", loss: str = "ce", positions: str = "last", init: str = "default",
-                        stop_metric: str = "ndcg@10", **_) -> None:
+def check_pretrain_args(srec: SRecSection) -> None:
     """The srec.* choices pretrain() takes, checked without building anything (prepare calls it before
     the data build, so a typo costs seconds, not the build); a ValueError names the key."""
-    if arch not in ARCHS:
-        raise ValueError(f"srec.arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    if init not in INITS:
-        raise ValueError(f"srec.init={init!r}: expected default, xavier or normal")
-    if loss not in LOSSES:
-        raise ValueError(f"srec.loss={loss!r}: expected ce or bce")
-    if stop_metric not in STOP_METRICS:
-        raise ValueError(f"srec.stop_metric={stop_metric!r}: expected one of {', '.join(STOP_METRICS)}")
-    if positions not in POSITIONS:
-        raise ValueError(f"srec.positions={positions!r}: expected last or all")
-    if positions == "all" and not hasattr(ARCHS[arch], "sequence_output"):
-        raise ValueError(f"srec.positions=all needs a per-position output; {arch} has none (use sasrec, or positions=last)")
+    if srec.arch not in ARCHS:
+        raise ValueError(f"srec.arch={srec.arch!r}: expected one of {', '.join(ARCHS)}")
+    if srec.init not in INITS:
+        raise ValueError(f"srec.init={srec.init!r}: expected default, xavier or normal")
+    if srec.loss not in LOSSES:
+        raise ValueError(f"srec.loss={srec.loss!r}: expected ce or bce")
+    if srec.stop_metric not in STOP_METRICS:
+        raise ValueError(f"srec.stop_metric={srec.stop_metric!r}: expected one of {', '.join(STOP_METRICS)}")
+    if srec.positions not in POSITIONS:
+        raise ValueError(f"srec.positions={srec.positions!r}: expected last or all")
+    if srec.positions == "all" and not hasattr(ARCHS[srec.arch], "sequence_output"):
+        raise ValueError(f"srec.positions=all needs a per-position output; {srec.arch} has none (use sasrec, or positions=last)")
 
 
-def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasrec", epochs: int = 30, lr: float = 1e-3,
-             batch_size: int = 128, seed: int = 0, patience: int = 3, loss: str = "ce", negatives: int = 1,
-             positions: str = "last", weight_decay: float = 0.0, adam_beta2: float = 0.999, init: str = "default",
-             progress: bool = False, val_users: int = -1, stop_metric: str = "ndcg@10", init_std: float = 0.02,
-             eval_mask_history: bool = True,
-             **model_kwargs) -> tuple[SRec, dict]:
-    check_pretrain_args(arch, loss, positions, init, stop_metric)
+def pretrain(splits: dict[str, list[dict]], num_items: int, srec: SRecSection, *, max_len: int, seed: int,
+             progress: bool = False) -> tuple[SRec, dict]:
+    """Train the SRec the config's srec section describes (its defaults: configs/llara_default.yaml) on the
+    training split, early-stopped on the validation split; returns (the best epoch's model, a report)."""
+    check_pretrain_args(srec)
+    arch, epochs, lr, batch_size, patience = srec.arch, srec.epochs, srec.lr, srec.batch_size, srec.patience
+    loss, negatives, positions, init, stop_metric = srec.loss, srec.negatives, srec.positions, srec.init, srec.stop_metric
+    val_users, eval_mask_history = srec.val_users, srec.eval_mask_history
+    model_kwargs = {k: srec[k] for k in srec if k not in PRETRAIN_KEYS} | {"max_len": max_len}
     torch.manual_seed(seed)
     model = build_srec(arch, num_items, **model_kwargs)
     if init == "xavier":
         xavier_init(model)
     elif init == "normal":
-        normal_init(model, init_std)
+        normal_init(model, srec.init_std)
     train = [s for s in splits["train"] if s["history"]]
     val = [s for s in splits.get("val", []) if s["history"]]
     if 0 <= val_users < len(val):
@@ -148,7 +152,7 @@ def pretrain(splits: dict[str, list[dict]], num_items: int, *, arch: str = "sasr
     else:
         x, lengths = model.pad([s["history"] for s in train])
         y = torch.as_tensor([s["target"] for s in train])
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, srec.adam_beta2), weight_decay=srec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     best, best_ndcg, best_state, bad, history, stopped = -1.0, -1.0, None, 0, [], "epochs"
     bar = tqdm(range(epochs), desc=f"pretraining {arch}", disable=not progress)
