@@ -13,6 +13,9 @@ file, raw data that is missing or malformed, bad shards, an output folder that i
 writable, GPUs the cluster does not have); 75 stopped on request; 1 any other failure: an error on the
 workers that no restart can fix (a config DeepSpeed refuses, a corrupt file, a full disk) ends the run
 at once with its one line; a lost worker is restarted up to train.max_failures times first.
+
+The project's modules are imported inside the functions here, after the config's checks: a start that
+cannot succeed ends in about a second, before torch, Ray and DeepSpeed load.
 """
 
 from __future__ import annotations
