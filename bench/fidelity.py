@@ -59,10 +59,10 @@ def per_row(predictions: str) -> dict:
         out["valid_ratio"] = rate([float(r["valid"] == "True") for r in rows])
         out["gen_hr@1"] = rate([float(r["correct"] == "True") for r in rows])  # correct / all
     if rows and rows[0]["score_rank"] != "":
-        ranks = [int(r["score_rank"]) for r in rows]  # 1 = the target first
-        out["hr@1"] = rate([float(k == 1) for k in ranks])
-        out["hr@5"] = rate([float(k <= 5) for k in ranks])
-        out["ndcg@5"] = rate([1 / math.log2(k + 1) if k <= 5 else 0.0 for k in ranks])
+        ranks = [int(r["score_rank"]) for r in rows]  # 0-based: 0 = the target first
+        out["hr@1"] = rate([float(k < 1) for k in ranks])
+        out["hr@5"] = rate([float(k < 5) for k in ranks])
+        out["ndcg@5"] = rate([1 / math.log2(k + 2) if k < 5 else 0.0 for k in ranks])
     return out
 
 
