@@ -206,6 +206,7 @@ class Lora:
 @dataclass
 class Model:
     base: Optional[str] = key()
+    init_from: Optional[str] = key()  # a finished run's output_dir: a preference stage starts from it
     tiny: Tiny = section(Tiny)
     lora: Lora = section(Lora)
     unfreeze: List[str] = key()
@@ -243,7 +244,14 @@ class SRec:
 
 
 @dataclass
+class Sdpo:
+    negatives: int = at_least(1)  # k negatives per prompt, drawn from its candidates
+    beta: float = above(0)
+
+
+@dataclass
 class Train:
+    objective: str = choice("trainer.objectives.sdpo.OBJECTIVES")
     mode: str = choice("trainer.data.curriculum.MODES")
     num_workers: int = at_least(1)
     min_workers: int = at_least(0)  # > 0: Ray Train's elastic range (min_workers, num_workers); 0: fixed
@@ -269,6 +277,7 @@ class Train:
     keep_last: int = at_least(0)
     log_every: int = at_least(1)
     sample_log: bool = key()  # logs/samples/rank<r>.jsonl: the keys of the samples each step trained on
+    sdpo: Sdpo = section(Sdpo)
     deepspeed: Dict[str, Any] = key()  # open: DeepSpeed's own keys, checked by trainer/job/ds_config.py
 
 

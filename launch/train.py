@@ -90,17 +90,23 @@ def check_choices(cfg) -> None:
     keys (configs/schema.py) do not cover, refused now (ValueError): the model.base folder and its weight
     files' headers, the raw data the source reads (when the run folder is not built yet), srec.path,
     train.deepspeed's keys, flash-attention in fp32, without a GPU or without its package, a Ray cluster to
-    join without its token. The GPU's bf16 support is asked on the workers."""
+    join without its token, train.objective's needs (a preference stage: a finished run to start from). The
+    GPU's bf16 support is asked on the workers."""
     from shards.readers import check_source
     from trainer.job.ds_config import check_deepspeed_overrides
     from trainer.model.folder import check_base_folder
     from trainer.job.precision import resolve_precision
     from trainer.data.prepare import run_paths
     from trainer.job.ray_cluster import token_source
+    from trainer.objectives.reference import finished_checkpoint
+    from trainer.objectives.sdpo import check_objective
 
+    check_objective(cfg)
+    if cfg.model.init_from:  # a stage reads its starting run's data and assets
+        finished_checkpoint(cfg.model.init_from)
     if cfg.model.base:
         check_base_folder(cfg.model.base)
-    if not os.path.exists(run_paths(cfg.output_dir).stamp):  # a built run folder no longer reads the raw data
+    if not os.path.exists(run_paths(cfg.output_dir).stamp) and not cfg.model.init_from:  # a built run folder no longer reads the raw data
         check_source(cfg.data.source, cfg.data.path, cfg.data.items_path)
     if cfg.srec.path and not os.path.exists(cfg.srec.path):
         raise ValueError(f"srec.path={cfg.srec.path}: no such file or folder")
@@ -180,6 +186,10 @@ def prepare_run(cfg):
             raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
     check_resume(cfg, paths.checkpoints)
+    if cfg.model.init_from:
+        from trainer.objectives.reference import check_init_from
+
+        check_init_from(cfg, paths.srec)
 
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
     check_manifest(paths.data, load_manifest(paths.data), paths.tokenizer, verify_sha=cfg.data.verify_shards)

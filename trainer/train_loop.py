@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 import torch.distributed as dist
 
 import trainer.job.checkpoint as ckpt
-from shards.build import check_manifest, load_manifest
+from shards.build import check_manifest, load_items, load_manifest
 from shards.collectives import all_reduce_sums, any_rank
 from trainer.data.curriculum import is_hybrid, warmup_cosine
 from trainer.data.loader import SplitReader, rank_loader, user_states
@@ -52,6 +52,8 @@ from trainer.model.build import build_llara_model, load_tokenizer, partitioned_l
 from trainer.model.export import export_model
 from trainer.model.kernels.build import check_triton_compiler
 from trainer.model.srec import load_srec, srec_hash
+from trainer.objectives import reference
+from trainer.objectives.sdpo import SDPO_LOGGED, draw_negatives, sdpo_step_loss
 
 log = logging.getLogger("trainer")
 
@@ -90,6 +92,8 @@ class Run:
     flops_shape: dict = field(default_factory=dict)  # trainer/job/flops.py model_shape
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision (None on CPU: no MFU)
     precision: str = "fp32"     # the run's dtype policy (trainer/job/precision.py)
+    start: dict | None = None   # train.objective=sdpo: the starting run's trained weights, also the reference
+    answer_ids: Any = None      # train.objective=sdpo: item -> its answer's token ids
 
     @property
     def is_main(self) -> bool:
@@ -156,10 +160,26 @@ def setup(cfg: DictConfig, paths: RunPaths) -> Run:
                  train_cfg.zero_stage, n_trainable)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, precision,
                       train_cfg.peak_tflops)
-    return Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
-               progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
-               checkpoint=(tag, state), partitioned_loading=loading, flops_shape=model_shape(model, embed),
-               peak_flops=peak, precision=precision)
+    run = Run(cfg, paths, rank, world, device, manifest, tokenizer, srec, embed, engine, reader, total_steps,
+              progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
+              checkpoint=(tag, state), partitioned_loading=loading, flops_shape=model_shape(model, embed),
+              peak_flops=peak, precision=precision)
+    if train_cfg.objective == "sdpo":  # trainer/objectives: the stage's start and reference
+        run.start = reference.starting_weights(paths.init_from)
+        reference.check_names(engine, run.start, paths.init_from)
+        run.answer_ids = answer_tokens(tokenizer, load_items(paths.data)["titles"])
+    return run
+
+
+def answer_tokens(tokenizer, titles: list[str]):
+    """item -> the token ids of its answer " <title>\n" + eos, as shards/prompts.py tokenizes the true one."""
+    cache = {}
+
+    def ids(item: int) -> list[int]:
+        if item not in cache:
+            cache[item] = tokenizer(" " + titles[item] + "\n", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return cache[item]
+    return ids
 
 
 def load_inputs(cfg: DictConfig, paths: RunPaths, device) -> tuple[dict, Any, Any]:
@@ -210,6 +230,10 @@ def resume(run: Run) -> None:
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
             _truncate_logs(run.paths, 0)
+        if run.start is not None:  # a preference stage starts where its starting run ended
+            reference.start_from(run.engine, run.start)
+            if run.is_main:
+                log.info("starting from %s: %d trained tensors", run.paths.init_from, len(run.start))
         dist.barrier()  # the sample logs are emptied before any rank appends to its own
         return
     check_epoch_order(run.cfg, state, tag, run.world)
@@ -286,6 +310,7 @@ def train(run: Run) -> str:
     step_samples = micro_step_samples * train_cfg.grad_accum  # per optimizer step
     ph_id = run.tokenizer.convert_tokens_to_ids("[PH]")
     meter, step_log, losses, tokens, heads = Throughput(), StepLog(run), [], 0, 0
+    logged = {k: 0.0 for k in (SDPO_LOGGED if run.start is not None else ())}  # the objective's sums besides the loss
     sample_log = _sample_log(run) if train_cfg.sample_log else None
     _write_pid(run)
     run.engine.train()
@@ -297,13 +322,14 @@ def train(run: Run) -> str:
                                  run.cfg.data.loader_workers):
             meter.lap("data")
             hybrid = is_hybrid(train_cfg.mode, progress["global_step"], run.total_steps, run.cfg.seed)
-            loss = step_loss(run.engine, run.embed, run.srec, batch, hybrid, ph_id, run.device)
+            loss, stats = micro_step_loss(run, batch, hybrid, ph_id)
             meter.lap("forward")
             run.engine.backward(loss)
             meter.lap("backward")
             run.engine.step()
             if batch["keys"]:  # a micro-batch of fillers only (at an epoch's end) has no loss to report
                 losses.append(loss.item())
+                logged = {k: v + stats[k] for k, v in logged.items()}
             if sample_log:
                 sample_log.write(json.dumps({"step": progress["global_step"] + 1, "epoch": progress["epoch"],
                                              "position": progress["position"], "keys": batch["keys"]}) + "\n")
@@ -315,10 +341,10 @@ def train(run: Run) -> str:
                 continue  # gradients accumulate until the optimizer step
             progress["global_step"] += 1
             progress["hybrid_steps"] += int(hybrid)
-            loss, step_tokens, step_heads = _step_sums(losses, tokens, heads)
+            loss, step_tokens, step_heads, means = _step_sums(losses, tokens, heads, logged)
             meter.count(step_samples, step_tokens, step_heads)
-            record = step_log.record(loss, hybrid, meter)
-            losses, tokens, heads = [], 0, 0
+            record = step_log.record(loss, hybrid, meter, means)
+            losses, tokens, heads, logged = [], 0, 0, dict.fromkeys(logged, 0.0)
             if sample_log:
                 sample_log.flush()  # before the step's checkpoint: a resume from it keeps these lines
             if end_of_step(run, record, step_log):
@@ -335,6 +361,19 @@ def train(run: Run) -> str:
     _close(step_log, sample_log)
     signals.training(False)
     return "done"
+
+
+def micro_step_loss(run: Run, batch: dict, hybrid: bool, ph_id: int) -> tuple[torch.Tensor, dict]:
+    """train.objective's loss of one micro-batch, and what it logs besides (sums over its real samples):
+    sft, LLaRA's next-token loss (step_loss); sdpo, trainer/objectives/sdpo.py against k negatives drawn
+    from each sample's candidates per (seed, step, sample)."""
+    if run.start is None:
+        return step_loss(run.engine, run.embed, run.srec, batch, hybrid, ph_id, run.device), {}
+    sdpo, step = run.cfg.train.sdpo, run.progress["global_step"] + 1
+    negatives = [draw_negatives(c, t, sdpo.negatives, run.cfg.seed, step, key)
+                 for c, t, key in zip(batch["candidates"], batch["targets"], batch["sample_keys"])]
+    return sdpo_step_loss(run.engine, run.embed, run.srec, batch, run.start, negatives, run.answer_ids,
+                          run.tokenizer.pad_token_id, sdpo.beta, run.device)
 
 
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:
@@ -401,12 +440,15 @@ def end_of_step(run: Run, record: dict, step_log: StepLog) -> bool:
     return stop
 
 
-def _step_sums(losses: list[float], tokens: int, heads: int) -> tuple[float, float, float]:
-    """One collective per step: (the step's loss, tokens, LM-head positions), over every rank. The loss is the
-    mean of the micro-batches' losses, fillers-only ones left out (an epoch's last step would otherwise report
-    a loss lowered by their zeros, by how many the layout made)."""
-    total, count, tokens, heads = all_reduce_sums(sum(losses), len(losses), tokens, heads)
-    return total / max(count, 1), tokens, heads
+def _step_sums(losses: list[float], tokens: int, heads: int, logged: dict) -> tuple[float, float, float, dict]:
+    """One collective per step: (the step's loss, tokens, LM-head positions, the objective's logged means), over
+    every rank. The loss is the mean of the micro-batches' losses, fillers-only ones left out (an epoch's last
+    step would otherwise report a loss lowered by their zeros, by how many the layout made); the logged means
+    are per real sample."""
+    total, count, tokens, heads, *sums = all_reduce_sums(sum(losses), len(losses), tokens, heads, *logged.values())
+    sums = dict(zip(logged, sums))
+    means = {k: v / max(sums["samples"], 1) for k, v in sums.items() if k != "samples"}
+    return total / max(count, 1), tokens, heads, means
 
 
 def _close(step_log, sample_log) -> None:
@@ -489,10 +531,11 @@ class StepLog:
     def logging_step(self, step: int) -> bool:
         return step % self.run.cfg.train.log_every == 0 or step == self.run.total_steps
 
-    def record(self, loss: float, hybrid: bool, meter: Throughput) -> dict:
+    def record(self, loss: float, hybrid: bool, meter: Throughput, objective: dict) -> dict:
         progress, step = self.run.progress, self.run.progress["global_step"]
         record = {"step": step, "loss": loss, "lr": self.run.engine.get_lr()[0], "hybrid": hybrid,
-                  "hybrid_share": progress["hybrid_steps"] / step, "epoch": progress["epoch"], "world_size": self.run.world}
+                  "hybrid_share": progress["hybrid_steps"] / step, "epoch": progress["epoch"], "world_size": self.run.world,
+                  **objective}
         if self.run.resizes and self.run.resizes[-1]["step"] == step - 1:  # the first step after a resize
             record["resized_from"] = self.run.resizes[-1]["from"]
         self.steps_since_summary += 1
@@ -523,9 +566,14 @@ class StepLog:
                  self.run.total_steps, record["loss"], record["lr"], record["samples_per_s"], record["tokens_per_s"], mfu,
                  record["memory"].replace("_", " "), record["peak_memory_gib"], 100 * record["hybrid_share"],
                  *(record[f"{k}_ms"] for k in (*PHASES, "other")))
+        if "reward_margin" in record:
+            log.info("step %d S-DPO | reward margin %.4f | true item above every negative %.1f%% | log p(true item) %.3f",
+                     record["step"], record["reward_margin"], 100 * record["reward_accuracy"], record["chosen_logp"])
         if self.tensorboard:
             for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu",
-                      "peak_memory_gib"):
+                      "peak_memory_gib", "reward_margin", "reward_accuracy", "chosen_logp"):
+                if k not in record:
+                    continue
                 if record[k] is not None:
                     self.tensorboard.add_scalar(f"train/{k}", record[k], record["step"])
 

@@ -373,7 +373,10 @@ def collate(samples: list[dict], pad_token_id: int, left_pad: bool = False, prom
     out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
            "labels": torch.from_numpy(labels), "slot_map": torch.from_numpy(slot_map),
            "unique_items": torch.from_numpy(unique_items.astype(np.int64)),
-           "keys": [s["key"] for s in samples if not s.get("filler")]}
+           "keys": [s["key"] for s in samples if not s.get("filler")],
+           # per sample (fillers too): the prompt's length, the true item and the candidates (S-DPO's negatives)
+           "sample_keys": [s["key"] for s in samples], "prompt_lens": [int(s["prompt_len"]) for s in samples],
+           "targets": [meta(s).get("target") for s in samples], "candidates": [meta(s).get("candidates") for s in samples]}
     if with_user:
         out["histories"] = [s["history"].tolist() for s in samples]
     return out

@@ -47,7 +47,7 @@ _ADDED_KEYS = {("data", "user_token"): False, ("srec", "positions"): "last", ("d
                ("srec", "norm"): "pre", ("srec", "attn_dropout"): -1.0, ("srec", "stop_metric"): "ndcg@10",
                ("srec", "init_std"): 0.02,
                # an SRec already built is reused as it is; the key changes how a new one is early-stopped
-               ("srec", "eval_mask_history"): True}
+               ("srec", "eval_mask_history"): True, ("model", "init_from"): None}
 # how the run reads, checks or computes, not what was built: these may change between runs of one folder
 _RUNTIME_KEYS = (("data", "build_workers"), ("data", "verify_shards"), ("data", "loader_workers"),
                  ("model", "injection"), ("model", "attn_implementation"), ("data", "length_grouping"))
@@ -83,6 +83,7 @@ class RunPaths:
     loss_plot: str
     deepspeed_config: str
     ray: str                # Ray Train's run state, a folder per launch
+    init_from: str | None = None  # a stage's starting run (model.init_from), whose llm/tokenizer/srec/data it reads
 
 
 def run_paths(output_dir: str) -> RunPaths:
@@ -117,6 +118,11 @@ def prepared_paths(output_dir: str) -> RunPaths:
         return paths
     with open(paths.stamp) as f:
         stamp = json.load(f)
+    if stamp["model"].get("init_from"):  # a stage: its starting run's sources (stage_paths)
+        start = prepared_paths(stamp["model"]["init_from"])
+        paths.llm, paths.tokenizer, paths.srec, paths.data = start.llm, start.tokenizer, start.srec, start.data
+        paths.init_from = start.output_dir
+        return paths
     return source_paths(output_dir, stamp["model"].get("base"), stamp["srec"].get("path"))
 
 
@@ -126,6 +132,8 @@ def prepare(cfg: DictConfig, embed=None) -> RunPaths:
     does it on the Ray workers); without it they are computed here, in this process."""
     paths = source_paths(cfg.output_dir, cfg.model.base, cfg.srec.path)
     stamp = {"seed": cfg.seed, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "srec": to_dict(cfg.srec)}
+    if cfg.model.init_from:
+        return stage_paths(cfg, stamp)
     if os.path.exists(paths.stamp):
         check_stamp(paths, stamp)
         log.info("reusing data and assets in %s", paths.output_dir)
@@ -142,7 +150,31 @@ def prepare(cfg: DictConfig, embed=None) -> RunPaths:
     return paths
 
 
-def check_stamp(paths: RunPaths, stamp: dict) -> None:
+def stage_paths(cfg: DictConfig, stamp: dict) -> RunPaths:
+    """A stage started from a finished run (model.init_from) reads that run's data, LLM, tokenizer and SRec
+    where they are; its config must be the one they were built from (else a ValueError naming the section)."""
+    start = prepared_paths(cfg.model.init_from)
+    if not os.path.exists(start.stamp):
+        raise ValueError(f"model.init_from={cfg.model.init_from} is not a run folder: it has no {start.stamp}")
+    without_start = json.loads(json.dumps(stamp))
+    without_start["model"]["init_from"] = None
+    check_stamp(start, without_start, f"model.init_from={cfg.model.init_from} was prepared with another "
+                                      "{changed} config than this stage's: a stage trains on its starting run's "
+                                      "data, tokenizer and SRec; give the same {changed} settings")
+    stamp = dict(stamp, model=dict(stamp["model"], init_from=start.output_dir))  # absolute: read from anywhere
+    paths = run_paths(cfg.output_dir)
+    paths.llm, paths.tokenizer, paths.srec, paths.data = start.llm, start.tokenizer, start.srec, start.data
+    paths.init_from = start.output_dir
+    os.makedirs(os.path.dirname(paths.stamp), exist_ok=True)
+    if os.path.exists(paths.stamp):
+        check_stamp(paths, stamp)
+    else:
+        with open(paths.stamp, "w") as f:
+            json.dump(stamp, f, indent=1)
+    return paths
+
+
+def check_stamp(paths: RunPaths, stamp: dict, message: str = "") -> None:
     """Refuse an output folder prepared from another data, model or SRec config (a ValueError)."""
     with open(paths.stamp) as f:
         old = json.load(f)
@@ -154,8 +186,9 @@ def check_stamp(paths: RunPaths, stamp: dict) -> None:
             node.setdefault(key, copy.deepcopy(value))  # never the constant itself
     old, new = _built_from(old), _built_from(stamp)
     if old != new:
-        changed = sorted(k for k in new if old.get(k) != new[k])
-        raise ValueError(f"{paths.output_dir} was prepared with another {', '.join(changed)} config; "
+        changed = ", ".join(sorted(k for k in new if old.get(k) != new[k]))
+        raise ValueError(message.format(changed=changed) if message else
+                         f"{paths.output_dir} was prepared with another {changed} config; "
                          "use a new output_dir (or the old config) so checkpoints match their data and model")
 
 

@@ -109,10 +109,37 @@ def _create_states(engine, keys: list[str]) -> None:
         link()
 
 
+def write_module(engine, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective under ZeRO-3: set the module's copy of every trained parameter to tensors[name] (whole,
+    any dtype; every rank passes the same), the optimizer's fp32 master copy left as it is. Returns the
+    values they had (whole, in the module's dtype), to be written back the same way."""
+    import deepspeed  # lazy: reads DS_ACCELERATOR on import
+
+    params = trained_parameters(engine)
+    # under ZeRO-3 gathered, set on rank 0 and partitioned again on leaving the context
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        with torch.no_grad():
+            before = {name: p.data.clone() for name, p in params}
+            for name, p in params:
+                p.data.copy_(tensors[name].view(p.shape).to(p.dtype))
+    return before
+
+
+def write_master(engine, tensors: dict[str, torch.Tensor]) -> None:
+    """Set the fp32 master copy of every trained parameter to tensors[name] (whole; each rank takes its part)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param  # lazy: reads DS_ACCELERATOR on import
+
+    device = next(iter(engine.module.parameters())).device
+    for name, p in trained_parameters(engine):
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            safe_set_local_fp32_param(p, _my_partition(tensors[name].float(), p).to(device))
+        else:
+            safe_set_full_fp32_param(p, tensors[name].float().to(device))
+
+
 def restore(engine, checkpoint_dir: str) -> dict:
     """Write FILE into the engine (every rank, collective under ZeRO-3): module parameters, fp32 master
     copy, optimizer states and step. Returns {"tensors", "values", "bytes"} of what was restored."""
-    import deepspeed  # lazy: reads DS_ACCELERATOR on import
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
                                  safe_set_local_fp32_param, safe_set_local_optimizer_state)  # lazy: reads DS_ACCELERATOR on import
 
@@ -132,11 +159,7 @@ def restore(engine, checkpoint_dir: str) -> dict:
     values = sum(full[f"param.{n}"].numel() for n, _ in params)
     _create_states(engine, keys)
     device = next(iter(engine.module.parameters())).device
-    # the module's copy: under ZeRO-3 gathered, set on rank 0 and partitioned again on leaving the context
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-        with torch.no_grad():
-            for name, p in params:
-                p.data.copy_(full[f"param.{name}"].view(p.shape).to(p.dtype))
+    write_module(engine, {n: full[f"param.{n}"] for n, _ in params})
     for name, p in params:  # the fp32 master copy and the optimizer states: each rank its own part
         if hasattr(p, "ds_id"):  # ZeRO-3
             safe_set_local_fp32_param(p, _my_partition(full[f"param.{name}"], p).to(device))

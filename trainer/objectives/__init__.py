@@ -1,0 +1,1 @@
+"""Training objectives besides next-token SFT (train.objective): S-DPO and its reference model."""

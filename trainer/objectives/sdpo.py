@@ -1,0 +1,135 @@
+"""S-DPO: softmax DPO with several negatives ("On Softmax Direct Preference Optimization for
+Recommendation", NeurIPS 2024), the preference stage after LLaRA's next-token stage (train.objective=sdpo).
+
+Per prompt x with the true item p and k negatives d_1..d_k drawn from its candidates:
+
+    loss = -log sigmoid( -log sum_j exp( beta * (r(d_j) - r(p)) ) ),   r(y) = log pi(y|x) - log pi_ref(y|x)
+
+where log pi(y|x) is the summed log-likelihood of the answer " <title>\\n<eos>" (the answer the SFT stage
+learned) under the model being trained, and pi_ref the model the stage starts from (model.init_from;
+trainer/objectives/reference.py swaps its weights in for a no-grad pass). With k = 1 it is DPO's loss.
+
+    negatives = draw_negatives(candidates, target, k, seed, step, key)   # the same on every resume
+    rows = preference_rows(batch, negatives, answer_ids)                   # B x (1 + k) sequences
+    logps = answer_logps(model(rows), rows)                                # [B, 1 + k]
+    loss, stats = sdpo_loss(logps_policy, logps_reference, beta, real)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.data.loader import user_states
+from trainer.objectives.reference import reference
+
+OBJECTIVES = ("sft", "sdpo")  # train.objective
+# what a step logs besides the loss (means over the step's samples; "samples" is their count)
+SDPO_LOGGED = ("reward_margin", "reward_accuracy", "chosen_logp", "samples")
+
+
+def draw_negatives(candidates: list[int], target: int, k: int, seed: int, step: int, key: str) -> list[int]:
+    """k distinct negatives from the sample's candidates (the target left out), from a generator keyed
+    by (seed, optimizer step, sample key): a resumed run draws the same ones, another step others."""
+    pool = [c for c in candidates if c != target]
+    if k > len(pool):
+        raise ValueError(f"sample {key}: {k} negatives asked for, it has {len(pool)} candidates besides the target")
+    rng = np.random.default_rng([seed, 0x5D90, step, zlib.crc32(key.encode())])
+    return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+
+
+def preference_rows(batch: dict, negatives: list[list[int]], answer_ids, pad_token_id: int) -> dict:
+    """Each sample's prompt followed by the true item's answer, then by each negative's: [B x (1 + k), T']
+    input_ids, attention_mask, labels (the answer's tokens, -100 elsewhere) and slot_map (the prompt's;
+    it points into the batch's own unique_items and user rows, so the SRec runs on the batch as it is).
+    answer_ids(item) -> the answer's token ids (" <title>\\n" and eos, as the shards tokenize it)."""
+    rows, slots, labels = [], [], []
+    for b, n in enumerate(batch["prompt_lens"]):
+        prompt, slot = batch["input_ids"][b, :n], batch["slot_map"][b, :n]
+        for item in [batch["targets"][b], *negatives[b]]:
+            answer = torch.as_tensor(answer_ids(item), dtype=torch.long)
+            rows.append(torch.cat([prompt, answer]))
+            slots.append(torch.cat([slot, torch.full_like(answer, -1)]))
+            labels.append(torch.cat([torch.full((n,), -100, dtype=torch.long), answer]))
+    T = max(len(r) for r in rows)
+    out = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
+           "labels": torch.full((len(rows), T), -100, dtype=torch.long),
+           "slot_map": torch.full((len(rows), T), -1, dtype=torch.long)}
+    for i, (r, s, lab) in enumerate(zip(rows, slots, labels)):
+        out["input_ids"][i, :len(r)], out["attention_mask"][i, :len(r)] = r, 1
+        out["labels"][i, :len(r)], out["slot_map"][i, :len(r)] = lab, s
+    return out
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[R] each row's summed log-probability of its answer tokens; logits [R, K, V] at `positions` (the
+    positions that predict an answer token in some row: trainer/train_loop.py answer_positions)."""
+    targets = labels[:, positions + 1]
+    logp = logits.float().log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return (logp * (targets != -100)).sum(1)
+
+
+def sdpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, real: torch.Tensor | None = None):
+    """S-DPO's loss and what is logged of it. policy, reference: [B, 1 + k] answer log-likelihoods, column 0
+    the true item's. real: [B] bool, False for a filler (it adds nothing; a batch of only fillers gives 0
+    with a graph). Returns (mean loss over real samples, sums over real samples: loss, reward margin
+    beta * (r(p) - mean_j r(d_j)), p's reward above every negative's (0/1), p's log-likelihood, count)."""
+    r = policy - reference
+    margins = beta * (r[:, 1:] - r[:, :1])                      # [B, k]: beta * (r(d_j) - r(p))
+    per_sample = F.softplus(torch.logsumexp(margins, 1))        # -log sigmoid(-x) = softplus(x)
+    real = torch.ones(len(r), dtype=torch.bool, device=r.device) if real is None else real.to(r.device)
+    weight = real.float()
+    count = weight.sum()
+    loss = (per_sample * weight).sum() / count.clamp(min=1)
+    with torch.no_grad():
+        stats = {"loss": float((per_sample * weight).sum()),
+                 "reward_margin": float((-margins.mean(1) * weight).sum()),
+                 "reward_accuracy": float(((margins < 0).all(1).float() * weight).sum()),
+                 "chosen_logp": float((policy[:, 0] * weight).sum()),
+                 "samples": float(count)}
+    return loss, stats
+
+
+def sdpo_step_loss(engine, embed, srec, batch: dict, start: dict, negatives: list[list[int]], answer_ids,
+                   pad_token_id: int, beta: float, device) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of S-DPO on hybrid prompts: the reference pass (no grad, starting weights), then the
+    policy's forward over the same B x (1 + k) sequences. Returns (loss, sdpo_loss's sums)."""
+    rows = {k: v.to(device) for k, v in preference_rows(batch, negatives, answer_ids, pad_token_id).items()}
+    positions = (rows["labels"][:, 1:] != -100).any(0).nonzero().squeeze(1)  # the LM head runs only there
+    with torch.no_grad():
+        vectors = srec.item_vectors(batch["unique_items"].to(device))
+        users = user_states(srec, batch, device) if embed.user_adapter is not None else None
+
+    def logps(model) -> torch.Tensor:
+        with embed.inject(rows["slot_map"], vectors, users):
+            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                            logits_to_keep=positions, use_cache=False).logits
+        return answer_logps(logits, rows["labels"], positions).view(len(negatives), -1)
+
+    with reference(engine, start):
+        ref = logps(engine.module)  # the module itself: a pass DeepSpeed's engine does not count as a step's
+    real = (batch["labels"] != -100).any(1)  # False: a filler, learned nothing from
+    return sdpo_loss(logps(engine), ref, beta, real)
+
+
+def check_objective(cfg) -> None:
+    """train.objective's demands on the rest of the config (a ValueError, on the driver before Ray starts)."""
+    if cfg.train.objective == "sft":
+        if cfg.model.init_from:
+            raise ValueError("model.init_from starts a preference stage: it needs train.objective=sdpo")
+        return
+    k, candidates = cfg.train.sdpo.negatives, cfg.data.num_candidates
+    if not cfg.model.init_from:
+        raise ValueError("train.objective=sdpo starts from a finished LLaRA run: set model.init_from=<its output_dir>")
+    if cfg.data.task != "llara":
+        raise ValueError(f"train.objective=sdpo ranks a recommendation's candidates: data.task={cfg.data.task} has none")
+    if cfg.train.mode != "hybrid":
+        raise ValueError(f"train.objective=sdpo trains on hybrid prompts only (S-DPO has no curriculum): "
+                         f"train.mode={cfg.train.mode}, set train.mode=hybrid")
+    if k > candidates - 1:
+        raise ValueError(f"train.sdpo.negatives={k} but a sample has {candidates - 1} candidates besides the target "
+                         f"(data.num_candidates={candidates})")
