@@ -7,7 +7,8 @@ popularity and random (launch/eval.py's baselines), with standard errors.
     # a real pretrained LLM (SmolLM2-135M-Instruct, launch/real_model.py) on LLaRA's LastFM split with
     # LLaRA's released SASRec: about 2.5 hours on a 2-core CPU (BENCHMARKS.md "Fidelity: a real LLM")
     OMP_WAIT_POLICY=PASSIVE python bench/fidelity.py --out /tmp/fid-real --data lastfm --model smollm2 \
-        --samples 1024 --modes zero-shot,text,curriculum --splits val,test
+        --samples 2048 --modes zero-shot,text,curriculum --splits val,test \
+        train.micro_batch=1 train.global_batch=8 train.lr=0.0005
     # the tiny Llama from scratch (what the embedded default can show)
     OMP_WAIT_POLICY=PASSIVE python bench/fidelity.py --out /tmp/fid-default --steps 300 --eval-modes score
 

@@ -206,7 +206,7 @@ class Lora:
 @dataclass
 class Model:
     base: Optional[str] = key()
-    init_from: Optional[str] = key()  # a finished run's output_dir: a preference stage starts from it
+    init_from: Optional[str] = key()  # a finished run's output_dir: a second stage starts from it
     tiny: Tiny = section(Tiny)
     lora: Lora = section(Lora)
     unfreeze: List[str] = key()

@@ -66,7 +66,6 @@ def test_negatives_come_from_the_candidates_and_a_resume_draws_the_same():
     (["train.objective=sdpo", "model.init_from=runs/x", "train.mode=hybrid", "train.sdpo.negatives=20"],
      "train.sdpo.negatives=20 but a sample has 19 candidates besides the target"),
     (["train.objective=sdpo", "model.init_from=runs/x", "train.mode=hybrid", "data.task=ctr"], "data.task=ctr has none"),
-    (["model.init_from=runs/x"], "needs train.objective=sdpo"),
 ])
 def test_what_the_objective_needs_is_refused_with_one_line(overrides, message):
     from configs.schema import load_config
@@ -164,3 +163,14 @@ def test_the_reference_pass_uses_the_starting_weights_and_puts_the_trained_ones_
     twin_policy = seen[-1][0]
     assert torch.allclose(ref, twin_policy, atol=1e-5), (ref - twin_policy).abs().max()
     assert (policy.detach() - ref).abs().max() > 1e-3  # and the trained model's differ from them
+
+
+def test_the_lastfm_stage_config_is_its_starting_runs_data_model_and_srec():
+    """configs/llara_lastfm_sdpo.yaml repeats llara_lastfm.yaml's sections that the stage's start check compares."""
+    from configs.schema import load_config, to_dict
+
+    sft, stage = load_config("configs/llara_lastfm.yaml"), load_config("configs/llara_lastfm_sdpo.yaml")
+    assert to_dict(stage.data) == to_dict(sft.data) and to_dict(stage.srec) == to_dict(sft.srec)
+    assert dict(to_dict(stage.model), init_from=None) == to_dict(sft.model)
+    assert stage.model.init_from == sft.output_dir and stage.seed == sft.seed
+    check_objective(stage)

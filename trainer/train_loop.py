@@ -92,7 +92,7 @@ class Run:
     flops_shape: dict = field(default_factory=dict)  # trainer/job/flops.py model_shape
     peak_flops: float | None = None  # one device's peak FLOP/s in the run's precision (None on CPU: no MFU)
     precision: str = "fp32"     # the run's dtype policy (trainer/job/precision.py)
-    start: dict | None = None   # train.objective=sdpo: the starting run's trained weights, also the reference
+    start: dict | None = None   # model.init_from: the starting run's trained weights (S-DPO's reference too)
     answer_ids: Any = None      # train.objective=sdpo: item -> its answer's token ids
 
     @property
@@ -164,9 +164,10 @@ def setup(cfg: DictConfig, paths: RunPaths) -> Run:
               progress={"global_step": 0, "epoch": 0, "position": 0, "hybrid_steps": 0, "order_world": world},
               checkpoint=(tag, state), partitioned_loading=loading, flops_shape=model_shape(model, embed),
               peak_flops=peak, precision=precision)
-    if train_cfg.objective == "sdpo":  # trainer/objectives: the stage's start and reference
+    if paths.init_from:  # a stage: its start (and S-DPO's reference), trainer/objectives/reference.py
         run.start = reference.starting_weights(paths.init_from)
         reference.check_names(engine, run.start, paths.init_from)
+    if train_cfg.objective == "sdpo":
         run.answer_ids = answer_tokens(tokenizer, load_items(paths.data)["titles"])
     return run
 
@@ -230,7 +231,7 @@ def resume(run: Run) -> None:
     if not tag:
         if run.is_main:  # a run killed before its first checkpoint starts over: its log lines go too
             _truncate_logs(run.paths, 0)
-        if run.start is not None:  # a preference stage starts where its starting run ended
+        if run.start is not None:  # a stage starts where its starting run ended
             reference.start_from(run.engine, run.start)
             if run.is_main:
                 log.info("starting from %s: %d trained tensors", run.paths.init_from, len(run.start))
@@ -310,7 +311,7 @@ def train(run: Run) -> str:
     step_samples = micro_step_samples * train_cfg.grad_accum  # per optimizer step
     ph_id = run.tokenizer.convert_tokens_to_ids("[PH]")
     meter, step_log, losses, tokens, heads = Throughput(), StepLog(run), [], 0, 0
-    logged = {k: 0.0 for k in (SDPO_LOGGED if run.start is not None else ())}  # the objective's sums besides the loss
+    logged = {k: 0.0 for k in (SDPO_LOGGED if run.cfg.train.objective == "sdpo" else ())}  # the objective's sums besides the loss
     sample_log = _sample_log(run) if train_cfg.sample_log else None
     _write_pid(run)
     run.engine.train()
@@ -367,7 +368,7 @@ def micro_step_loss(run: Run, batch: dict, hybrid: bool, ph_id: int) -> tuple[to
     """train.objective's loss of one micro-batch, and what it logs besides (sums over its real samples):
     sft, LLaRA's next-token loss (step_loss); sdpo, trainer/objectives/sdpo.py against k negatives drawn
     from each sample's candidates per (seed, step, sample)."""
-    if run.start is None:
+    if run.cfg.train.objective == "sft":
         return step_loss(run.engine, run.embed, run.srec, batch, hybrid, ph_id, run.device), {}
     sdpo, step = run.cfg.train.sdpo, run.progress["global_step"] + 1
     negatives = [draw_negatives(c, t, sdpo.negatives, run.cfg.seed, step, key)

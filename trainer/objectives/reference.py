@@ -1,4 +1,4 @@
-"""The model a preference stage starts from (model.init_from: a finished LLaRA run) and the reference
+"""The model a second stage starts from (model.init_from: a finished run) and the reference S-DPO
 it is compared with, without a second copy of the base.
 
     check_init_from(cfg)              driver, before Ray: a finished run, a preference config that fits it

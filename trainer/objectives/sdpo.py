@@ -118,9 +118,7 @@ def sdpo_step_loss(engine, embed, srec, batch: dict, start: dict, negatives: lis
 
 def check_objective(cfg) -> None:
     """train.objective's demands on the rest of the config (a ValueError, on the driver before Ray starts)."""
-    if cfg.train.objective == "sft":
-        if cfg.model.init_from:
-            raise ValueError("model.init_from starts a preference stage: it needs train.objective=sdpo")
+    if cfg.train.objective == "sft":  # with model.init_from: more SFT from a finished run
         return
     k, candidates = cfg.train.sdpo.negatives, cfg.data.num_candidates
     if not cfg.model.init_from:
