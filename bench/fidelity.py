@@ -37,6 +37,18 @@ DATA = {
 }
 
 
+def model_args(model: str) -> list[str]:
+    """The overrides for --model: tiny (the config's tiny Llama), smollm2 (launch/real_model.py's folder) or a
+    folder; a pretrained base trains LoRA + adapter only, as LLaRA."""
+    if model == "tiny":
+        return []
+    if model == "smollm2":
+        from trainer.model.smollm2 import smollm2_folder
+
+        model = smollm2_folder()
+    return [f"model.base={os.path.abspath(model)}", "model.unfreeze=[]"]
+
+
 def run(cmd, log):
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -139,13 +151,7 @@ def main():
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    model = []
-    if a.model == "smollm2":
-        from trainer.model.smollm2 import smollm2_folder
-
-        model = [f"model.base={smollm2_folder()}", "model.unfreeze=[]"]
-    elif a.model != "tiny":
-        model = [f"model.base={os.path.abspath(a.model)}", "model.unfreeze=[]"]
+    model = model_args(a.model)
     train_args = [*DATA[a.data], *model, *a.overrides]
     budget = [f"train.max_steps={a.steps}"]
     if a.epochs:

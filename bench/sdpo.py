@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 
-from fidelity import DATA, REPO, per_row, run
+from fidelity import DATA, REPO, model_args, per_row, run
 
 sys.path.insert(0, REPO)
 
@@ -51,13 +51,7 @@ def main():
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    model = []
-    if a.model == "smollm2":
-        from trainer.model.smollm2 import smollm2_folder
-
-        model = [f"model.base={smollm2_folder()}", "model.unfreeze=[]"]
-    elif a.model != "tiny":
-        model = [f"model.base={os.path.abspath(a.model)}", "model.unfreeze=[]"]
+    model = model_args(a.model)
     common = [*DATA[a.data], *model, *a.overrides, "eval.max_samples=-1", "eval.compare=false", "train.log_every=5"]
     sft = os.path.join(a.out, "sft")
     run([sys.executable, "launch/train.py", *common, f"output_dir={sft}", f"train.max_steps={a.sft_steps}"],
