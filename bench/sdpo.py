@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 
-from fidelity import DATA, REPO, model_args, per_row, run
+from fidelity import DATA, REPO, evaluate, model_args, per_row, run
 
 sys.path.insert(0, REPO)
 
@@ -33,6 +33,12 @@ def cost(out: str) -> dict:
     ms = [sum(r[k] for k in ("data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")) for r in windows]
     return {"ms_per_step": statistics.median(ms), "samples_per_s": statistics.median(r["samples_per_s"] for r in windows),
             "peak_memory_gib": max(r["peak_memory_gib"] for r in windows), "memory": windows[-1]["memory"]}
+
+
+def train(out: str, args: list[str], log: str) -> None:
+    """launch/train.py into `out`, unless a run there has already finished and evaluated."""
+    if not os.path.exists(os.path.join(out, "eval", "final_test", "metrics.json")):
+        run([sys.executable, "launch/train.py", *args, f"output_dir={out}"], log)
 
 
 def cell(v: dict | None) -> str:
@@ -54,17 +60,18 @@ def main():
     model = model_args(a.model)
     common = [*DATA[a.data], *model, *a.overrides, "eval.max_samples=-1", "eval.compare=false", "train.log_every=5"]
     sft = os.path.join(a.out, "sft")
-    run([sys.executable, "launch/train.py", *common, f"output_dir={sft}", f"train.max_steps={a.sft_steps}"],
-        os.path.join(a.out, "sft.train.log"))
+    train(sft, [*common, f"train.max_steps={a.sft_steps}"], os.path.join(a.out, "sft.train.log"))
     stages = {"sdpo": [f"train.sdpo.negatives={a.negatives}", f"train.sdpo.beta={a.beta}"], "sft": []}
     for objective, extra in stages.items():
-        run([sys.executable, "launch/train.py", *common, f"output_dir={os.path.join(a.out, 'then_' + objective)}",
-             f"model.init_from={sft}", f"train.objective={objective}", "train.mode=hybrid",
-             f"train.max_steps={a.stage_steps}", *extra], os.path.join(a.out, f"then_{objective}.train.log"))
+        train(os.path.join(a.out, "then_" + objective), [*common, f"model.init_from={sft}", f"train.objective={objective}",
+              "train.mode=hybrid", f"train.max_steps={a.stage_steps}", *extra],
+              os.path.join(a.out, f"then_{objective}.train.log"))
     names = {"sft": "SFT", "then_sft": f"SFT, then {a.stage_steps} steps more SFT (hybrid)",
              "then_sdpo": f"SFT, then {a.stage_steps} steps S-DPO (k={a.negatives}, beta={a.beta})"}
-    rows = {name: per_row(os.path.join(a.out, run_dir, "eval", "final_test", "predictions.csv"))
-            for run_dir, name in names.items()}
+    rows = {}
+    for run_dir, name in names.items():  # generation from the end of training, candidate scoring by launch/eval.py
+        scored, _ = evaluate(os.path.join(a.out, run_dir), run_dir, "test", "score", [], a.out)
+        rows[name] = {**per_row(os.path.join(a.out, run_dir, "eval", "final_test", "predictions.csv")), **scored}
     costs = {name: cost(os.path.join(a.out, run_dir)) for run_dir, name in names.items() if run_dir != "sft"}
     n = next(iter(rows.values()))["hr@1"]["n"]
     lines = [f"{a.data}, model {a.model}, test split ({n} rows), extra: {' '.join(a.overrides) or 'none'}", "",

@@ -25,7 +25,10 @@ def _any_rank_worker(rank, port, out):
         # rank 0 had 2 micro-batches, 100 tokens, 10 head positions; rank 1 one, 101 tokens, 20 positions
         from trainer.train_loop import _step_sums
 
-        out[f"sums{rank}"] = _step_sums([1.0, 3.0] if rank == 0 else [2.0], 100 + rank, 10 * (rank + 1))
+        out[f"sums{rank}"] = _step_sums([1.0, 3.0] if rank == 0 else [2.0], 100 + rank, 10 * (rank + 1), {})
+        # S-DPO's logged sums: means per real sample over both ranks (rank 0: 3 samples, rank 1: 1)
+        logged = {"reward_margin": 0.6 if rank == 0 else 1.0, "reward_accuracy": 2.0 - rank, "samples": 3.0 - 2 * rank}
+        out[f"sdpo{rank}"] = _step_sums([1.0], 1, 1, logged)[3]
     finally:
         dist.destroy_process_group()
 
@@ -44,7 +47,9 @@ def test_any_rank_gives_every_rank_the_same_decisions():
     out = mp.Manager().dict()
     mp.spawn(_any_rank_worker, args=(port, out), nprocs=2, join=True)
     assert out[0] == out[1] == (True, True, False)
-    assert out["sums0"] == out["sums1"] == (2.0, 201, 30)  # every rank's tokens, not rank 0's times 2
+    assert out["sums0"] == out["sums1"] == (2.0, 201, 30, {})  # every rank's tokens, not rank 0's times 2
+    assert out["sdpo0"] == out["sdpo1"] and out["sdpo0"].keys() == {"reward_margin", "reward_accuracy"}
+    assert abs(out["sdpo0"]["reward_margin"] - 0.4) < 1e-12 and out["sdpo0"]["reward_accuracy"] == 0.75
     assert collectives.any_rank(True, False) == (True, False)  # one process: the flags themselves
 
 
