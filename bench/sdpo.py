@@ -5,7 +5,7 @@ train.objective=sdpo and train.objective=sft. Each is evaluated at its end on th
 the stages' step time, samples/s and peak memory are compared (same machine, same run of this script).
 
     # the embedded default (tiny Llama, synthetic data): ~20 min on a 2-core CPU
-    OMP_WAIT_POLICY=PASSIVE python bench/sdpo.py --out /tmp/sdpo-default --stage-steps 100
+    OMP_WAIT_POLICY=PASSIVE python bench/sdpo.py --out /tmp/sdpo-default --sft-steps 1000 --stage-steps 100 --stage-lr 0.0003
     # SmolLM2 on LLaRA's LastFM (launch/real_model.py): hours on a CPU
     OMP_WAIT_POLICY=PASSIVE python bench/sdpo.py --out /tmp/sdpo-lastfm --data lastfm --model smollm2 \
         --sft-steps 256 --stage-steps 64 train.micro_batch=1 train.global_batch=8 train.lr=0.0005
@@ -54,6 +54,7 @@ def main():
     p.add_argument("--stage-steps", type=int, default=100, help="steps of each second stage")
     p.add_argument("--negatives", type=int, default=3)
     p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--stage-lr", type=float, default=0, help="both second stages' train.lr (0: the first run's)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -64,10 +65,12 @@ def main():
     stages = {"sdpo": [f"train.sdpo.negatives={a.negatives}", f"train.sdpo.beta={a.beta}"], "sft": []}
     for objective, extra in stages.items():
         train(os.path.join(a.out, "then_" + objective), [*common, f"model.init_from={sft}", f"train.objective={objective}",
-              "train.mode=hybrid", f"train.max_steps={a.stage_steps}", *extra],
+              "train.mode=hybrid", f"train.max_steps={a.stage_steps}", *extra,
+              *([f"train.lr={a.stage_lr}"] if a.stage_lr else [])],
               os.path.join(a.out, f"then_{objective}.train.log"))
-    names = {"sft": "SFT", "then_sft": f"SFT, then {a.stage_steps} steps more SFT (hybrid)",
-             "then_sdpo": f"SFT, then {a.stage_steps} steps S-DPO (k={a.negatives}, beta={a.beta})"}
+    lr = f", lr {a.stage_lr}" if a.stage_lr else ""
+    names = {"sft": f"SFT, {a.sft_steps} steps", "then_sft": f"SFT, then {a.stage_steps} steps more SFT (hybrid{lr})",
+             "then_sdpo": f"SFT, then {a.stage_steps} steps S-DPO (k={a.negatives}, beta={a.beta}{lr})"}
     rows = {}
     for run_dir, name in names.items():  # generation from the end of training, candidate scoring by launch/eval.py
         scored, _ = evaluate(os.path.join(a.out, run_dir), run_dir, "test", "score", [], a.out)
