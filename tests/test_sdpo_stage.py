@@ -126,3 +126,27 @@ def test_a_stage_that_cannot_start_is_refused_before_ray_in_one_line(trained_run
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), r.stderr
     assert "Ray" not in r.stderr + r.stdout and not (out / "checkpoints").exists()
+
+
+def test_a_stopped_stage_resumes_on_one_worker_keeping_its_global_batch(trained_run, tmp_path):
+    """The stage's trained state goes through the first stage's resize path: stopped by SIGTERM on 2
+    workers, run again on 1 with the global batch kept (accumulation 1 -> 2); every step is logged once,
+    the first after the resize says so, and the stage evaluates at its end."""
+    out = tmp_path / "resized"
+    batch = ["train.global_batch=16", "train.sample_log=true"]
+    log = sigterm_at_step(_cmd(trained_run, out, *batch), out, 3)
+    stop = int(find_latest(str(out / "checkpoints"))[len("step_"):])
+    assert 3 <= stop < 8, log[-2000:]
+    r = subprocess.run(_cmd(trained_run, out, *batch, "train.num_workers=1"), cwd=REPO, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"resize at step {stop}: 2 -> 1 workers; global batch 16 = micro 8 x accumulation 2 x 1 workers" in r.stderr
+    recs = _records(out)
+    assert [x["step"] for x in recs] == list(range(1, 9))
+    assert [(x["step"], x["resized_from"]) for x in recs if "resized_from" in x] == [(stop + 1, 2)]
+    assert all(math.isfinite(x["loss"]) and "reward_margin" in x for x in recs)
+    keys = []
+    for name in os.listdir(out / "logs" / "samples"):
+        keys += [k for line in open(out / "logs" / "samples" / name) for k in json.loads(line)["keys"]]
+    assert len(keys) == len(set(keys)) == 8 * 16  # each sample once across the stop and the resize
+    assert json.loads((out / "eval" / "final_test" / "metrics.json").read_text())["samples"] == 8
