@@ -5,10 +5,12 @@
                        build the LLM + hybrid embedding + LoRA, wrap them in a DeepSpeed ZeRO engine,
                        open this rank's stream of the training shards
       resume           restore the newest complete checkpoint, if any: weights, optimizer, scheduler,
-                       RNG, reader position (written by another number of workers: trainer/job/trainable_state.py)
+                       RNG, reader position (written by another number of workers: trainer/job/trainable_state.py);
+                       none, and model.init_from given: start from that finished run's trained weights
       train            the loop: per optimizer step the curriculum says hybrid or text-only; per
                        micro-batch the SRec's vectors of the batch's unique items -> adapter ->
-                       injected embeddings, loss on the answer tokens, backward, step; after each
+                       injected embeddings, loss on the answer tokens (train.objective=sdpo: the true
+                       item's answer against k negatives', trainer/objectives/), backward, step; after each
                        optimizer step: log, report to Ray, checkpoint, stop when asked
       save_checkpoint  every train.checkpoint_every steps, on a stop request and at the end
       finish           the last checkpoint, the loss plot, the export, then evaluate (eval.split)
