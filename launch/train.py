@@ -98,12 +98,12 @@ def check_choices(cfg) -> None:
     from trainer.job.precision import resolve_precision
     from trainer.data.prepare import run_paths
     from trainer.job.ray_cluster import token_source
-    from trainer.objectives.reference import finished_checkpoint
+    from trainer.objectives.reference import check_init_from
     from trainer.objectives.sdpo import check_objective
 
     check_objective(cfg)
     if cfg.model.init_from:  # a stage reads its starting run's data and assets
-        finished_checkpoint(cfg.model.init_from)
+        check_init_from(cfg.model.init_from)
     if cfg.model.base:
         check_base_folder(cfg.model.base)
     if not os.path.exists(run_paths(cfg.output_dir).stamp) and not cfg.model.init_from:  # a built run folder no longer reads the raw data
@@ -186,10 +186,6 @@ def prepare_run(cfg):
             raise ValueError(str(e)) from None
     paths = prepare(cfg, embed=embed)
     check_resume(cfg, paths.checkpoints)
-    if cfg.model.init_from:
-        from trainer.objectives.reference import check_init_from
-
-        check_init_from(cfg, paths.srec)
 
     # shards that do not match their manifest are refused before any worker starts (once, not per rank)
     check_manifest(paths.data, load_manifest(paths.data), paths.tokenizer, verify_sha=cfg.data.verify_shards)

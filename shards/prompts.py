@@ -88,7 +88,17 @@ def render_llara(sample: dict, titles, template: str) -> tuple[str, str]:
     """Return (prompt, answer). The answer is the target title and a newline, as in LLaRA."""
     prompt = template.replace("[HistoryHere]", render_items(sample["history"], titles, HISTORY_EMB))
     prompt = prompt.replace("[CansHere]", render_items(sample["candidates"], titles, CANS_EMB))
-    return prompt, " " + titles[sample["target"]] + "\n"
+    return prompt, llara_answer(titles[sample["target"]])
+
+
+def llara_answer(title: str) -> str:
+    """LLaRA's answer text for an item: its title after a space, and a newline."""
+    return " " + title + "\n"
+
+
+def answer_token_ids(answer: str, tokenizer) -> list[int]:
+    """An answer's tokens as the shards hold them after the prompt: the text's tokens and eos."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 class PromptTooLong(ValueError):
@@ -111,7 +121,7 @@ def tokenize_prompt_answer(prompt: str, answer: str, tokenizer, max_len: int, sa
     """[bos] prompt answer [eos] as int32 ids (bos where the tokenizer has one), the label mask (1 on answer and eos), and the answer's
     length in tokens; longer than max_len is PromptTooLong naming the sample."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = answer_token_ids(answer, tokenizer)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]  # Qwen2 has no bos token
     ids = np.asarray(bos + prompt_ids + answer_ids, dtype=np.int32)
     if len(ids) > max_len:

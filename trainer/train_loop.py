@@ -42,6 +42,7 @@ import torch.distributed as dist
 import trainer.job.checkpoint as ckpt
 from shards.build import check_manifest, load_items, load_manifest
 from shards.collectives import all_reduce_sums, any_rank
+from shards.prompts import answer_token_ids, llara_answer
 from trainer.data.curriculum import is_hybrid, warmup_cosine
 from trainer.data.loader import SplitReader, rank_loader, user_states
 from trainer.data.prepare import RunPaths
@@ -175,12 +176,12 @@ def setup(cfg: DictConfig, paths: RunPaths) -> Run:
 
 
 def answer_tokens(tokenizer, titles: list[str]):
-    """item -> the token ids of its answer " <title>\n" + eos, as shards/prompts.py tokenizes the true one."""
+    """item -> the token ids of its answer, as the shards hold the true item's (shards/prompts.py)."""
     cache = {}
 
     def ids(item: int) -> list[int]:
         if item not in cache:
-            cache[item] = tokenizer(" " + titles[item] + "\n", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            cache[item] = answer_token_ids(llara_answer(titles[item]), tokenizer)
         return cache[item]
     return ids
 
@@ -575,9 +576,7 @@ class StepLog:
         if self.tensorboard:
             for k in ("loss", "lr", "hybrid_share", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu",
                       "peak_memory_gib", "reward_margin", "reward_accuracy", "chosen_logp"):
-                if k not in record:
-                    continue
-                if record[k] is not None:
+                if record.get(k) is not None:
                     self.tensorboard.add_scalar(f"train/{k}", record[k], record["step"])
 
     def report_due(self, record: dict) -> bool:

@@ -119,10 +119,7 @@ def prepared_paths(output_dir: str) -> RunPaths:
     with open(paths.stamp) as f:
         stamp = json.load(f)
     if stamp["model"].get("init_from"):  # a stage: its starting run's sources (stage_paths)
-        start = prepared_paths(stamp["model"]["init_from"])
-        paths.llm, paths.tokenizer, paths.srec, paths.data = start.llm, start.tokenizer, start.srec, start.data
-        paths.init_from = start.output_dir
-        return paths
+        return _reading_from(paths, prepared_paths(stamp["model"]["init_from"]))
     return source_paths(output_dir, stamp["model"].get("base"), stamp["srec"].get("path"))
 
 
@@ -162,15 +159,20 @@ def stage_paths(cfg: DictConfig, stamp: dict) -> RunPaths:
                                       "{changed} config than this stage's: a stage trains on its starting run's "
                                       "data, tokenizer and SRec; give the same {changed} settings")
     stamp = dict(stamp, model=dict(stamp["model"], init_from=start.output_dir))  # absolute: read from anywhere
-    paths = run_paths(cfg.output_dir)
-    paths.llm, paths.tokenizer, paths.srec, paths.data = start.llm, start.tokenizer, start.srec, start.data
-    paths.init_from = start.output_dir
+    paths = _reading_from(run_paths(cfg.output_dir), start)
     os.makedirs(os.path.dirname(paths.stamp), exist_ok=True)
     if os.path.exists(paths.stamp):
         check_stamp(paths, stamp)
     else:
         with open(paths.stamp, "w") as f:
             json.dump(stamp, f, indent=1)
+    return paths
+
+
+def _reading_from(paths: RunPaths, start: RunPaths) -> RunPaths:
+    """A stage's paths: its own folder, its starting run's LLM, tokenizer, SRec and data."""
+    paths.llm, paths.tokenizer, paths.srec, paths.data = start.llm, start.tokenizer, start.srec, start.data
+    paths.init_from = start.output_dir
     return paths
 
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from shards.prompts import CTR_ANSWERS
+from shards.prompts import CTR_ANSWERS, llara_answer
 from trainer.data.loader import collate, meta, user_states
 
 
@@ -84,7 +84,7 @@ def _candidate_tokens(samples: list[dict], tokenizer, titles: list[str]) -> tupl
     C = len(cands[0])
     if any(len(c) != C for c in cands):
         raise ValueError("candidate scoring needs the same number of candidates in every sample of a batch")
-    toks = [tokenizer(" " + titles[c] + "\n", add_special_tokens=False)["input_ids"] for cs in cands for c in cs]
+    toks = [tokenizer(llara_answer(titles[c]), add_special_tokens=False)["input_ids"] for cs in cands for c in cs]
     L = max(map(len, toks))
     cand_ids = torch.full((len(toks), L), tokenizer.pad_token_id, dtype=torch.long)
     cand_mask = torch.zeros((len(toks), L), dtype=torch.long)

@@ -126,7 +126,8 @@ def write_module(engine, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def write_master(engine, tensors: dict[str, torch.Tensor]) -> None:
-    """Set the fp32 master copy of every trained parameter to tensors[name] (whole; each rank takes its part)."""
+    """Set the fp32 master copy of every trained parameter to tensors[name] (whole; each rank takes its part:
+    ZeRO-3 its partition, ZeRO-1/2 its fragment by DeepSpeed's own mapping of the whole tensor)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param  # lazy: reads DS_ACCELERATOR on import
 
     device = next(iter(engine.module.parameters())).device
@@ -140,8 +141,7 @@ def write_master(engine, tensors: dict[str, torch.Tensor]) -> None:
 def restore(engine, checkpoint_dir: str) -> dict:
     """Write FILE into the engine (every rank, collective under ZeRO-3): module parameters, fp32 master
     copy, optimizer states and step. Returns {"tensors", "values", "bytes"} of what was restored."""
-    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)  # lazy: reads DS_ACCELERATOR on import
+    from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state  # lazy: reads DS_ACCELERATOR on import
 
     path = os.path.join(checkpoint_dir, FILE)
     if not os.path.exists(path):
@@ -159,15 +159,14 @@ def restore(engine, checkpoint_dir: str) -> dict:
     values = sum(full[f"param.{n}"].numel() for n, _ in params)
     _create_states(engine, keys)
     device = next(iter(engine.module.parameters())).device
-    write_module(engine, {n: full[f"param.{n}"] for n, _ in params})
-    for name, p in params:  # the fp32 master copy and the optimizer states: each rank its own part
-        if hasattr(p, "ds_id"):  # ZeRO-3
-            safe_set_local_fp32_param(p, _my_partition(full[f"param.{name}"], p).to(device))
-            for key in keys:
+    weights = {n: full[f"param.{n}"] for n, _ in params}
+    write_module(engine, weights)
+    write_master(engine, weights)
+    for name, p in params:  # the optimizer states: each rank its own part
+        for key in keys:
+            if hasattr(p, "ds_id"):  # ZeRO-3
                 safe_set_local_optimizer_state(p, _my_partition(full[f"{key}.{name}"], p).to(device), key)
-        else:  # ZeRO-1/2: each rank's fragment is found by DeepSpeed's own mapping of the whole tensor
-            safe_set_full_fp32_param(p, full[f"param.{name}"].to(device))
-            for key in keys:
+            else:  # ZeRO-1/2: each rank's fragment is found by DeepSpeed's own mapping of the whole tensor
                 safe_set_full_optimizer_state(p, full[f"{key}.{name}"].to(device), key)
     for state in _inner_optimizer(engine).state.values():
         if "step" in state:

@@ -1,7 +1,7 @@
 """The model a second stage starts from (model.init_from: a finished run) and the reference S-DPO
 it is compared with, without a second copy of the base.
 
-    check_init_from(cfg)              driver, before Ray: a finished run, a preference config that fits it
+    check_init_from(run_dir)          driver, before anything is built: a finished run, its SRec unchanged
     start = starting_weights(run_dir)  the finished run's trained parameters (LoRA, adapter, model.unfreeze)
     start_from(engine, start)          a fresh stage: the engine's module and fp32 master copy set to them
     with reference(engine, start):     the module holds the starting weights (pi_ref) until the block ends
@@ -21,6 +21,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from trainer.data.prepare import prepared_paths
 from trainer.job import checkpoint as ckpt
 from trainer.job import trainable_state
 from trainer.model.srec import srec_hash
@@ -44,12 +45,13 @@ def finished_checkpoint(run_dir: str) -> tuple[str, dict]:
     return folder, state
 
 
-def check_init_from(cfg, srec_dir: str) -> None:
-    """A preference stage's start, checked on the driver: model.init_from a finished run whose SRec is the
-    one this stage reads (srec_dir) and was the one it trained with."""
-    _, state = finished_checkpoint(cfg.model.init_from)
+def check_init_from(run_dir: str) -> None:
+    """A stage's start, checked on the driver before anything is built: model.init_from a finished run whose
+    SRec (which the stage reads) is still the one it trained with."""
+    _, state = finished_checkpoint(run_dir)
+    srec_dir = prepared_paths(run_dir).srec
     if state.get("srec_sha256") != srec_hash(srec_dir):
-        raise ValueError(f"model.init_from={cfg.model.init_from} trained with another SRec than {srec_dir} holds "
+        raise ValueError(f"model.init_from={run_dir} trained with another SRec than {srec_dir} holds "
                          "now: the behaviour tokens would not be the ones its adapter learned")
 
 
