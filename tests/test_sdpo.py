@@ -165,6 +165,51 @@ def test_the_reference_pass_uses_the_starting_weights_and_puts_the_trained_ones_
     assert (policy.detach() - ref).abs().max() > 1e-3  # and the trained model's differ from them
 
 
+def test_a_prompt_run_once_for_its_answers_gives_the_whole_rows_likelihoods_and_gradients(small_run):
+    """shared_prompt_logps (each prompt once, its keys and values repeated for its 1 + k answers) gives the
+    log-likelihoods and the gradients of the B x (1 + k) whole sequences, prompts of different lengths."""
+    from trainer.job.trainable_state import trained_parameters
+    from trainer.model.build import build_llara_model
+    from trainer.model.srec import build_srec
+    from trainer.objectives.sdpo import answer_rows, shared_prompt_logps, whole_rows_logps
+    from trainer.train_loop import answer_tokens
+
+    cfg, paths = small_run
+    batch, tokenizer, titles = _shard_batch(paths, 4)
+    assert len(set(batch["prompt_lens"])) > 1  # the padding after the shorter prompts is exercised
+    model, embed = build_llara_model(paths.llm, 64, dict(cfg.model.lora), unfreeze=list(cfg.model.unfreeze),
+                                     vocab_size=len(tokenizer))
+    model.eval()  # no dropout: the two computations see the same function
+    engine = _Engine(model)
+    torch.manual_seed(3)
+    with torch.no_grad():  # LoRA's B starts at zero: make every trained tensor count
+        for _, p in trained_parameters(engine):
+            p.add_(0.05 * torch.randn_like(p))
+    srec = build_srec("sasrec", 200, hidden=64).eval()
+    with torch.no_grad():
+        vectors = srec.item_vectors(batch["unique_items"])
+    negatives = [draw_negatives(c, t, 3, 0, 1, k) for c, t, k in zip(batch["candidates"], batch["targets"], batch["sample_keys"])]
+    full = answer_tokens(tokenizer, titles)  # the synthetic titles are all as long: shorten odd items' answers
+    answer_ids = lambda item: full(item)[item % 2:]  # noqa: E731
+    answers, mask = answer_rows(batch, negatives, answer_ids, tokenizer.pad_token_id)
+    assert len(set(mask.sum(1).tolist())) > 1  # answers of different lengths too
+    weights = torch.randn(4, 4)
+    results = []
+    for logps in (lambda: shared_prompt_logps(model, embed, batch, vectors, None, answers, mask, "cpu"),
+                  lambda: whole_rows_logps(model, embed, batch, vectors, None, negatives, answer_ids,
+                                           tokenizer.pad_token_id, "cpu")):
+        model.zero_grad()
+        values = logps()
+        (values * weights).sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in trained_parameters(engine)}))
+    (shared, shared_grads), (whole, whole_grads) = results
+    assert shared.shape == (4, 4) and (shared < 0).all()
+    assert torch.allclose(shared, whole, atol=1e-4), (shared - whole).abs().max()
+    assert set(shared_grads) == set(whole_grads) and any(g.abs().sum() > 0 for g in shared_grads.values())
+    for n, g in shared_grads.items():
+        assert torch.allclose(g, whole_grads[n], rtol=1e-3, atol=1e-5), (n, (g - whole_grads[n]).abs().max())
+
+
 def test_the_lastfm_stage_config_is_its_starting_runs_data_model_and_srec():
     """configs/llara_lastfm_sdpo.yaml repeats llara_lastfm.yaml's sections that the stage's start check compares."""
     from configs.schema import load_config, to_dict

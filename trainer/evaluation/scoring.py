@@ -57,25 +57,40 @@ def candidate_logliks(model, embed, srec, samples: list[dict], tokenizer, titles
     first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the first answer token
     cand_ids, cand_mask = _candidate_tokens(samples, tokenizer, titles)  # [B, C, L]
     B, C, L = cand_ids.shape
-    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
-    cache_name = "cache" if "cache" in out else "past_key_values"
+    cache_name, prompt_cache = cache_of(out)
     scores = torch.empty(B, C)
     for lo in range(0, C, candidates_per_pass):
         k = min(candidates_per_pass, C - lo)
         ids_k = cand_ids[:, lo:lo + k].reshape(B * k, L).to(device)
         mask_k = cand_mask[:, lo:lo + k].reshape(B * k, L).to(device)
-        cache = copy.deepcopy(out[cache_name]) if lo + k < C else out[cache_name]  # the last pass takes the original
+        cache = copy.deepcopy(prompt_cache) if lo + k < C else prompt_cache  # the last pass takes the original
         cache.batch_repeat_interleave(k)  # the prompt's keys and values, once per candidate of this pass
-        full_mask = torch.cat([attn.repeat_interleave(k, 0), mask_k], 1)
-        pos = attn.sum(1).repeat_interleave(k, 0)[:, None] + torch.arange(L, device=device)[None]
-        logits = model(input_ids=ids_k, attention_mask=full_mask, position_ids=pos, **{cache_name: cache}).logits
-        logp = logits.float().log_softmax(-1)  # [B*k, L, V]: token j+1 given the prompt and tokens <= j
-        lp = torch.empty(ids_k.shape, device=device)
-        lp[:, 0] = first.repeat_interleave(k, 0).gather(1, ids_k[:, :1]).squeeze(1)
-        if L > 1:
-            lp[:, 1:] = logp[:, :-1].gather(2, ids_k[:, 1:, None]).squeeze(2)
-        scores[:, lo:lo + k] = (lp * mask_k).sum(1).view(B, k).cpu()
+        logps = answers_after_prompt(model, cache_name, cache, attn.repeat_interleave(k, 0),
+                                     attn.sum(1).repeat_interleave(k, 0), first.repeat_interleave(k, 0), ids_k, mask_k)
+        scores[:, lo:lo + k] = logps.view(B, k).cpu()
     return scores
+
+
+def cache_of(out) -> tuple[str, object]:
+    """(the keyword, the cache) of a forward's output with use_cache: transformers 5.24 renamed
+    past_key_values to cache (the old name warns, and goes in 5.40)."""
+    name = "cache" if "cache" in out else "past_key_values"
+    return name, out[name]
+
+
+def answers_after_prompt(model, cache_name: str, cache, prompt_mask: torch.Tensor, next_pos: torch.Tensor,
+                         first: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[R] each row's summed log-probability of its answer ids [R, L] (mask: its real tokens), run in one
+    forward after the prompts whose keys and values `cache` holds (one copy per row). prompt_mask [R, P]:
+    the prompts' real positions (padding on either side); next_pos [R]: each row's first answer position;
+    first [R, V]: the log-probabilities of the first answer token (the prompt's last logits). Gradients,
+    where enabled, reach the prompt through the cache (S-DPO's shared-prompt pass)."""
+    positions = next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
+    logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], 1), position_ids=positions,
+                   **{cache_name: cache}).logits
+    logp = logits.float().log_softmax(-1)  # [R, L, V]: token j+1 given the prompt and tokens <= j
+    lp = torch.cat([first.gather(1, ids[:, :1]), logp[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)], 1)
+    return (lp * mask).sum(1)
 
 
 def _candidate_tokens(samples: list[dict], tokenizer, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
