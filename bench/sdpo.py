@@ -6,12 +6,14 @@ the stages' step time, samples/s and peak memory are compared (same machine, sam
 
     # the embedded default (tiny Llama, synthetic data): ~20 min on a 2-core CPU
     OMP_WAIT_POLICY=PASSIVE python bench/sdpo.py --out /tmp/sdpo-default --sft-steps 1000 --stage-steps 100 --stage-lr 0.0003
-    # SmolLM2 on LLaRA's LastFM (launch/real_model.py): hours on a CPU
+    # SmolLM2 on LLaRA's LastFM (launch/real_model.py): ~2.5 hours on a 2-core CPU (the SFT run ~45 min)
     OMP_WAIT_POLICY=PASSIVE python bench/sdpo.py --out /tmp/sdpo-lastfm --data lastfm --model smollm2 \
-        --sft-steps 256 --stage-steps 64 train.micro_batch=1 train.global_batch=8 train.lr=0.0005
+        --sft-steps 256 --stage-steps 32 --whole-rows train.micro_batch=1 train.global_batch=8 train.lr=0.0005
 
 Every run is `launch/train.py` (2 Ray workers, ZeRO-3, fp32 on CPU); extra `key=value` arguments go to all
-three. Written: <out>/sdpo.md (the tables, also printed) and sdpo.json.
+the runs. --whole-rows adds a third stage, S-DPO over 1 + k whole rows per prompt
+(train.sdpo.shared_prompt=false), to compare its cost with the default's. Written: <out>/sdpo.md (the
+tables, also printed) and sdpo.json.
 """
 
 import argparse
@@ -54,7 +56,9 @@ def main():
     p.add_argument("--stage-steps", type=int, default=100, help="steps of each second stage")
     p.add_argument("--negatives", type=int, default=3)
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--stage-lr", type=float, default=0, help="both second stages' train.lr (0: the first run's)")
+    p.add_argument("--stage-lr", type=float, default=0, help="the second stages' train.lr (0: the first run's)")
+    p.add_argument("--whole-rows", action="store_true",
+                   help="also S-DPO with train.sdpo.shared_prompt=false (1 + k whole rows per prompt): its cost")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -62,15 +66,19 @@ def main():
     common = [*DATA[a.data], *model, *a.overrides, "eval.max_samples=-1", "eval.compare=false", "train.log_every=5"]
     sft = os.path.join(a.out, "sft")
     train(sft, [*common, f"train.max_steps={a.sft_steps}"], os.path.join(a.out, "sft.train.log"))
-    stages = {"sdpo": [f"train.sdpo.negatives={a.negatives}", f"train.sdpo.beta={a.beta}"], "sft": []}
-    for objective, extra in stages.items():
-        train(os.path.join(a.out, "then_" + objective), [*common, f"model.init_from={sft}", f"train.objective={objective}",
-              "train.mode=hybrid", f"train.max_steps={a.stage_steps}", *extra,
-              *([f"train.lr={a.stage_lr}"] if a.stage_lr else [])],
-              os.path.join(a.out, f"then_{objective}.train.log"))
+    sdpo = ["train.objective=sdpo", f"train.sdpo.negatives={a.negatives}", f"train.sdpo.beta={a.beta}"]
+    stages = {"then_sdpo": sdpo, "then_sft": ["train.objective=sft"]}
+    if a.whole_rows:
+        stages["then_sdpo_whole"] = [*sdpo, "train.sdpo.shared_prompt=false"]
+    for run_dir, extra in stages.items():
+        train(os.path.join(a.out, run_dir), [*common, f"model.init_from={sft}", "train.mode=hybrid",
+              f"train.max_steps={a.stage_steps}", *extra, *([f"train.lr={a.stage_lr}"] if a.stage_lr else [])],
+              os.path.join(a.out, f"{run_dir}.train.log"))
     lr = f", lr {a.stage_lr}" if a.stage_lr else ""
     names = {"sft": f"SFT, {a.sft_steps} steps", "then_sft": f"SFT, then {a.stage_steps} steps more SFT (hybrid{lr})",
              "then_sdpo": f"SFT, then {a.stage_steps} steps S-DPO (k={a.negatives}, beta={a.beta}{lr})"}
+    if a.whole_rows:
+        names["then_sdpo_whole"] = names["then_sdpo"] + ", whole rows"
     rows = {}
     for run_dir, name in names.items():  # generation from the end of training, candidate scoring by launch/eval.py
         scored, _ = evaluate(os.path.join(a.out, run_dir), run_dir, "test", "score", [], a.out)
@@ -81,12 +89,15 @@ def main():
              "| model | ValidRatio | HitRatio@1 (generation, of all) | HR@1 | HR@5 | NDCG@5 |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {cell(r.get('valid_ratio'))} | {cell(r.get('gen_hr@1'))} | {cell(r.get('hr@1'))} | "
               f"{cell(r.get('hr@5'))} | {cell(r.get('ndcg@5'))} |" for name, r in rows.items()]
-    sdpo_cost, sft_cost = costs[names["then_sdpo"]], costs[names["then_sft"]]
+    sft_cost = costs[names["then_sft"]]
     lines += ["", "| stage | ms per step | samples/s | peak memory (GiB) |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {c['ms_per_step']:.0f} | {c['samples_per_s']:.2f} | {c['peak_memory_gib']:.2f} ({c['memory']}) |"
               for name, c in costs.items()]
-    lines += ["", f"S-DPO / SFT: step time x{sdpo_cost['ms_per_step'] / sft_cost['ms_per_step']:.2f}, "
-                  f"peak memory x{sdpo_cost['peak_memory_gib'] / sft_cost['peak_memory_gib']:.2f}"]
+    lines.append("")
+    lines += [f"{'S-DPO, whole rows' if run_dir.endswith('whole') else 'S-DPO'} / SFT: step time "
+              f"x{costs[names[run_dir]]['ms_per_step'] / sft_cost['ms_per_step']:.2f}, peak memory "
+              f"x{costs[names[run_dir]]['peak_memory_gib'] / sft_cost['peak_memory_gib']:.2f}"
+              for run_dir in names if run_dir.startswith("then_sdpo")]
     text = "\n".join(lines)
     with open(os.path.join(a.out, "sdpo.md"), "w") as f:
         f.write(text + "\n")

@@ -247,6 +247,7 @@ class SRec:
 class Sdpo:
     negatives: int = at_least(1)  # k negatives per prompt, drawn from its candidates
     beta: float = above(0)
+    shared_prompt: bool = True
 
 
 @dataclass

@@ -378,7 +378,7 @@ def micro_step_loss(run: Run, batch: dict, hybrid: bool, ph_id: int) -> tuple[to
                  for c, t, key in zip(batch["candidates"], batch["targets"], batch["sample_keys"])]
     return sdpo_step_loss(run.engine, run.embed, run.srec, batch, run.start, negatives, run.answer_ids,
                           run.tokenizer.pad_token_id, sdpo.beta, run.device,
-                          share_prompt=not run.cfg.train.activation_checkpointing)
+                          shared_prompt=sdpo.shared_prompt and not run.cfg.train.activation_checkpointing)
 
 
 def step_loss(engine, embed, srec, batch: dict, hybrid: bool, ph_id: int, device) -> torch.Tensor:

@@ -143,21 +143,25 @@ def whole_rows_logps(model, embed, batch: dict, vectors, users, negatives, answe
 
 
 def sdpo_step_loss(engine, embed, srec, batch: dict, start: dict, negatives: list[list[int]], answer_ids,
-                   pad_token_id: int, beta: float, device, share_prompt: bool = True) -> tuple[torch.Tensor, dict]:
+                   pad_token_id: int, beta: float, device, shared_prompt: bool = True) -> tuple[torch.Tensor, dict]:
     """One micro-batch of S-DPO on hybrid prompts: the reference pass (no grad, starting weights), then the
-    policy's, each prompt run once for its 1 + k answers (shared_prompt_logps). share_prompt=False (the
-    policy under activation checkpointing, which keeps no cache) runs the policy over whole rows instead.
-    Returns (loss, sdpo_loss's sums)."""
+    policy's. shared_prompt: each prompt runs once for its 1 + k answers (shared_prompt_logps: two forwards
+    of about one row's tokens); else both passes run the 1 + k whole rows (one forward each, and under ZeRO-3
+    each forward gathers the base: train.sdpo.shared_prompt; also under activation checkpointing, which
+    keeps no cache in training). Returns (loss, sdpo_loss's sums)."""
     with torch.no_grad():
         vectors = srec.item_vectors(batch["unique_items"].to(device))
         users = user_states(srec, batch, device) if embed.user_adapter is not None else None
     answers, answer_mask = (t.to(device) for t in answer_rows(batch, negatives, answer_ids, pad_token_id))
+
+    def logps(model) -> torch.Tensor:
+        if shared_prompt:
+            return shared_prompt_logps(model, embed, batch, vectors, users, answers, answer_mask, device)
+        return whole_rows_logps(model, embed, batch, vectors, users, negatives, answer_ids, pad_token_id, device)
+
     with reference(engine, start):  # the module itself: a pass DeepSpeed's engine does not count as a step's
-        ref = shared_prompt_logps(engine.module, embed, batch, vectors, users, answers, answer_mask, device)
-    if share_prompt:
-        policy = shared_prompt_logps(engine, embed, batch, vectors, users, answers, answer_mask, device)
-    else:
-        policy = whole_rows_logps(engine, embed, batch, vectors, users, negatives, answer_ids, pad_token_id, device)
+        ref = logps(engine.module)
+    policy = logps(engine)
     real = (batch["labels"] != -100).any(1)  # False: a filler, learned nothing from
     return sdpo_loss(policy, ref, beta, real)
 
