@@ -75,10 +75,12 @@ def test_bf16_zero3_stage_starts_from_the_run_and_resumes_after_sigterm_bit_for_
     assert json.loads((whole / "eval" / "export_test" / "metrics.json").read_text())["samples"] == 8
 
 
-def test_fp32_zero2_stage_trains_and_evaluates(trained_run, tmp_path):
+def test_fp32_zero2_stage_over_whole_rows_trains_and_evaluates(trained_run, tmp_path):
+    """ZeRO-2, fp32, and the 1 + k whole rows per prompt (train.sdpo.shared_prompt=false; the bf16 ZeRO-3
+    test above runs each prompt once)."""
     out = tmp_path / "zero2"
-    r = subprocess.run(_cmd(trained_run, out, "train.zero_stage=2", "train.max_steps=4"), cwd=REPO,
-                       capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(_cmd(trained_run, out, "train.zero_stage=2", "train.max_steps=4", "train.sdpo.shared_prompt=false"),
+                       cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     recs = _records(out)
     assert len(recs) == 4 and abs(recs[0]["loss"] - math.log(1 + K)) < 0.2, recs[0]

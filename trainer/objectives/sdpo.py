@@ -60,7 +60,7 @@ def preference_rows(batch: dict, negatives: list[list[int]], answer_ids, pad_tok
     """Each sample's prompt followed by the true item's answer, then by each negative's: [B x (1 + k), T']
     input_ids, attention_mask, labels (the answer's tokens, -100 elsewhere) and slot_map (the prompt's;
     it points into the batch's own unique_items and user rows, so the SRec runs on the batch as it is).
-    The whole sequences, for a policy pass under activation checkpointing (no cache to share a prompt)."""
+    The whole sequences: train.sdpo.shared_prompt=false, and under activation checkpointing (no cache)."""
     answers, answer_mask = answer_rows(batch, negatives, answer_ids, pad_token_id)
     r = len(answers) // len(negatives)
     rows, slots, labels = [], [], []
@@ -114,7 +114,7 @@ def shared_prompt_logps(model, embed, batch: dict, vectors, users, answers: torc
                         device) -> torch.Tensor:
     """[B, 1 + k] answer log-likelihoods with each prompt run once: its keys and values are repeated for its
     1 + k answers (answer_rows), which run together in a second forward; the gradient reaches the prompt
-    through them. On LastFM the prompt is 97% of a row's tokens: this runs ~(1 + k)x fewer tokens than whole rows."""
+    through them. A LastFM prompt is 97% of its row's tokens: this runs ~(1 + k)x fewer than whole rows."""
     B = len(batch["prompt_lens"])
     lens = torch.as_tensor(batch["prompt_lens"], device=device)
     P = int(lens.max())
