@@ -94,10 +94,11 @@ def main():
     lines += [f"| {name} | {c['ms_per_step']:.0f} | {c['samples_per_s']:.2f} | {c['peak_memory_gib']:.2f} ({c['memory']}) |"
               for name, c in costs.items()]
     lines.append("")
-    lines += [f"{'S-DPO, whole rows' if run_dir.endswith('whole') else 'S-DPO'} / SFT: step time "
-              f"x{costs[names[run_dir]]['ms_per_step'] / sft_cost['ms_per_step']:.2f}, peak memory "
-              f"x{costs[names[run_dir]]['peak_memory_gib'] / sft_cost['peak_memory_gib']:.2f}"
-              for run_dir in names if run_dir.startswith("then_sdpo")]
+    for run_dir, label in (("then_sdpo", "S-DPO"), ("then_sdpo_whole", "S-DPO, whole rows")):
+        if run_dir in names:
+            c = costs[names[run_dir]]
+            lines.append(f"{label} / SFT: step time x{c['ms_per_step'] / sft_cost['ms_per_step']:.2f}, "
+                         f"peak memory x{c['peak_memory_gib'] / sft_cost['peak_memory_gib']:.2f}")
     text = "\n".join(lines)
     with open(os.path.join(a.out, "sdpo.md"), "w") as f:
         f.write(text + "\n")

@@ -193,11 +193,11 @@ def test_a_prompt_run_once_for_its_answers_gives_the_whole_rows_likelihoods_and_
     answer_ids = lambda item: full(item)[item % 2:]  # noqa: E731
     answers, mask = answer_rows(batch, negatives, answer_ids, tokenizer.pad_token_id)
     assert len(set(mask.sum(1).tolist())) > 1  # answers of different lengths too
+    rows = preference_rows(batch, negatives, answer_ids, tokenizer.pad_token_id)
     weights = torch.randn(4, 4)
     results = []
     for logps in (lambda: shared_prompt_logps(model, embed, batch, vectors, None, answers, mask, "cpu"),
-                  lambda: whole_rows_logps(model, embed, batch, vectors, None, negatives, answer_ids,
-                                           tokenizer.pad_token_id, "cpu")):
+                  lambda: whole_rows_logps(model, embed, rows, vectors, None, 4)):
         model.zero_grad()
         values = logps()
         (values * weights).sum().backward()

@@ -61,15 +61,14 @@ def preference_rows(batch: dict, negatives: list[list[int]], answer_ids, pad_tok
     input_ids, attention_mask, labels (the answer's tokens, -100 elsewhere) and slot_map (the prompt's;
     it points into the batch's own unique_items and user rows, so the SRec runs on the batch as it is).
     The whole sequences: train.sdpo.shared_prompt=false, and under activation checkpointing (no cache)."""
-    answers, answer_mask = answer_rows(batch, negatives, answer_ids, pad_token_id)
-    r = len(answers) // len(negatives)
     rows, slots, labels = [], [], []
-    for i, (answer, m) in enumerate(zip(answers, answer_mask)):
-        b = i // r
-        n, answer = batch["prompt_lens"][b], answer[m.bool()]
-        rows.append(torch.cat([batch["input_ids"][b, :n], answer]))
-        slots.append(torch.cat([batch["slot_map"][b, :n], torch.full_like(answer, -1)]))
-        labels.append(torch.cat([torch.full((n,), -100, dtype=torch.long), answer]))
+    for b, n in enumerate(batch["prompt_lens"]):
+        prompt, slot = batch["input_ids"][b, :n], batch["slot_map"][b, :n]
+        for item in [batch["targets"][b], *negatives[b]]:
+            answer = torch.as_tensor(answer_ids(item), dtype=torch.long)
+            rows.append(torch.cat([prompt, answer]))
+            slots.append(torch.cat([slot, torch.full_like(answer, -1)]))
+            labels.append(torch.cat([torch.full((n,), -100, dtype=torch.long), answer]))
     T = max(len(r) for r in rows)
     out = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
            "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
@@ -131,15 +130,13 @@ def shared_prompt_logps(model, embed, batch: dict, vectors, users, answers: torc
                                 first.repeat_interleave(r, 0), answers, answer_mask).view(B, r)
 
 
-def whole_rows_logps(model, embed, batch: dict, vectors, users, negatives, answer_ids, pad_token_id: int,
-                     device) -> torch.Tensor:
-    """[B, 1 + k] answer log-likelihoods over B x (1 + k) whole sequences (preference_rows)."""
-    rows = {k: v.to(device) for k, v in preference_rows(batch, negatives, answer_ids, pad_token_id).items()}
+def whole_rows_logps(model, embed, rows: dict, vectors, users, B: int) -> torch.Tensor:
+    """[B, 1 + k] answer log-likelihoods over the B x (1 + k) whole sequences of preference_rows (on the device)."""
     positions = (rows["labels"][:, 1:] != -100).any(0).nonzero().squeeze(1)  # the LM head runs only there
     with embed.inject(rows["slot_map"], vectors, users):
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                        logits_to_keep=positions, use_cache=False).logits
-    return answer_logps(logits, rows["labels"], positions).view(len(negatives), -1)
+    return answer_logps(logits, rows["labels"], positions).view(B, -1)
 
 
 def sdpo_step_loss(engine, embed, srec, batch: dict, start: dict, negatives: list[list[int]], answer_ids,
@@ -152,12 +149,15 @@ def sdpo_step_loss(engine, embed, srec, batch: dict, start: dict, negatives: lis
     with torch.no_grad():
         vectors = srec.item_vectors(batch["unique_items"].to(device))
         users = user_states(srec, batch, device) if embed.user_adapter is not None else None
-    answers, answer_mask = (t.to(device) for t in answer_rows(batch, negatives, answer_ids, pad_token_id))
+    if shared_prompt:  # the passes' inputs, made once for both
+        answers, answer_mask = (t.to(device) for t in answer_rows(batch, negatives, answer_ids, pad_token_id))
+    else:
+        rows = {k: v.to(device) for k, v in preference_rows(batch, negatives, answer_ids, pad_token_id).items()}
 
     def logps(model) -> torch.Tensor:
         if shared_prompt:
             return shared_prompt_logps(model, embed, batch, vectors, users, answers, answer_mask, device)
-        return whole_rows_logps(model, embed, batch, vectors, users, negatives, answer_ids, pad_token_id, device)
+        return whole_rows_logps(model, embed, rows, vectors, users, len(negatives))
 
     with reference(engine, start):  # the module itself: a pass DeepSpeed's engine does not count as a step's
         ref = logps(engine.module)
