@@ -119,6 +119,9 @@ def check_arguments(args) -> tuple:
 
 
 def main(argv=None) -> int:
+    from trainer.job.console import keep_own_lines_whole
+
+    keep_own_lines_whole()  # before anything imports Ray: every worker's own lines reach the console
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

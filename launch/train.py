@@ -193,6 +193,9 @@ def prepare_run(cfg):
 
 
 def main(argv=None) -> int:
+    from trainer.job.console import keep_own_lines_whole
+
+    keep_own_lines_whole()  # before anything imports Ray: every worker's own lines reach the console
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     from configs.schema import ConfigError, load_config, to_dict

@@ -77,3 +77,52 @@ def test_the_preemption_watcher_is_off_unless_asked_for(monkeypatch):
     monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")  # a user who wants Ray's drain notices
     quiet_known_noise()
     assert constants.get_env_vars_to_propagate()[PREEMPTION_WATCHER_ENV] == "1"
+
+
+# Two workers' lines that Ray's driver takes for one pattern (they differ only in words with digits),
+# then a repeated line of Ray's own; what the driver prints of them, in a fresh process (Ray reads its
+# setting when imported)
+DEDUP_PROBE = r"""
+import json, sys
+if sys.argv[1] == "project":
+    from trainer.job.console import keep_own_lines_whole
+    keep_own_lines_whole()
+from ray._private.ray_logging import stdout_deduplicator
+def batch(pid, rank):
+    return {"ip": "10.0.0.1", "pid": pid, "lines": [
+        f"2026-12-07 17:00:50,91{rank} trainer: rank {rank} of 2 on Ray node 5e1f{rank}a (n{rank + 1})",
+        f"(raylet) worker {pid} ran out of 4 leases"]}
+printed = [line for pid, rank in ((101, 0), (202, 1)) for b in stdout_deduplicator.deduplicate(batch(pid, rank))
+           for line in b["lines"]]
+print(json.dumps(printed))
+"""
+
+
+@pytest.mark.parametrize("setting", ["ray", "project"])
+def test_every_worker_s_own_lines_pass_ray_s_deduplication(setting, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
+    r = subprocess.run([sys.executable, "-c", DEDUP_PROBE, setting], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout.strip().splitlines()[-1])
+    ranks = [line for line in printed if " trainer: rank " in line]
+    assert sum("ran out of" in line for line in printed) == 1  # Ray's own repeats are still folded
+    if setting == "ray":  # Ray's default holds the second worker's line back (printed 5 s later, if ever)
+        assert len(ranks) == 1 and "rank 0 of 2" in ranks[0]
+    else:
+        assert [line.split(" trainer: ")[1][:11] for line in ranks] == ["rank 0 of 2", "rank 1 of 2"]
+
+
+def test_a_deduplication_setting_of_the_user_s_own_is_kept(monkeypatch):
+    import os
+
+    monkeypatch.setenv("RAY_DEDUP_LOGS_ALLOW_REGEX", "mine")
+    console.keep_own_lines_whole()
+    assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == "mine"
+    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX")
+    console.keep_own_lines_whole()
+    assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == console.OWN_LINES

@@ -1,6 +1,7 @@
 """Console lines that read as failures but are not about the user's run, and what removes them.
 
-    quiet_known_noise()   # in the driver (before the first Ray Train job) and first thing on every worker
+    quiet_known_noise()      # in the driver (before the first Ray Train job) and first thing on every worker
+    keep_own_lines_whole()   # first thing in a driver: before Ray is imported
 
 Each entry below names the library call behind the line and why our code cannot avoid it otherwise.
 The filters are as narrow as the warnings module allows (message, category and the module that
@@ -26,6 +27,20 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # training function:" and the controller's "[FailurePolicy] RAISE/RETRY ... Error: ..."
 RAY_TRACEBACK_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.failure_handling.default")
 FATAL_ERROR_NAME = "WorkerFatalError"  # trainer/job/failures.py
+
+# The project's own lines, as its logging writes them ("<date> <time> trainer.x: ..."), and the token
+# Ray's own default never folds (ray._private.ray_constants)
+OWN_LINES = r"^\S+ \S+ (trainer|launch|shards)[\w.]*: |__ray_testing_never_deduplicate__"
+
+
+def keep_own_lines_whole() -> None:
+    """Ray's driver holds back a worker's line that differs from another worker's only in words with
+    digits ("rank 1 of 2 on Ray node 5e1f.. (n2)") and prints it 5 s later, or never if the driver
+    ends first (seen: a 2-node SLURM job's rank-1 line lost). The project's lines say which worker and
+    node did what, so they pass whole; Ray's own repeated lines are still folded. Ray reads
+    RAY_DEDUP_LOGS_ALLOW_REGEX when it is imported, so this runs first in a driver; a value the user
+    set is kept."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINES)
 
 
 class _DropFatalTracebacks(logging.Filter):
