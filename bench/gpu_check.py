@@ -191,6 +191,13 @@ def step_of(objective: str, engine, embed, srec, batch: dict, reference, step: i
                           shared_prompt=objective == "sdpo-shared")[0]
 
 
+def starting_params(engine) -> dict:
+    """Collective: every trained parameter as it is now, whole (the S-DPO check's reference weights)."""
+    from trainer.job import trainable_state
+
+    return {k[len("param."):]: v for k, v in trainable_state.gather(engine).items() if k.startswith("param.")}
+
+
 def worker(spec: dict) -> None:
     import deepspeed
     import torch
@@ -202,7 +209,6 @@ def worker(spec: dict) -> None:
     from trainer.job.flops import model_shape, peak_flops, throughput_flops
     from trainer.model.build import build_llara_model, partitioned_loading
     from trainer.job.precision import TORCH_DTYPES
-    from trainer.job import trainable_state
     from trainer.model.srec import SASRec
     from trainer.train_loop import answer_positions, build_engine
 
@@ -227,9 +233,7 @@ def worker(spec: dict) -> None:
     if spec["resume"]:
         tag = ckpt.find_latest(spec["checkpoints"])
         start = ckpt.load_checkpoint(engine, spec["checkpoints"], tag, rank)["global_step"]
-    reference = None  # the S-DPO check's pi_ref: the weights it starts from
-    if spec.get("objective", "sft") != "sft":
-        reference = {k[len("param."):]: v for k, v in trainable_state.gather(engine).items() if k.startswith("param.")}
+    reference = starting_params(engine) if spec.get("objective", "sft") != "sft" else None  # S-DPO's pi_ref
     losses, seconds, head_positions = {}, [], 0
     engine.train()
     for step in range(start, spec["steps"]):

@@ -1,6 +1,8 @@
 """Collectives that hold on NCCL as on gloo, and the training precision (its GPU branches are
 checked here as logic only: no GPU was available to this project)."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,19 +20,20 @@ def test_one_process_needs_no_process_group():
 
 def _any_rank_worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        # rank 0 alone says yes to the first, rank 1 alone to the second, nobody to the third
-        out[rank] = collectives.any_rank(rank == 0, rank == 1, False)
-        # the step's loss, tokens and LM-head positions over both ranks (the logged throughput and MFU):
-        # rank 0 had 2 micro-batches, 100 tokens, 10 head positions; rank 1 one, 101 tokens, 20 positions
-        from trainer.train_loop import _step_sums
+    # rank 0 alone says yes to the first, rank 1 alone to the second, nobody to the third
+    out[rank] = collectives.any_rank(rank == 0, rank == 1, False)
+    # the step's loss, tokens and LM-head positions over both ranks (the logged throughput and MFU):
+    # rank 0 had 2 micro-batches, 100 tokens, 10 head positions; rank 1 one, 101 tokens, 20 positions
+    from trainer.train_loop import _step_sums
 
-        out[f"sums{rank}"] = _step_sums([1.0, 3.0] if rank == 0 else [2.0], 100 + rank, 10 * (rank + 1), {})
-        # S-DPO's logged sums: means per real sample over both ranks (rank 0: 3 samples, rank 1: 1)
-        logged = {"reward_margin": 0.6 if rank == 0 else 1.0, "reward_accuracy": 2.0 - rank, "samples": 3.0 - 2 * rank}
-        out[f"sdpo{rank}"] = _step_sums([1.0], 1, 1, logged)[3]
-    finally:
-        dist.destroy_process_group()
+    out[f"sums{rank}"] = _step_sums([1.0, 3.0] if rank == 0 else [2.0], 100 + rank, 10 * (rank + 1), {})
+    # S-DPO's logged sums: means per real sample over both ranks (rank 0: 3 samples, rank 1: 1)
+    logged = {"reward_margin": 0.6 if rank == 0 else 1.0, "reward_accuracy": 2.0 - rank, "samples": 3.0 - 2 * rank}
+    out[f"sdpo{rank}"] = _step_sums([1.0], 1, 1, logged)[3]
+    # both ranks leave together, without gloo's destructors: a rank that tears its group down while the
+    # other still does can abort ("terminate called without an active exception", SIGABRT; seen here)
+    dist.barrier()
+    os._exit(0)
 
 
 @pytest.mark.slow  # two processes (torch.multiprocessing.spawn)
