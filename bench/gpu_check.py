@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -203,6 +204,7 @@ def worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from shards import collectives
     from trainer.job import checkpoint as ckpt
     from configs.schema import load_config
     from trainer.job.ds_config import deepspeed_config
@@ -270,12 +272,7 @@ def worker(spec: dict) -> None:
                   "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
         with open(spec["result"], "w") as f:
             json.dump(result, f)
-    # every rank leaves together, without the process group's destructors: gloo's can abort a process that
-    # tears down while its peer still does ("terminate called without an active exception"), results written
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    collectives.exit_together()  # results written
 
 
 def run_workers(spec: dict, nproc: int, timeout: float) -> dict:
@@ -335,7 +332,7 @@ def sdpo_check(model: str, gpus: int, steps: int, seq_len: int, micro: int, work
         if gpu:
             out[f"{name}_memory_vs_sft"] = max(r["peak_gpu_memory_gib"]) / max(sft["peak_gpu_memory_gib"])
         out[f"{name}_losses"] = r["losses"]
-    finite = all(v == v and abs(v) < float("inf") for k in ("shared_losses", "whole_losses") for v in out[k].values())
+    finite = all(math.isfinite(v) for k in ("shared_losses", "whole_losses") for v in out[k].values())
     return {"ok": finite, "sft_step_s": sft["step_s"], **out}
 
 

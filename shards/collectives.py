@@ -5,6 +5,9 @@ process group Ray Train sets up with use_gpu (it makes the worker's GPU the curr
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -49,3 +52,14 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
+
+
+def exit_together() -> None:
+    """End a process of a torch.distributed.run / spawn group: every rank waits for the others, then exits
+    with code 0 without the process group's destructors. gloo's can abort a process that tears down while
+    its peer still does ("terminate called without an active exception", SIGABRT; seen here). Write what
+    the process leaves behind before calling it."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

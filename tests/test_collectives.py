@@ -1,8 +1,6 @@
 """Collectives that hold on NCCL as on gloo, and the training precision (its GPU branches are
 checked here as logic only: no GPU was available to this project)."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,10 +28,7 @@ def _any_rank_worker(rank, port, out):
     # S-DPO's logged sums: means per real sample over both ranks (rank 0: 3 samples, rank 1: 1)
     logged = {"reward_margin": 0.6 if rank == 0 else 1.0, "reward_accuracy": 2.0 - rank, "samples": 3.0 - 2 * rank}
     out[f"sdpo{rank}"] = _step_sums([1.0], 1, 1, logged)[3]
-    # both ranks leave together, without gloo's destructors: a rank that tears its group down while the
-    # other still does can abort ("terminate called without an active exception", SIGABRT; seen here)
-    dist.barrier()
-    os._exit(0)
+    collectives.exit_together()
 
 
 @pytest.mark.slow  # two processes (torch.multiprocessing.spawn)

@@ -265,7 +265,8 @@ def test_half_precision_embeddings_have_their_own_cache_entry(tiny_llm, tmp_path
 
 
 _WORKER = """
-import json, os, sys, types, torch, torch.distributed as dist
+import json, sys, types, torch, torch.distributed as dist
+from shards.collectives import exit_together
 from shards.retrieval import cached_item_embeddings, embed_items, gather_rows, item_texts
 rank, port, cache, items = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -287,8 +288,7 @@ rows = gather_rows(torch.arange(5 * rank // 2, 5 * (rank + 1) // 2), 5)
 emb = cached_item_embeddings(cache, "stub", "movie", items, Model(), Tok(), batch_size=2)
 alone = embed_items(Model(), Tok(), item_texts(items, "movie"))  # rank=0, world=1: everything, here
 print(json.dumps({"rows": rows.tolist(), "emb": emb.tolist(), "alone": alone.tolist()}), flush=True)
-dist.barrier()  # both ranks leave together, without gloo's destructors (they can abort a rank: SIGABRT)
-os._exit(0)
+exit_together()
 """
 
 
